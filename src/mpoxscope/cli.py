@@ -1,0 +1,62 @@
+"""Command line: a thin layer over the Python API. Every error a user can fix is one line on stderr.
+
+Commands from other sub-packages register themselves through a ``register(subparsers)`` function in their own
+``cli`` module (see ``PLUGINS``), so this file stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from mpoxscope import __version__
+from mpoxscope.errors import MpoxscopeError
+
+#: Modules with a ``register(subparsers)`` function adding their commands.
+PLUGINS = (
+    "mpoxscope.engine.cli",
+    "mpoxscope.audit.cli",
+    "mpoxscope.explain.cli",
+    "mpoxscope.serve.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpoxscope",
+        description="Tell Mpox apart from look-alike skin diseases (AGFN), evaluate honestly, explain, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"mpoxscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that part of the tool is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except MpoxscopeError as e:
+        print(f"mpoxscope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mpoxscope {args.command}: interrupted (finished files are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

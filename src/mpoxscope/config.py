@@ -1,0 +1,98 @@
+"""Typed configuration: what the model is, how it is trained, which data and split it sees.
+
+Every run stores these in its ``model.json`` so a checkpoint says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpoxscope.data.transforms import AugmentConfig
+from mpoxscope.errors import MpoxscopeError
+
+
+@dataclass
+class ModelConfig:
+    """Backbone + head. The default is the offline configuration (EfficientNet-Lite0 ImageNet weights ship in a
+    pip package); ``preset("paper")`` is the paper's ResNet50 AGFN."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    head: str = "agfn"  # "agfn" | "linear"
+    pretrained: str = "auto"  # "auto" | "imagenet" | "none" | path to .safetensors/.pth
+    image_size: int = 224
+    d_model: int = 256
+    num_heads: int = 8
+    ff_mult: int = 2
+    fusion: str = "concat"  # "concat" | "gate"
+    dropout: float = 0.3
+    attn_dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``trainable_stages``: 0 trains the head on a frozen backbone, k > 0 also the last k backbone
+    stages, -1 everything. While any part of the backbone is frozen, its outputs are computed once for
+    ``cache_views`` augmented views of each training image and cached (the CPU fast path)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    label_smoothing: float = 0.1
+    class_balanced: bool = True
+    grad_clip: float = 1.0
+    patience: int = 8
+    trainable_stages: int = 0
+    cache_views: int = 8
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    precision: str = "auto"  # "auto" (AMP on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    num_workers: int = 0
+    skip_bad_images: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class DataConfig:
+    """Which images and which split."""
+
+    root: str = ""
+    split_file: str | None = "auto"  # "auto" finds folds.csv/datalog.xlsx beside the data; None = grouped k-fold
+    fold: str = "fold1"
+    folds: int = 5
+    groups_csv: str | None = None
+
+
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "default": (ModelConfig(), TrainConfig()),
+    # The paper's model: ResNet50 ImageNet backbone, AGFN head, 8 heads, fine-tuned end to end (meant for a GPU).
+    "paper": (ModelConfig(backbone="resnet50", pretrained="imagenet", d_model=512, num_heads=8),
+              TrainConfig(trainable_stages=-1, epochs=50, lr=1e-4, backbone_lr=1e-5, batch_size=32)),
+    # Smallest thing that learns: for smoke tests and the demo.
+    "tiny": (ModelConfig(image_size=160, d_model=128, num_heads=4),
+             TrainConfig(epochs=12, cache_views=3, warmup_epochs=1, patience=12)),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise MpoxscopeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    m, t = PRESETS[name]
+    return dataclasses.replace(m), dataclasses.replace(t, augment=dataclasses.replace(t.augment))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from ``data``, ignoring unknown keys (newer files) and nesting AugmentConfig."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in data.items() if k in names}
+    if cls is TrainConfig and isinstance(kwargs.get("augment"), dict):
+        kwargs["augment"] = from_dict(AugmentConfig, kwargs["augment"])
+    return cls(**kwargs)

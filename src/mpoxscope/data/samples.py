@@ -1,0 +1,177 @@
+"""Find the images of a dataset on disk: a folder per class, or the MSLD v2.0 download as distributed."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from mpoxscope.data.classes import canonical_class, sort_classes
+from mpoxscope.data.images import is_image_file
+from mpoxscope.errors import MpoxscopeError
+
+#: MSLD file names are ``DiseaseCode_PatientNumber_ImageNumber`` (e.g. ``MKP_17_01.jpg``).
+_MSLD_NAME = re.compile(r"^(?P<code>[A-Za-z]+)_(?P<patient>\d+)_(?P<image>\d+)$")
+
+#: Environment variable that points at the real MSLD v2.0 folder.
+MSLD_ENV = "MPOXSCOPE_MSLD"
+MSLD_DEFAULT = "../shared/data/msld_v2"
+
+
+def msld_root() -> Path:
+    """Where MSLD v2.0 lives: ``$MPOXSCOPE_MSLD``, else ``../shared/data/msld_v2``."""
+    return Path(os.environ.get(MSLD_ENV, MSLD_DEFAULT))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path, canonical class name and the group (patient) it belongs to."""
+
+    path: Path
+    label: str
+    group: str
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+
+@dataclass
+class SampleSet:
+    """An ordered list of samples plus the class vocabulary (index = position in ``classes``)."""
+
+    samples: list[Sample]
+    classes: list[str]
+    root: Path | None = None
+    #: Split table found alongside the data (the MSLD ``FOLDS`` folders), if any.
+    folder_splits: pd.DataFrame | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return [index[s.label] for s in self.samples]
+
+    @property
+    def groups(self) -> list[str]:
+        return [s.group for s in self.samples]
+
+    def by_filename(self) -> dict[str, int]:
+        return {s.filename: i for i, s in enumerate(self.samples)}
+
+    def subset(self, indices: list[int]) -> SampleSet:
+        return SampleSet([self.samples[i] for i in indices], list(self.classes), self.root)
+
+
+def patient_group(filename: str) -> str | None:
+    """The patient of an MSLD-style file name (``MKP_17_01.jpg`` -> ``MKP_17``), or ``None``."""
+    m = _MSLD_NAME.match(Path(filename).stem)
+    if m is None:
+        return None
+    return f"{m['code'].upper()}_{int(m['patient']):02d}"
+
+
+def _group_for(path: Path, groups: dict[str, str] | None) -> str:
+    if groups is not None and path.name in groups:
+        return str(groups[path.name])
+    return patient_group(path.name) or path.name  # no patient known: the image is its own group
+
+
+def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
+    """Read a ``filename,group`` CSV (a ``patient`` column is accepted for ``group``)."""
+    df = _read_csv(path)
+    group_col = "group" if "group" in df.columns else "patient" if "patient" in df.columns else None
+    if "filename" not in df.columns or group_col is None:
+        raise MpoxscopeError(f"{path}: groups CSV needs columns 'filename' and 'group' (got {list(df.columns)})")
+    return {Path(str(f)).name: str(g) for f, g in zip(df["filename"], df[group_col])}
+
+
+def _read_csv(path: str | os.PathLike) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise MpoxscopeError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise MpoxscopeError(f"{path}: not a readable CSV ({e})") from None
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _find_folds_dir(root: Path) -> Path | None:
+    for depth_glob in ("FOLDS", "*/FOLDS", "*/*/FOLDS", "*/*/*/FOLDS"):
+        hits = sorted(p for p in root.glob(depth_glob) if p.is_dir())
+        if hits:
+            return hits[0]
+    return None
+
+
+def _scan_class_folders(root: Path, groups: dict[str, str] | None) -> list[Sample]:
+    samples = []
+    for d in _class_dirs(root):
+        label = canonical_class(d.name)
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and is_image_file(f):
+                samples.append(Sample(f, label, _group_for(f, groups)))
+    return samples
+
+
+def _scan_msld_folds(folds_dir: Path, groups: dict[str, str] | None) -> tuple[list[Sample], pd.DataFrame]:
+    """Read ``FOLDS/fold*/{Train,Valid,Test}/<class>/``: each image once, plus the split table."""
+    split_names = {"train": "train", "valid": "validation", "validation": "validation", "val": "validation",
+                   "test": "test"}
+    first: dict[str, Sample] = {}
+    rows = []
+    for fold_dir in sorted(p for p in folds_dir.iterdir() if p.is_dir()):
+        for split_dir in sorted(p for p in fold_dir.iterdir() if p.is_dir()):
+            split = split_names.get(split_dir.name.lower())
+            if split is None:
+                continue
+            for class_dir in _class_dirs(split_dir):
+                label = canonical_class(class_dir.name)
+                for f in sorted(class_dir.iterdir()):
+                    if f.is_file() and is_image_file(f):
+                        first.setdefault(f.name, Sample(f, label, _group_for(f, groups)))
+                        rows.append({"fold": fold_dir.name, "split": split, "filename": f.name, "class": label})
+    return sorted(first.values(), key=lambda s: (s.label, s.filename)), pd.DataFrame(rows)
+
+
+def load_samples(root: str | os.PathLike, groups_csv: str | os.PathLike | None = None) -> SampleSet:
+    """Find every image under ``root`` with its class and patient group.
+
+    Layouts, tried in order: ``root/images/<class>/`` (the layout in ``../shared``), the MSLD v2.0 download
+    (``.../FOLDS/fold1..5/{Train,Valid,Test}/<class>/``; each file once, the folders kept as the split table), and
+    ``root/<class>/``. Class names are canonicalised (``Monkeypox`` -> ``Mpox``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MpoxscopeError(f"{root}: data folder not found")
+    groups = read_groups_csv(groups_csv) if groups_csv else None
+    folder_splits = None
+    if (root / "images").is_dir():
+        samples = _scan_class_folders(root / "images", groups)
+    elif (folds_dir := _find_folds_dir(root)) is not None:
+        samples, folder_splits = _scan_msld_folds(folds_dir, groups)
+    else:
+        samples = _scan_class_folders(root, groups)
+    if not samples:
+        raise MpoxscopeError(f"{root}: no images found (expected one sub-folder per class)")
+    names = [s.filename for s in samples]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise MpoxscopeError(f"{root}: file name {dup!r} appears in more than one class folder")
+    classes = sort_classes({s.label for s in samples})
+    if len(classes) < 2:
+        raise MpoxscopeError(f"{root}: need at least two class folders, found {classes}")
+    return SampleSet(samples, classes, root, folder_splits)
+
+
+def samples_from_paths(paths: list[Path], label: str = "?") -> SampleSet:
+    """Unlabelled images (for prediction)."""
+    return SampleSet([Sample(Path(p), label, Path(p).name) for p in paths], [label])

@@ -1,0 +1,80 @@
+"""Image transforms: dermatology-minded augmentation for training, a deterministic resize for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation strengths. Lesion photos have no canonical orientation, so flips and rotations are free;
+    colour jitter and the skin-tone shift make the model less sensitive to camera and skin colour."""
+
+    scale_min: float = 0.6
+    rotation: float = 30.0
+    vflip: bool = True
+    brightness: float = 0.25
+    contrast: float = 0.25
+    saturation: float = 0.25
+    hue: float = 0.03
+    skin_tone_p: float = 0.5
+    skin_tone_strength: float = 0.3
+
+
+class SkinToneShift(torch.nn.Module):
+    """Shift brightness and saturation together, and hue slightly toward red/brown, as between skin tones.
+
+    Works on float tensors in [0, 1] of shape (3, H, W).
+    """
+
+    def __init__(self, p: float = 0.5, strength: float = 0.3) -> None:
+        super().__init__()
+        self.p, self.strength = p, strength
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.strength <= 0 or torch.rand(()) >= self.p:
+            return img
+        # One draw moves darker-and-more-saturated or lighter-and-less-saturated, as melanin does.
+        t = float(torch.empty(()).uniform_(-self.strength, self.strength))
+        img = T.functional.adjust_brightness(img, 1.0 - t)
+        img = T.functional.adjust_saturation(img, 1.0 + t)
+        img = T.functional.adjust_hue(img, float(torch.empty(()).uniform_(-0.02, 0.02)))
+        return img.clamp(0, 1)
+
+
+def train_transform(image_size: int, aug: AugmentConfig | None = None,
+                    mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD) -> T.Compose:
+    """PIL RGB image -> normalised float tensor (3, image_size, image_size), randomly augmented."""
+    aug = aug or AugmentConfig()
+    ops = [
+        T.PILToTensor(),
+        T.RandomResizedCrop(image_size, scale=(aug.scale_min, 1.0), antialias=True),
+        T.RandomHorizontalFlip(),
+    ]
+    if aug.vflip:
+        ops.append(T.RandomVerticalFlip())
+    ops += [
+        T.RandomRotation(aug.rotation),
+        T.ToDtype(torch.float32, scale=True),
+        T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue),
+        SkinToneShift(aug.skin_tone_p, aug.skin_tone_strength),
+        T.Normalize(mean, std),
+    ]
+    return T.Compose(ops)
+
+
+def eval_transform(image_size: int, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD) -> T.Compose:
+    """PIL RGB image -> normalised float tensor (3, image_size, image_size): resize the whole photo, no crop,
+    so a lesion near the border is never cut away."""
+    return T.Compose([
+        T.PILToTensor(),
+        T.Resize((image_size, image_size), antialias=True),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean, std),
+    ])

@@ -1,0 +1,34 @@
+"""Device and precision choice."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mpoxscope.errors import MpoxscopeError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MpoxscopeError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MpoxscopeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Mixed precision: fp16/bf16 AMP on CUDA by default, bf16 on CPU on request, else nothing."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
+            "fp16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise MpoxscopeError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

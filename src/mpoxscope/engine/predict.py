@@ -1,0 +1,106 @@
+"""Inference on images: a :class:`Predictor` wraps a trained run for notebooks, the CLI and the web service."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mpoxscope.data.images import IMAGE_EXTENSIONS, load_image
+from mpoxscope.data.transforms import eval_transform
+from mpoxscope.engine.checkpoint import load_model
+from mpoxscope.engine.device import resolve_device
+from mpoxscope.errors import ImageError, MpoxscopeError
+
+
+@dataclass
+class Prediction:
+    """One image's result: ``probabilities`` maps every class to its probability; ``error`` is set instead when
+    the image could not be read."""
+
+    source: str
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Predictor:
+    """Class probabilities for RGB images, with the run's preprocessing and temperature.
+
+    >>> p = Predictor.from_run("runs/fold1")          # doctest: +SKIP
+    >>> p.predict_images([img])                       # doctest: +SKIP  (N, K) probabilities
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device) -> None:
+        self.model = model.eval()
+        self.meta = meta
+        self.device = device
+        self.classes: list[str] = list(meta["classes"])
+        self.image_size: int = int(meta["image_size"])
+        norm = meta.get("normalization", {})
+        self.transform = eval_transform(self.image_size, tuple(norm.get("mean", (0.485, 0.456, 0.406))),
+                                        tuple(norm.get("std", (0.229, 0.224, 0.225))))
+        self.temperature: float = float(meta.get("calibration", {}).get("temperature", 1.0))
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str = "auto", which: str = "best") -> Predictor:
+        dev = resolve_device(device)
+        model, meta = load_model(run_dir, which=which, device=dev)
+        return cls(model, meta, dev)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> (N, 3, S, S) normalised batch."""
+        return torch.stack([self.transform(img.convert("RGB")) for img in images])
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.to(self.device)).float().cpu()
+
+    def predict_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """(N, K) calibrated class probabilities for RGB images."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            logits = self.logits(self.preprocess(images[i:i + batch_size]))
+            out.append(torch.softmax(logits / self.temperature, dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def to_prediction(self, source: str, probs: np.ndarray) -> Prediction:
+        k = int(np.argmax(probs))
+        return Prediction(source, self.classes[k], float(probs[k]),
+                          {c: float(p) for c, p in zip(self.classes, probs)})
+
+    def predict_paths(self, paths: list[str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
+        """Predictions in input order; an unreadable file gets an ``error`` and the others still run."""
+        results: list[Prediction | None] = [None] * len(paths)
+        ok: list[tuple[int, Image.Image]] = []
+        for i, p in enumerate(paths):
+            try:
+                ok.append((i, load_image(p)))
+            except ImageError as e:
+                results[i] = Prediction(str(p), error=e.reason)
+            if len(ok) == batch_size or (i == len(paths) - 1 and ok):
+                probs = self.predict_images([img for _, img in ok], batch_size)
+                for (j, _), pr in zip(ok, probs):
+                    results[j] = self.to_prediction(str(paths[j]), pr)
+                ok = []
+        return [r for r in results if r is not None]
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to the images inside them (recursively, sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise MpoxscopeError(f"{p}: no images in folder")
+            paths.extend(found)
+        else:
+            paths.append(p)
+    return paths

@@ -1,0 +1,80 @@
+"""One factory for every model: backbone by name from timm, head by name, pretrained weights resolved offline-first."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from mpoxscope.config import ModelConfig
+from mpoxscope.errors import MpoxscopeError
+from mpoxscope.models.agfn import HEADS
+from mpoxscope.models.backbones import backbone_stages, create_backbone
+from mpoxscope.models.pretrained import load_pretrained
+
+
+class SkinLesionNet(nn.Module):
+    """Backbone + head. ``forward(x)`` maps images (B, 3, S, S) to logits (B, num_classes).
+
+    The backbone is a list of ``stages``; :meth:`split` cuts it into a frozen trunk and a trainable tail.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, config: ModelConfig,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = config
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.stages = backbone_stages(backbone)  # views into self.backbone, not extra parameters
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward_features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run backbone stages ``start:stop`` on ``x``; the default runs all of them, giving (B, C, H, W)."""
+        for stage in self.stages[start:stop]:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        return self.head(self.forward_features(x), return_attention=return_attention)
+
+    def trunk_stop(self, trainable_stages: int) -> int:
+        """Index of the first trainable stage: stages before it are frozen (and can be cached)."""
+        n = len(self.stages)
+        if trainable_stages < 0 or trainable_stages >= n:
+            return 0
+        return n - trainable_stages
+
+
+def feature_channels(backbone: nn.Module, image_size: int) -> tuple[int, tuple[int, int]]:
+    """Channels and grid (H, W) of the backbone's feature map for a square input of ``image_size``."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone.forward_features(torch.zeros(1, 3, image_size, image_size))
+    backbone.train(was_training)
+    return out.shape[1], (out.shape[2], out.shape[3])
+
+
+def create_model(config: ModelConfig, num_classes: int, load_weights: bool = True) -> SkinLesionNet:
+    """Build the model. ``load_weights=False`` skips pretrained weights (when a checkpoint will be loaded)."""
+    if config.head not in HEADS:
+        raise MpoxscopeError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
+    if num_classes < 2:
+        raise MpoxscopeError(f"need at least 2 classes, got {num_classes}")
+    backbone = create_backbone(config.backbone)
+    source = load_pretrained(backbone, config.backbone, config.pretrained) if load_weights else "checkpoint"
+    channels, grid = feature_channels(backbone, config.image_size)
+    head = HEADS[config.head](
+        channels, num_classes, d_model=config.d_model, num_heads=config.num_heads, grid_size=grid,
+        ff_mult=config.ff_mult, dropout=config.dropout, attn_dropout=config.attn_dropout, fusion=config.fusion,
+    )
+    cfg = timm.get_pretrained_cfg(config.backbone)
+    mean = tuple(getattr(cfg, "mean", None) or (0.485, 0.456, 0.406))
+    std = tuple(getattr(cfg, "std", None) or (0.229, 0.224, 0.225))
+    model = SkinLesionNet(backbone, head, config, mean, std)
+    model.pretrained_source = source
+    return model
