@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # that part of the tool is not built yet
+            if e.name and name.startswith(e.name):  # that part of the tool is not built yet
                 continue
             raise
         module.register(sub)

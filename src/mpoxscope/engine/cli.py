@@ -1,0 +1,174 @@
+"""CLI commands of the engine: train, evaluate, predict, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from mpoxscope.errors import MpoxscopeError
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``cv``: preset, model, optimisation, device."""
+    g = p.add_argument_group("model and training (override the preset)")
+    g.add_argument("--preset", default="default", help="default | paper (ResNet50 AGFN, end to end) | tiny")
+    g.add_argument("--backbone", help="timm model name, e.g. tf_efficientnet_lite0 (offline), resnet50")
+    g.add_argument("--head", choices=["agfn", "linear"])
+    g.add_argument("--pretrained", help="auto | imagenet | none | PATH to .safetensors/.pth ImageNet weights")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--heads", dest="num_heads", type=int, help="attention heads (default 8)")
+    g.add_argument("--d-model", type=int)
+    g.add_argument("--fusion", choices=["concat", "gate"])
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="head learning rate")
+    g.add_argument("--backbone-lr", type=float, help="learning rate of fine-tuned backbone stages")
+    g.add_argument("--patience", type=int, help="early-stopping patience in epochs (validation macro-F1)")
+    g.add_argument("--freeze", action="store_const", const=0, dest="trainable_stages",
+                   help="train the head on a frozen backbone (cached features; the CPU fast path)")
+    g.add_argument("--finetune", type=int, dest="trainable_stages", metavar="K",
+                   help="also fine-tune the last K backbone stages (-1: everything, end to end)")
+    g.add_argument("--cache-views", type=int, help="augmented views cached per training image (0: no cache)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto | cpu | cuda[:N]")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: AMP on CUDA, fp32 on CPU)")
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="skip unreadable images (listed in the run) instead of stopping")
+
+
+def configs_from_args(args: argparse.Namespace):
+    from mpoxscope.config import ModelConfig, TrainConfig, preset
+
+    model_cfg, train_cfg = preset(args.preset)
+    model_over = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)
+                  if getattr(args, f.name, None) is not None}
+    train_over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                  if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(model_cfg, **model_over), dataclasses.replace(train_cfg, **train_over)
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split-file", default="auto",
+                   help="split file (.xlsx like MSLD's datalog.xlsx, or CSV fold,split,filename); 'auto' (default) "
+                        "finds one beside the data; 'none' uses patient-grouped stratified k-fold")
+    p.add_argument("--folds", type=int, default=5, help="k for the grouped k-fold when there is no split file")
+    p.add_argument("--groups-csv", help="CSV filename,group giving the patient of each image (non-MSLD data)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from mpoxscope.config import DataConfig
+    from mpoxscope.engine.runner import train_fold
+
+    model_cfg, train_cfg = configs_from_args(args)
+    if args.overwrite and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    data_cfg = DataConfig(root=args.data, split_file=args.split_file, fold=args.fold, folds=args.folds,
+                          groups_csv=args.groups_csv)
+    result = train_fold(data_cfg, model_cfg, train_cfg, args.out, resume=not args.no_resume,
+                        progress=not args.quiet)
+    v = result.validation
+    print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
+          f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
+          f"{result.wall_time_s:.0f} s; run saved to {result.run_dir}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from mpoxscope.engine.metrics import summary_line
+    from mpoxscope.engine.runner import evaluate_run
+
+    m = evaluate_run(args.run, args.data, args.out, split=args.split, split_file=args.split_file,
+                     fold=args.fold, tta=args.tta, device=args.device, runtime=args.runtime)
+    print(summary_line(m, m["protocol"]))
+    for f in m.get("failed_files", []):
+        print(f"unreadable, excluded: {f}", file=sys.stderr)
+    print(f"wrote {args.out}/metrics.json, report.md, confusion_matrix.png, predictions.csv")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from mpoxscope.engine.predict import expand_inputs
+    from mpoxscope.engine.runner import load_predictor
+
+    predictor = load_predictor(args.run, args.device, args.runtime)
+    results = predictor.predict_paths(expand_inputs(args.inputs))
+    if args.format == "json":
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    else:
+        w = csv.writer(sys.stdout)
+        w.writerow(["source", "label", "confidence", *predictor.classes, "error"])
+        for r in results:
+            probs = [f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in predictor.classes]
+            w.writerow([r.source, r.label or "", f"{r.confidence:.4f}" if r.confidence is not None else "",
+                        *probs, r.error or ""])
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"mpoxscope predict: error: {r.source}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from mpoxscope.engine.demo import run_demo as demo
+
+    demo(args.out, images_per_class=args.images_per_class, seed=args.seed)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model on one fold", description=(
+        "Train AGFN (or a linear head) on one fold of DATA. Model selection and early stopping use the fold's "
+        "validation part only; its test part is never touched. Reruns resume an interrupted run."))
+    p.add_argument("data", help="dataset folder (one sub-folder per class, or the MSLD v2.0 layout)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--fold", default="fold1", help="fold name or number (default fold1)")
+    add_data_options(p)
+    add_model_options(p)
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds an unfinished run")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run on a split", description=(
+        "Evaluate RUN on a split (default: test) of the fold it was trained on; writes metrics.json, report.md, "
+        "confusion_matrix.png and predictions.csv to --out."))
+    p.add_argument("run", help="run directory written by 'mpoxscope train'")
+    p.add_argument("data", nargs="?", help="dataset folder (default: the one the run was trained on)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--split-file", help="split file (default: the same protocol as training)")
+    p.add_argument("--fold", help="fold (default: the run's fold)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.set_defaults(handler=run_evaluate)
+
+    p = sub.add_parser("predict", help="classify images", description=(
+        "Print the top class and every class probability for each image (files or folders). A file that cannot "
+        "be read gets an error line; the others still get results; the exit code is 1 if any failed."))
+    p.add_argument("run", help="run directory")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--format", choices=["json", "csv"], default="json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.set_defaults(handler=run_predict)
+
+    p = sub.add_parser("demo", help="end-to-end demo on generated SYNTHETIC images (no data, no network)",
+                       description=("Generate a small SYNTHETIC six-class image set, train AGFN on it with the "
+                                    "offline pretrained backbone, evaluate on held-out synthetic patients and "
+                                    "write the report. Takes about a minute or two on a 2-core CPU."))
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--images-per-class", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=run_demo)
+
+
+def _ensure_error_type() -> type[MpoxscopeError]:  # keeps the import used for type checkers
+    return MpoxscopeError

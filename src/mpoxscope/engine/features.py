@@ -1,0 +1,104 @@
+"""The CPU fast path: outputs of a frozen backbone trunk, computed once for several augmented views and cached.
+
+With the first ``stop`` backbone stages frozen (and in eval mode), their output for a given input never changes,
+so training the rest (the last stages and the head) on cached outputs is exact, not an approximation; the
+augmentation is frozen into ``n_views`` draws per image instead of a new draw each epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mpoxscope.data.images import load_image
+from mpoxscope.data.samples import SampleSet
+from mpoxscope.data.transforms import AugmentConfig, eval_transform, train_transform
+from mpoxscope.models.factory import SkinLesionNet
+
+
+@dataclass(frozen=True)
+class BankKey:
+    """What a bank's contents depend on; a bank is reused only when every field matches."""
+
+    backbone: str
+    pretrained_source: str
+    image_size: int
+    stop: int
+    n_views: int
+    seed: int
+    augment: AugmentConfig
+
+
+@dataclass
+class FeatureBank:
+    """Cached trunk outputs: ``views`` (V, N, C, H, W) of augmented training views and ``clean`` (N, C, H, W) of
+    the evaluation transform, float16, row ``rows[i]`` for sample index ``i``."""
+
+    key: BankKey
+    rows: dict[int, int]
+    views: torch.Tensor
+    clean: torch.Tensor
+
+    def covers(self, indices) -> bool:
+        return all(i in self.rows for i in indices)
+
+    def select(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, n, C, H, W) views and (n, C, H, W) clean outputs for ``indices``, in that order."""
+        r = torch.tensor([self.rows[i] for i in indices], dtype=torch.long)
+        return self.views.index_select(1, r), self.clean.index_select(0, r)
+
+
+def _fit_for_crops(img: Image.Image, image_size: int) -> Image.Image:
+    """Shrink large photos once so every augmented view does not resample megapixels again."""
+    target = int(image_size * 1.5)
+    if min(img.size) <= target:
+        return img
+    scale = target / min(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+
+
+@torch.no_grad()
+def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices, n_views: int, seed: int,
+                       augment: AugmentConfig, device: torch.device, batch_size: int = 32,
+                       progress: bool = True, desc: str = "caching features") -> FeatureBank:
+    """Run stages ``[:stop]`` of ``model`` on every sample in ``indices``: once with the evaluation transform,
+    and ``n_views`` times with seeded training augmentation (view ``v`` of sample ``i`` is the same draw in
+    every fold, so one bank serves all folds of a cross-validation)."""
+    indices = list(indices)
+    size = model.config.image_size
+    clean_tf = eval_transform(size, model.mean, model.std)
+    aug_tf = train_transform(size, augment, model.mean, model.std)
+    trunk_was_training = model.training
+    model.eval()
+    views: list[torch.Tensor] = []
+    clean: list[torch.Tensor] = []
+    bar = tqdm(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=None if progress else True, leave=False)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        images = [load_image(data.samples[i].path) for i in chunk]
+        clean.append(_run(model, stop, torch.stack([clean_tf(im) for im in images]), device))
+        small = [_fit_for_crops(im, size) for im in images]
+        per_view = []
+        for v in range(n_views):
+            batch = []
+            for i, im in zip(chunk, small):
+                torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
+                batch.append(aug_tf(im))
+            per_view.append(_run(model, stop, torch.stack(batch), device))
+        views.append(torch.stack(per_view) if per_view else torch.empty(0))
+        bar.update(len(chunk) * (n_views + 1))
+    bar.close()
+    model.train(trunk_was_training)
+    key = BankKey(model.config.backbone, getattr(model, "pretrained_source", "?"), size, stop, n_views, seed,
+                  dataclasses.replace(augment))
+    clean_t = torch.cat(clean)
+    views_t = torch.cat(views, dim=1) if n_views else clean_t.new_empty((0, *clean_t.shape))
+    return FeatureBank(key, {i: r for r, i in enumerate(indices)}, views_t, clean_t)
+
+
+def _run(model: SkinLesionNet, stop: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return model.forward_features(x.to(device), 0, stop).to("cpu", torch.float16)

@@ -1,0 +1,71 @@
+"""High-level entry points (what the CLI calls, and what a notebook would): train or evaluate one fold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpoxscope.config import DataConfig, ModelConfig, TrainConfig
+from mpoxscope.data.protocol import dataset_name, resolve_folds
+from mpoxscope.data.samples import SampleSet, load_samples
+from mpoxscope.data.splits import Fold, select_fold
+from mpoxscope.engine.checkpoint import read_meta
+from mpoxscope.engine.evaluate import evaluate
+from mpoxscope.engine.predict import Predictor
+from mpoxscope.engine.train import TrainResult, train
+
+
+@dataclass
+class PreparedData:
+    data: SampleSet
+    folds: list[Fold]
+    split_source: str
+
+    def info(self, fold: Fold) -> dict:
+        """What a run records about its data (the protocol of every number it reports)."""
+        return {"dataset": dataset_name(self.data), "root": str(self.data.root), "split_source": self.split_source,
+                "fold": fold.name, "classes": self.data.classes,
+                "n_train": len(fold.train), "n_validation": len(fold.validation), "n_test": len(fold.test)}
+
+
+def prepare(cfg: DataConfig, seed: int = 0) -> PreparedData:
+    data = load_samples(cfg.root, cfg.groups_csv)
+    folds, source = resolve_folds(data, cfg.split_file, cfg.folds, seed)
+    return PreparedData(data, folds, source)
+
+
+def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path,
+               resume: bool = True, progress: bool = True, log=print) -> TrainResult:
+    """Train on one fold of a dataset folder (official split file when there is one)."""
+    prepared = prepare(data_cfg, train_cfg.seed)
+    fold = select_fold(prepared.folds, data_cfg.fold)
+    info = prepared.info(fold)
+    log(f"data: {info['dataset']} ({len(prepared.data)} images, {len(prepared.data.classes)} classes), "
+        f"{prepared.split_source}, {fold.name}: train {info['n_train']} / validation {info['n_validation']} / "
+        f"test {info['n_test']} (test not used for training or selection)")
+    return train(prepared.data, fold, model_cfg, train_cfg, run_dir, info, resume=resume, progress=progress, log=log)
+
+
+def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str | Path, split: str = "test",
+                 split_file: str | None = None, fold: str | None = None, tta: bool = False,
+                 device: str = "auto", runtime: str = "torch") -> dict:
+    """Evaluate a run on ``split`` of the fold it was trained on (or another fold / split file on request)."""
+    meta = read_meta(run_dir)
+    recorded = meta.get("data", {})
+    root = data_root or recorded.get("root")
+    cfg = DataConfig(root=str(root), split_file=split_file or "auto", fold=fold or recorded.get("fold", "fold1"),
+                     folds=5)
+    prepared = prepare(cfg, int(meta.get("train", {}).get("seed", 0)))
+    f = select_fold(prepared.folds, cfg.fold)
+    predictor = load_predictor(run_dir, device, runtime)
+    protocol = f"{dataset_name(prepared.data)}, {prepared.split_source}, {f.name}, {split}"
+    return evaluate(predictor, prepared.data, f.indices(split), out_dir, protocol, tta=tta)
+
+
+def load_predictor(run_dir: str | Path, device: str = "auto", runtime: str = "torch"):
+    """A :class:`Predictor` (PyTorch) or an ONNX Runtime predictor with the same interface."""
+    if runtime == "onnx":
+        from mpoxscope.export.onnx import OnnxPredictor
+
+        return OnnxPredictor.from_run(run_dir)
+    return Predictor.from_run(run_dir, device=device)

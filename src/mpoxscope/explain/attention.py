@@ -1,0 +1,57 @@
+"""The AGFN head's own explanation: the pooling query's attention over the backbone's H x W feature grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpoxscope.errors import MpoxscopeError
+from mpoxscope.explain.methods import frozen, model_device
+
+
+def has_attention(model: nn.Module) -> bool:
+    from mpoxscope.models import AGFNHead
+
+    return isinstance(getattr(model, "head", None), AGFNHead)
+
+
+def attention_grid(model: nn.Module, batch: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """(N, heads, H, W) float32 CPU tensor: attention from the pooling query to each feature-grid cell, as
+    ``model(x, return_attention=True)[1]["pool"]``; each head's map sums to 1 over (H, W)."""
+    if not has_attention(model):
+        head = type(getattr(model, "head", model)).__name__
+        raise MpoxscopeError(f"attention: the model's head ({head}) has no attention weights; only an AGFN head "
+                             f"has them. Use a CAM method (e.g. gradcam)")
+    out = []
+    with frozen(model), torch.inference_mode(False), torch.no_grad():
+        dev = model_device(model)
+        for i in range(0, len(batch), batch_size):
+            _, maps = model(batch[i:i + batch_size].to(dev), return_attention=True)
+            out.append(maps["pool"].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each (..., H, W) map to [0, 1]; a constant map becomes all zeros (no location stands out)."""
+    flat = maps.flatten(-2)
+    lo, hi = flat.min(dim=-1).values[..., None, None], flat.max(dim=-1).values[..., None, None]
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+
+
+def upsample_grid(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) or (N, heads, H, W) grid -> same leading dims x ``size``, bilinear, float32 in [0, 1]."""
+    lead = grid.shape[:-2]
+    flat = grid.reshape(-1, 1, *grid.shape[-2:]).float()
+    up = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return normalise_maps(up.reshape(*lead, *size)).numpy().astype(np.float32)
+
+
+def attention_maps(model: nn.Module, batch: torch.Tensor, per_head: bool = False,
+                   batch_size: int = 32) -> np.ndarray:
+    """Attention upsampled to the input: (N, S, S) mean over heads, or (N, heads, S, S) with ``per_head``."""
+    grid = attention_grid(model, batch, batch_size)
+    if not per_head:
+        grid = grid.mean(dim=1)
+    return upsample_grid(grid, tuple(batch.shape[-2:]))

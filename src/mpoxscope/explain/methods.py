@@ -1,0 +1,279 @@
+"""Saliency maps: the CAM family through pytorch-grad-cam and the AGFN head's own attention, behind one call.
+
+One mechanism serves every method (as in pytorch-grad-cam itself): the model runs through :class:`LogitsOnly`,
+hooks live on one target layer only for the duration of a call, and :func:`frozen` puts the model back exactly as
+it was (train/eval flags, ``requires_grad`` flags, existing ``.grad``). Each method is one :class:`MethodSpec`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import (
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    RandomCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from mpoxscope.errors import MpoxscopeError
+
+# Hooks are registered on the shared model, so two explanations running at once (web service threads) would
+# read each other's activations: one explanation per process at a time.
+_LOCK = threading.RLock()
+
+
+class LeanScoreCAM(ScoreCAM):
+    """Score-CAM (Wang et al., 2020) with the package's weighting, computed one image at a time.
+
+    The package builds all C masked copies of every image at once ((B, C, 3, S, S): ~0.8 GB per image for 1280
+    channels at 224 px) and prints progress bars; here masked copies are made ``batch_size`` at a time, and
+    channels whose activation map is constant (their normalised mask is all zero, hence the same all-zero input)
+    are scored once. The weights are identical to ``ScoreCAM.get_cam_weights``.
+    """
+
+    batch_size = 32
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads) -> np.ndarray:
+        weights = []
+        with torch.no_grad():
+            for image, target, acts in zip(input_tensor, targets, torch.from_numpy(activations)):
+                up = F.interpolate(acts[None].to(self.device), size=input_tensor.shape[-2:], mode="bilinear",
+                                   align_corners=True)[0]  # (C, S, S), as nn.UpsamplingBilinear2d
+                flat = up.flatten(1)
+                lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+                masks = (up - lo[:, None, None]) / (hi - lo + 1e-8)[:, None, None]
+                scores = torch.empty(len(masks))
+                live = (hi - lo) > 0
+                if not bool(live.all()):
+                    scores[~live] = target(self.model(torch.zeros_like(image)[None])[0]).float().cpu()
+                idx = torch.nonzero(live).flatten()
+                for i in range(0, len(idx), self.batch_size):
+                    chunk = idx[i:i + self.batch_size]
+                    out = self.model(image[None] * masks[chunk.to(masks.device), None])
+                    scores[chunk] = torch.stack([target(o) for o in out]).float().cpu()
+                weights.append(torch.softmax(scores, dim=0))
+        return torch.stack(weights).numpy()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One explanation method. ``cam``: the pytorch-grad-cam class, or None for the model's own attention."""
+
+    name: str
+    cam: type[BaseCAM] | None
+    uses_gradients: bool
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {s.name: s for s in (
+    MethodSpec("gradcam", GradCAM, True, "activations weighted by their mean gradient (Selvaraju et al., 2017)"),
+    MethodSpec("gradcam++", GradCAMPlusPlus, True, "second-order gradient weights (Chattopadhyay et al., 2018)"),
+    MethodSpec("hirescam", HiResCAM, True, "element-wise gradient x activation (Draelos & Carin, 2020)"),
+    MethodSpec("xgradcam", XGradCAM, True, "activation-normalised gradient weights (Fu et al., 2020)"),
+    MethodSpec("layercam", LayerCAM, True, "positive gradients x activation per location (Jiang et al., 2021)"),
+    MethodSpec("eigencam", EigenCAM, False, "first principal component of the activations; class-agnostic"),
+    MethodSpec("scorecam", LeanScoreCAM, False, "channel weights from masked-input scores; slow (one forward "
+                                                "pass per channel)"),
+    MethodSpec("attention", None, False, "the AGFN head's pooling-query attention over the feature grid; "
+                                         "class-agnostic"),
+)}
+"""Every accepted ``method`` name, in display order."""
+
+#: Reference maps for the faithfulness table only (random channel weights): a method should beat them.
+BASELINES: dict[str, MethodSpec] = {
+    "random": MethodSpec("random", RandomCAM, True, "random channel weights (baseline)"),
+}
+
+_ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "grad-cam++": "gradcam++", "gradcamplusplus":
+            "gradcam++", "hires-cam": "hirescam", "xgrad-cam": "xgradcam", "layer-cam": "layercam",
+            "eigen-cam": "eigencam", "score-cam": "scorecam", "attn": "attention"}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method called ``name`` (case-insensitive; ``grad-cam`` style spellings accepted)."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    spec = METHODS.get(key) or BASELINES.get(key)
+    if spec is None:
+        raise MpoxscopeError(f"--method: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return spec
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"gradcam,scorecam"`` or ``"all"`` -> canonical method names, without duplicates."""
+    if text.strip().lower() == "all":
+        return list(METHODS)
+    names: list[str] = []
+    for part in text.split(","):
+        if part.strip():
+            name = get_method(part).name
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise MpoxscopeError("--method: no method given")
+    return names
+
+
+class LogitsOnly(nn.Module):
+    """``forward(x)`` -> logits (B, K) only, as pytorch-grad-cam expects a plain tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside; on exit every module's mode, every ``requires_grad`` flag and
+    every existing ``.grad`` are as they were (CAM gradients are taken with respect to the input only)."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    state = [(p.requires_grad, p.grad) for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, (flag, grad) in zip(params, state):
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, mode in modes:
+            m.training = mode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def default_target_layer(model: nn.Module) -> nn.Module:
+    """The last backbone stage as ``model.forward`` calls it.
+
+    Same stage as ``mpoxscope.models.target_layer(model.backbone)``, but taken from ``model.stages``: for
+    EfficientNet that function builds a new ``Sequential(conv_head, bn2)`` wrapper that the model never calls,
+    so hooks on it would never fire.
+    """
+    stages = getattr(model, "stages", None)
+    if stages:
+        return stages[-1]
+    from mpoxscope.models import target_layer
+
+    return target_layer(getattr(model, "backbone", model))
+
+
+def resolve_target_layer(model: nn.Module, name: str | None = None) -> nn.Module:
+    """The module to read activations from: ``name`` as in ``model.named_modules()`` (e.g. ``backbone.blocks.5``,
+    ``backbone.layer3``), or by default the last convolutional stage."""
+    if not name:
+        return default_target_layer(model)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        near = [n for n in modules if n.startswith(name.rsplit(".", 1)[0])][:8] or list(modules)[1:9]
+        raise MpoxscopeError(f"--target-layer: no module {name!r} in the model; e.g. {', '.join(near)}")
+    return modules[name]
+
+
+def check_targets(target_classes: list[int] | None, n: int, num_classes: int | None) -> list[int] | None:
+    if target_classes is None:
+        return None
+    targets = [int(k) for k in target_classes]
+    if len(targets) != n:
+        raise MpoxscopeError(f"target_classes: {len(targets)} given for {n} images")
+    bad = [k for k in targets if k < 0 or (num_classes is not None and k >= num_classes)]
+    if bad:
+        valid = f" (0..{num_classes - 1})" if num_classes else ""
+        raise MpoxscopeError(f"target_classes: {bad[0]} is not a class index{valid}")
+    return targets
+
+
+def predicted_classes(model: nn.Module, batch: torch.Tensor, batch_size: int = 32) -> list[int]:
+    """Arg-max class of each image in ``batch`` (N, 3, S, S)."""
+    with frozen(model), torch.no_grad():
+        dev = model_device(model)
+        return [int(k) for i in range(0, len(batch), batch_size)
+                for k in LogitsOnly(model)(batch[i:i + batch_size].to(dev)).argmax(dim=1).cpu()]
+
+
+@contextlib.contextmanager
+def cam_session(spec: MethodSpec, model: nn.Module, layer: nn.Module) -> Iterator[BaseCAM]:
+    """A CAM object hooked on ``layer`` of ``LogitsOnly(model)``; its hooks and saved tensors go on exit.
+
+    (Not ``with cam:``: pytorch-grad-cam's ``__exit__`` prints and swallows IndexError.)
+    """
+    assert spec.cam is not None
+    cam = spec.cam(model=LogitsOnly(model), target_layers=[layer])
+    try:
+        yield cam
+    finally:
+        cam.activations_and_grads.release()
+        cam.outputs = None
+
+
+def cam_maps(model: nn.Module, batch: torch.Tensor, spec: MethodSpec, targets: list[int],
+             layer: nn.Module, batch_size: int = 16) -> np.ndarray:
+    """(N, S, S) float32 maps in [0, 1] of CAM method ``spec`` for class ``targets[i]`` of image i.
+
+    The model must already be :func:`frozen`: gradients flow to a copy of the input only, never to parameters.
+    """
+    dev = model_device(model)
+    out = []
+    with cam_session(spec, model, layer) as cam:
+        if isinstance(cam, LeanScoreCAM):
+            cam.batch_size = batch_size
+        for i in range(0, len(batch), batch_size):
+            x = batch[i:i + batch_size].detach().to(dev).clone()
+            chunk_targets = [ClassifierOutputTarget(k) for k in targets[i:i + batch_size]]
+            if spec.uses_gradients:
+                with torch.enable_grad():
+                    maps = cam(input_tensor=x.requires_grad_(True), targets=chunk_targets)
+            else:
+                with torch.no_grad():
+                    maps = cam(input_tensor=x, targets=chunk_targets)
+            out.append(maps)
+    maps = np.concatenate(out).astype(np.float32)
+    return np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0)
+
+
+def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
+            target_classes: list[int] | None = None, *, target_layer: str | nn.Module | None = None,
+            batch_size: int = 16) -> np.ndarray:
+    """Saliency maps of ``method`` for a normalised batch (N, 3, S, S) -> (N, S, S) float32 in [0, 1].
+
+    ``target_classes[i]``: the class to explain for image i (default: the predicted class; ignored by the
+    class-agnostic ``eigencam`` and ``attention``). ``target_layer``: module or its name in
+    ``model.named_modules()`` (default: the last backbone stage). Runs on the model's device; the model is left
+    exactly as it was (no hooks, same flags and gradients, same outputs).
+    """
+    spec = get_method(method)
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise MpoxscopeError(f"batch: expected (N, 3, S, S), got {tuple(batch.shape)}")
+    targets = check_targets(target_classes, len(batch), getattr(model, "num_classes", None))
+    if len(batch) == 0:
+        return np.zeros((0, *batch.shape[-2:]), dtype=np.float32)
+    with _LOCK, torch.inference_mode(False), frozen(model):
+        if spec.cam is None:
+            from mpoxscope.explain.attention import attention_maps
+
+            return attention_maps(model, batch, batch_size=batch_size)
+        layer = target_layer if isinstance(target_layer, nn.Module) else resolve_target_layer(model, target_layer)
+        if targets is None:
+            targets = predicted_classes(model, batch, batch_size)
+        return cam_maps(model, batch, spec, targets, layer, batch_size)

@@ -1,0 +1,95 @@
+"""Explain PIL images with a trained run: predictions (temperature-calibrated), maps of several methods, attention.
+
+>>> from mpoxscope.engine.predict import Predictor                      # doctest: +SKIP
+>>> p = Predictor.from_run("runs/fold1")                                 # doctest: +SKIP
+>>> [e] = explain_images(p, [load_image("x.jpg")], ["gradcam", "attention"])  # doctest: +SKIP
+>>> e.label, e.confidence, e.maps["gradcam"].shape                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mpoxscope.errors import MpoxscopeError
+from mpoxscope.explain.attention import attention_grid, has_attention, upsample_grid
+from mpoxscope.explain.methods import explain, get_method
+
+
+@dataclass
+class Explanation:
+    """One image explained.
+
+    ``probabilities``: (K,) calibrated; ``maps[method]``: (S, S) float32 in [0, 1] at the model's input size
+    (the whole photo resized, so it maps onto the photo by resizing); ``attention_heads``: (heads, H, W) raw
+    pooling attention (each head sums to 1) when "attention" was asked for; ``seconds[method]``: this image's
+    share of the batch's compute time.
+    """
+
+    image: Image.Image
+    probabilities: np.ndarray
+    label: str
+    confidence: float
+    target: str
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    attention_heads: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_class(name: str, classes: Sequence[str]) -> int:
+    """Index of class ``name`` (case-insensitive)."""
+    lowered = [c.lower() for c in classes]
+    if name.strip().lower() not in lowered:
+        raise MpoxscopeError(f"--target-class: unknown class {name!r}; the run's classes are {', '.join(classes)}")
+    return lowered.index(name.strip().lower())
+
+
+def panel_methods(methods: Sequence[str], model: torch.nn.Module, with_attention: bool = True) -> list[str]:
+    """Canonical names of ``methods``, with "attention" appended last when the head has it (the panel reads
+    original | chosen methods | attention)."""
+    names = list(dict.fromkeys(get_method(m).name for m in methods))
+    wants_attention = "attention" in names or (with_attention and has_attention(model))
+    return [n for n in names if n != "attention"] + (["attention"] if wants_attention else [])
+
+
+def explain_images(predictor, images: Sequence[Image.Image], methods: Sequence[str] = ("gradcam",),
+                   target_class: str | None = None, *, target_layer: str | None = None,
+                   batch_size: int = 16) -> list[Explanation]:
+    """Explain RGB ``images`` with ``predictor`` (a :class:`mpoxscope.engine.predict.Predictor`).
+
+    Each CAM method explains ``target_class`` (by name) or, by default, each image's predicted class.
+    """
+    names = [get_method(m).name for m in methods]
+    target_idx = None if target_class is None else resolve_class(target_class, predictor.classes)
+    model = predictor.model
+    results: list[Explanation] = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        batch = predictor.preprocess(chunk)
+        probs = torch.softmax(predictor.logits(batch) / predictor.temperature, dim=1).numpy()
+        predicted = probs.argmax(axis=1)
+        targets = [int(k) for k in predicted] if target_idx is None else [target_idx] * len(chunk)
+        maps: dict[str, np.ndarray] = {}
+        seconds: dict[str, float] = {}
+        heads = None
+        for name in names:
+            t0 = time.perf_counter()
+            if name == "attention":
+                heads = attention_grid(model, batch, batch_size).numpy()
+                maps[name] = upsample_grid(torch.from_numpy(heads).mean(dim=1), tuple(batch.shape[-2:]))
+            else:
+                maps[name] = explain(model, batch, name, targets, target_layer=target_layer,
+                                     batch_size=batch_size)
+            seconds[name] = (time.perf_counter() - t0) / len(chunk)
+        for i, img in enumerate(chunk):
+            k = int(predicted[i])
+            results.append(Explanation(
+                image=img, probabilities=probs[i], label=predictor.classes[k], confidence=float(probs[i, k]),
+                target=predictor.classes[targets[i]], maps={n: m[i] for n, m in maps.items()},
+                attention_heads=None if heads is None else heads[i], seconds=dict(seconds)))
+    return results
