@@ -1,10 +1,11 @@
-"""Calibration on validation logits: temperature scaling, calibration error and a selective-prediction threshold.
+"""Calibration on validation logits: temperature scaling, calibration error, a selective-prediction threshold.
 
 Everything here is a pure function of arrays: ``logits`` (N, K) raw model outputs, ``probs`` (N, K) class
 probabilities (rows sum to 1), ``targets`` (N,) integer class indices. Torch tensors are accepted too.
 
-* :func:`fit_temperature` (Guo et al., 2017, "On Calibration of Modern Neural Networks"): one scalar ``T``
-  such that ``softmax(logits / T)`` minimises the negative log-likelihood. It never changes the predicted class.
+* :func:`fit_temperature` (Guo et al., 2017, "On Calibration of Modern Neural Networks"): one scalar
+  ``T`` such that ``softmax(logits / T)`` minimises the negative log-likelihood. It never changes the
+  predicted class.
 * :func:`expected_calibration_error`: the gap between confidence and accuracy, averaged over confidence bins.
 * :func:`choose_abstain_threshold`: the confidence below which the model should say "not sure, see a
   clinician", chosen so that the cases it keeps reach a target accuracy.
@@ -72,8 +73,9 @@ def fit_temperature(logits: Any, targets: Any) -> float:
     res = minimize_scalar(objective, bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded",
                           options={"xatol": 1e-5})
     t = float(np.clip(math.exp(res.x), T_MIN, T_MAX))
-    # Brent's method may stop a hair away from T = 1; never return something worse than no scaling at all.
-    return t if objective(math.log(t)) <= objective(0.0) else 1.0
+    # No scaling unless it helps: also covers a flat objective (perfectly separated logits, where every
+    # small T gives NLL 0 in floating point and the search result would be arbitrary).
+    return t if objective(math.log(t)) < objective(0.0) - 1e-12 else 1.0
 
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
@@ -114,7 +116,10 @@ def reliability_bins(probs: Any, targets: Any, n_bins: int = 15) -> ReliabilityB
 
 
 def expected_calibration_error(probs: Any, targets: Any, n_bins: int = 15) -> float:
-    """ECE: sum over confidence bins of (bin share) * |accuracy - mean confidence|; probs (N, K), targets (N,)."""
+    """ECE: sum over confidence bins of (bin share) * |accuracy - mean confidence|.
+
+    probs (N, K), targets (N,); equal-width bins on the top-class probability.
+    """
     bins = reliability_bins(probs, targets, n_bins)
     used = bins.count > 0
     weights = bins.count[used] / bins.count.sum()
@@ -198,7 +203,8 @@ def selective_metrics(probs: Any, targets: Any, threshold: float) -> dict[str, A
         return float(correct[mask].mean()) if mask.any() else None
 
     return {"threshold": float(threshold), "n": len(y), "n_kept": n_kept, "coverage": n_kept / len(y),
-            "accuracy_kept": mean(keep), "accuracy_all": float(correct.mean()), "accuracy_abstained": mean(~keep)}
+            "accuracy_kept": mean(keep), "accuracy_all": float(correct.mean()),
+            "accuracy_abstained": mean(~keep)}
 
 
 def calibrate(val_logits: Any, val_targets: Any, target_accuracy: float = 0.95, min_coverage: float = 0.5,

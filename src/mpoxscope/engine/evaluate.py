@@ -11,7 +11,7 @@ import torch
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import SampleSet
-from mpoxscope.engine.metrics import classification_metrics, summary_line
+from mpoxscope.engine.metrics import classification_metrics
 from mpoxscope.engine.predict import Predictor
 from mpoxscope.errors import ImageError, MpoxscopeError
 from mpoxscope.fileio import write_bytes, write_json, write_text
@@ -103,7 +103,8 @@ def markdown_report(m: dict, protocol: str, meta: dict) -> str:
         if cal.get("abstain_threshold") is not None:
             lines.append(f"| abstain below p={cal['abstain_threshold']:.3f}: coverage / accuracy on kept | "
                          f"{_fmt(cal.get('coverage'))} / {_fmt(cal.get('accuracy_kept'))} |")
-    lines += ["", "## Per class", "", "| class | precision | recall | F1 | ROC-AUC | support |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Per class", "", "| class | precision | recall | F1 | ROC-AUC | support |",
+              "|---|---|---|---|---|---|"]
     for c in classes:
         pc = m["per_class"][c]
         lines.append(f"| {c} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | "

@@ -76,7 +76,8 @@ def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices
     model.eval()
     views: list[torch.Tensor] = []
     clean: list[torch.Tensor] = []
-    bar = tqdm(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=None if progress else True, leave=False)
+    bar = tqdm(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=None if progress else True,
+               leave=False)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         images = [load_image(data.samples[i].path) for i in chunk]

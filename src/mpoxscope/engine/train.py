@@ -123,7 +123,8 @@ class _Batches:
             tf = train_transform(size, cfg.augment, model.mean, model.std)
             g = torch.Generator().manual_seed(cfg.seed)
             self.loader = DataLoader(ImageDataset(data, fold.train, tf), batch_size=cfg.batch_size, shuffle=True,
-                                     num_workers=cfg.num_workers, generator=g, drop_last=len(fold.train) > cfg.batch_size)
+                                     num_workers=cfg.num_workers, generator=g,
+                                     drop_last=len(fold.train) > cfg.batch_size)
             self.val_loader = DataLoader(ImageDataset(data, fold.validation, eval_transform(size, model.mean,
                                          model.std)), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
@@ -281,7 +282,7 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             total += len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / total:.3f}")

@@ -22,8 +22,8 @@ def attention_grid(model: nn.Module, batch: torch.Tensor, batch_size: int = 32) 
     ``model(x, return_attention=True)[1]["pool"]``; each head's map sums to 1 over (H, W)."""
     if not has_attention(model):
         head = type(getattr(model, "head", model)).__name__
-        raise MpoxscopeError(f"attention: the model's head ({head}) has no attention weights; only an AGFN head "
-                             f"has them. Use a CAM method (e.g. gradcam)")
+        raise MpoxscopeError(f"attention: the model's head ({head}) has no attention weights; only an AGFN "
+                             f"head has them. Use a CAM method (e.g. gradcam)")
     out = []
     with frozen(model), torch.inference_mode(False), torch.no_grad():
         dev = model_device(model)
@@ -34,7 +34,7 @@ def attention_grid(model: nn.Module, batch: torch.Tensor, batch_size: int = 32) 
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each (..., H, W) map to [0, 1]; a constant map becomes all zeros (no location stands out)."""
+    """Min-max scale each (..., H, W) map to [0, 1]; a constant map becomes all zeros (nothing stands out)."""
     flat = maps.flatten(-2)
     lo, hi = flat.min(dim=-1).values[..., None, None], flat.max(dim=-1).values[..., None, None]
     return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)

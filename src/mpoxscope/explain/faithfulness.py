@@ -17,6 +17,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,9 +95,9 @@ class FaithfulnessReport:
     def to_markdown(self) -> str:
         cfg = self.config
         lines = [
-            f"Faithfulness on {self.n_images} images (ROAD percentiles {list(cfg.percentiles)}; sanity check: "
-            f"{cfg.randomize} re-initialised, {self.randomized_tensors} tensors; pass if mean Spearman rho < "
-            f"{cfg.rho_threshold}; timing on {self.device}, {self.threads} thread(s)).",
+            f"Faithfulness on {self.n_images} images (ROAD percentiles {list(cfg.percentiles)}; "
+            f"sanity check: {cfg.randomize} re-initialised, {self.randomized_tensors} tensors; pass if mean "
+            f"Spearman rho < {cfg.rho_threshold}; timing on {self.device}, {self.threads} thread(s)).",
             "",
             "| method | ROAD combined (higher better) | MoRF (lower better) | LeRF (higher better) "
             "| sanity rho (lower better) | sanity | s / image |",
@@ -106,8 +107,8 @@ class FaithfulnessReport:
             rho = "-" if s.sanity_rho is None else f"{s.sanity_rho:.3f}"
             verdict = "-" if s.sanity_pass is None else ("pass" if s.sanity_pass else "FAIL")
             name = f"{s.method} ({s.note})" if s.note else s.method
-            lines.append(f"| {name} | {s.road_combined:.4f} | {s.road_morf:.4f} | {s.road_lerf:.4f} | {rho} "
-                         f"| {verdict} | {s.seconds_per_image:.3f} |")
+            lines.append(f"| {name} | {s.road_combined:.4f} | {s.road_morf:.4f} | {s.road_lerf:.4f} "
+                         f"| {rho} | {verdict} | {s.seconds_per_image:.3f} |")
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -171,7 +172,9 @@ def road_scores(model: nn.Module, batch: torch.Tensor, maps: np.ndarray, targets
     wrapper = LogitsOnly(model)
     dev = model_device(model)
     morf, lerf = [], []
-    with frozen(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with frozen(model), torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # pytorch-grad-cam's masking passes torch tensors through NumPy ufuncs: NumPy 2 warns, harmlessly
+        warnings.filterwarnings("ignore", message="__array_wrap__", category=DeprecationWarning)
         torch.manual_seed(seed)  # the imputer adds noise
         for i in range(0, len(batch), batch_size):
             x = batch[i:i + batch_size].to(dev)
@@ -194,7 +197,8 @@ def _timed_maps(model: nn.Module, batch: torch.Tensor, method: str, targets: lis
         finally:
             np.random.set_state(state)
     else:
-        maps = explain(model, batch, method, targets, target_layer=cfg.target_layer, batch_size=cfg.batch_size)
+        maps = explain(model, batch, method, targets, target_layer=cfg.target_layer,
+                       batch_size=cfg.batch_size)
     return maps, (time.perf_counter() - t0) / max(1, len(batch))
 
 
@@ -216,15 +220,15 @@ def evaluate_faithfulness(model: nn.Module, batch: torch.Tensor, cfg: Faithfulne
         if progress is not None:
             progress(name)
         maps, seconds = _timed_maps(model, batch, name, targets, cfg)
-        morf, lerf = road_scores(model, batch, maps, targets, cfg.percentiles, cfg.temperature, cfg.batch_size,
-                                 cfg.seed)
+        morf, lerf = road_scores(model, batch, maps, targets, cfg.percentiles, cfg.temperature,
+                                 cfg.batch_size, cfg.seed)
         score = MethodScore(name, len(batch), seconds, float(morf.mean()), float(lerf.mean()),
                             float((lerf - morf).mean() / 2))
         if name in BASELINES:
             score.note = "reference"
         else:
             rand_maps, _ = _timed_maps(randomized, batch, name, targets, cfg)
-            score.sanity_rho = float(np.mean([spearman(a, b) for a, b in zip(maps, rand_maps)]))
+            score.sanity_rho = float(np.mean([spearman(a, b) for a, b in zip(maps, rand_maps, strict=True)]))
             score.sanity_pass = bool(score.sanity_rho < cfg.rho_threshold)
         scores.append(score)
     return FaithfulnessReport(cfg, scores, len(batch), count, device=str(model_device(model)))

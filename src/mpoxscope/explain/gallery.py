@@ -14,7 +14,8 @@ from mpoxscope.fileio import write_json, write_text
 
 @dataclass
 class GalleryEntry:
-    """One input file. Paths in ``panel`` and ``files`` (method or kind -> file) are relative to the gallery."""
+    """One input file. Paths in ``panel`` and ``files`` (method or kind -> file) are relative to the
+    gallery folder."""
 
     source: str
     label: str | None = None
@@ -34,7 +35,8 @@ def sort_entries(entries: Sequence[GalleryEntry], classes: Sequence[str] = ()) -
     def key(e: GalleryEntry):
         return (order.get(e.label or "", len(order)), e.label or "", -(e.confidence or 0.0), e.source)
 
-    return sorted((e for e in entries if e.error is None), key=key) + [e for e in entries if e.error is not None]
+    failed = [e for e in entries if e.error is not None]
+    return sorted((e for e in entries if e.error is None), key=key) + failed
 
 
 _CSS = """
@@ -87,7 +89,8 @@ def render_gallery(entries: Sequence[GalleryEntry], title: str, classes: Sequenc
     failed = [e for e in ordered if e.error is not None]
     if failed:
         parts.append(f"<h2>Not explained ({len(failed)})</h2><ul>")
-        parts += [f'<li class="err">{html.escape(e.source)}: {html.escape(e.error or "")}</li>' for e in failed]
+        parts += [f'<li class="err">{html.escape(e.source)}: {html.escape(e.error or "")}</li>'
+                  for e in failed]
         parts.append("</ul>")
     parts.append("</body></html>\n")
     return "\n".join(parts)

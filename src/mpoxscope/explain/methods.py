@@ -1,8 +1,9 @@
 """Saliency maps: the CAM family through pytorch-grad-cam and the AGFN head's own attention, behind one call.
 
-One mechanism serves every method (as in pytorch-grad-cam itself): the model runs through :class:`LogitsOnly`,
-hooks live on one target layer only for the duration of a call, and :func:`frozen` puts the model back exactly as
-it was (train/eval flags, ``requires_grad`` flags, existing ``.grad``). Each method is one :class:`MethodSpec`.
+One mechanism serves every method (as in pytorch-grad-cam itself): the model runs through
+:class:`LogitsOnly`, hooks live on one target layer only for the duration of a call, and :func:`frozen` puts
+the model back exactly as it was (train/eval flags, ``requires_grad`` flags, existing ``.grad``). Each method
+is one :class:`MethodSpec`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class LeanScoreCAM(ScoreCAM):
 
     The package builds all C masked copies of every image at once ((B, C, 3, S, S): ~0.8 GB per image for 1280
     channels at 224 px) and prints progress bars; here masked copies are made ``batch_size`` at a time, and
-    channels whose activation map is constant (their normalised mask is all zero, hence the same all-zero input)
+    channels whose activation map is constant (their normalised mask is all zero, so the input is all zero)
     are scored once. The weights are identical to ``ScoreCAM.get_cam_weights``.
     """
 
@@ -50,7 +51,7 @@ class LeanScoreCAM(ScoreCAM):
     def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads) -> np.ndarray:
         weights = []
         with torch.no_grad():
-            for image, target, acts in zip(input_tensor, targets, torch.from_numpy(activations)):
+            for image, target, acts in zip(input_tensor, targets, torch.from_numpy(activations), strict=True):
                 up = F.interpolate(acts[None].to(self.device), size=input_tensor.shape[-2:], mode="bilinear",
                                    align_corners=True)[0]  # (C, S, S), as nn.UpsamplingBilinear2d
                 flat = up.flatten(1)
@@ -80,11 +81,11 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("gradcam", GradCAM, True, "activations weighted by their mean gradient (Selvaraju et al., 2017)"),
-    MethodSpec("gradcam++", GradCAMPlusPlus, True, "second-order gradient weights (Chattopadhyay et al., 2018)"),
+    MethodSpec("gradcam", GradCAM, True, "activations weighted by mean gradient (Selvaraju et al., 2017)"),
+    MethodSpec("gradcam++", GradCAMPlusPlus, True, "higher-order gradient weights (Chattopadhyay+, 2018)"),
     MethodSpec("hirescam", HiResCAM, True, "element-wise gradient x activation (Draelos & Carin, 2020)"),
     MethodSpec("xgradcam", XGradCAM, True, "activation-normalised gradient weights (Fu et al., 2020)"),
-    MethodSpec("layercam", LayerCAM, True, "positive gradients x activation per location (Jiang et al., 2021)"),
+    MethodSpec("layercam", LayerCAM, True, "positive gradient x activation per location (Jiang+, 2021)"),
     MethodSpec("eigencam", EigenCAM, False, "first principal component of the activations; class-agnostic"),
     MethodSpec("scorecam", LeanScoreCAM, False, "channel weights from masked-input scores; slow (one forward "
                                                 "pass per channel)"),
@@ -142,8 +143,8 @@ class LogitsOnly(nn.Module):
 
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients inside; on exit every module's mode, every ``requires_grad`` flag and
-    every existing ``.grad`` are as they were (CAM gradients are taken with respect to the input only)."""
+    """Eval mode and no parameter gradients inside; on exit every module's mode, every ``requires_grad`` flag
+    and every existing ``.grad`` are as they were (CAM gradients are taken with respect to the input only)."""
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     state = [(p.requires_grad, p.grad) for p in params]
@@ -153,7 +154,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for p, (flag, grad) in zip(params, state):
+        for p, (flag, grad) in zip(params, state, strict=True):
             p.requires_grad_(flag)
             p.grad = grad
         for m, mode in modes:
@@ -180,8 +181,8 @@ def default_target_layer(model: nn.Module) -> nn.Module:
 
 
 def resolve_target_layer(model: nn.Module, name: str | None = None) -> nn.Module:
-    """The module to read activations from: ``name`` as in ``model.named_modules()`` (e.g. ``backbone.blocks.5``,
-    ``backbone.layer3``), or by default the last convolutional stage."""
+    """The module to read activations from: ``name`` as in ``model.named_modules()`` (e.g.
+    ``backbone.blocks.5``, ``backbone.layer3``), or by default the last convolutional stage."""
     if not name:
         return default_target_layer(model)
     modules = dict(model.named_modules())
@@ -259,8 +260,8 @@ def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
 
     ``target_classes[i]``: the class to explain for image i (default: the predicted class; ignored by the
     class-agnostic ``eigencam`` and ``attention``). ``target_layer``: module or its name in
-    ``model.named_modules()`` (default: the last backbone stage). Runs on the model's device; the model is left
-    exactly as it was (no hooks, same flags and gradients, same outputs).
+    ``model.named_modules()`` (default: the last backbone stage). Runs on the model's device; the model is
+    left exactly as it was (no hooks, same flags and gradients, same outputs).
     """
     spec = get_method(method)
     if batch.ndim != 4 or batch.shape[1] != 3:
@@ -273,7 +274,8 @@ def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
             from mpoxscope.explain.attention import attention_maps
 
             return attention_maps(model, batch, batch_size=batch_size)
-        layer = target_layer if isinstance(target_layer, nn.Module) else resolve_target_layer(model, target_layer)
+        layer = target_layer if isinstance(target_layer, nn.Module) else \
+            resolve_target_layer(model, target_layer)
         if targets is None:
             targets = predicted_classes(model, batch, batch_size)
         return cam_maps(model, batch, spec, targets, layer, batch_size)

@@ -1,4 +1,4 @@
-"""Explain PIL images with a trained run: predictions (temperature-calibrated), maps of several methods, attention.
+"""Explain PIL images with a trained run: calibrated predictions, maps of several methods, attention.
 
 >>> from mpoxscope.engine.predict import Predictor                      # doctest: +SKIP
 >>> p = Predictor.from_run("runs/fold1")                                 # doctest: +SKIP
@@ -45,7 +45,8 @@ def resolve_class(name: str, classes: Sequence[str]) -> int:
     """Index of class ``name`` (case-insensitive)."""
     lowered = [c.lower() for c in classes]
     if name.strip().lower() not in lowered:
-        raise MpoxscopeError(f"--target-class: unknown class {name!r}; the run's classes are {', '.join(classes)}")
+        raise MpoxscopeError(f"--target-class: unknown class {name!r}; the run's classes are "
+                             f"{', '.join(classes)}")
     return lowered.index(name.strip().lower())
 
 

@@ -40,8 +40,8 @@ def heatmap(cam: np.ndarray, cmap: str = CMAP) -> np.ndarray:
 
 
 def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> Image.Image:
-    """RGB heat-map overlay at ``image``'s size: ``cam`` (h, w) in [0, 1] is resized as needed and blended with
-    weight ``alpha`` over the image."""
+    """RGB heat-map overlay at ``image``'s size: ``cam`` (h, w) in [0, 1] is resized as needed and blended
+    with weight ``alpha`` over the image."""
     rgb = image.convert("RGB")
     colour = heatmap(resize_map(cam, rgb.size), cmap)
     blend = (1 - alpha) * np.asarray(rgb, dtype=np.float32) + alpha * colour.astype(np.float32)
@@ -49,7 +49,7 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str =
 
 
 def display_copy(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
-    """An RGB copy no larger than ``side`` pixels on its longest side (figures of 4000 px photos stay small)."""
+    """An RGB copy at most ``side`` pixels on its longest side (figures of 4000 px photos stay small)."""
     img = image.convert("RGB")
     scale = side / max(img.size)
     if scale < 1:
@@ -95,7 +95,7 @@ def save_panel_png(image: Image.Image, maps: dict[str, np.ndarray], path: str | 
     axes = fig.subplots(1, n, squeeze=False)[0]
     axes[0].imshow(img)
     axes[0].set_title("original", fontsize=9)
-    for ax, (name, cam) in zip(axes[1:], maps.items()):
+    for ax, (name, cam) in zip(axes[1:], maps.items(), strict=True):
         ax.imshow(overlay(img, cam, cmap=cmap))
         ax.set_title(name, fontsize=9)
     for ax in axes:

@@ -1,7 +1,7 @@
 """Export a trained run for deployment: ONNX graph + ONNX Runtime predictor with the run's preprocessing.
 
-Names are imported lazily so that ``mpoxscope --help`` (which imports :mod:`mpoxscope.export.cli`) does not load
-torch and onnxruntime.
+Names are imported lazily so that ``mpoxscope --help`` (which imports :mod:`mpoxscope.export.cli`) does
+not load torch and onnxruntime.
 """
 
 from __future__ import annotations

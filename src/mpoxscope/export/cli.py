@@ -8,10 +8,11 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="export a trained run to ONNX (checked against PyTorch)",
-        description="Export RUN's model to ONNX: input 'image' (N,3,S,S) normalised float32, output 'logits' "
-                    "(N,K); temperature is applied at run time from model.json. The graph is validated with "
-                    "onnx.checker and ONNX Runtime is compared with PyTorch on real images (8 MSLD images when "
-                    "$MPOXSCOPE_MSLD is present, else synthetic ones); nothing is written if they differ.",
+        description="Export RUN's model to ONNX: input 'image' (N,3,S,S) normalised float32, output "
+                    "'logits' (N,K); temperature is applied at run time from model.json. The graph is "
+                    "validated with onnx.checker and ONNX Runtime is compared with PyTorch on real images "
+                    "(8 MSLD images when $MPOXSCOPE_MSLD is present, else synthetic ones); nothing is "
+                    "written if they differ.",
     )
     p.add_argument("run", metavar="RUN", help="run directory (model.json + best.safetensors)")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
@@ -19,10 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-images", nargs="+", metavar="IMG_OR_DIR",
                    help="images or folders to compare PyTorch and ONNX Runtime on (default: 8 MSLD images, "
                         "or synthetic ones when MSLD is absent)")
-    p.add_argument("--which", choices=["best", "last"], default="best", help="weights to export (default: best)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17; the dynamo exporter uses >= 18)")
+    p.add_argument("--which", choices=["best", "last"], default="best",
+                   help="weights to export (default: best)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (default: 17; the dynamo exporter uses >= 18)")
     p.add_argument("--exporter", choices=["auto", "classic", "dynamo"], default="auto",
-                   help="torch exporter: classic (TorchScript), dynamo, or auto = classic then dynamo (default)")
+                   help="torch exporter: classic (TorchScript), dynamo, or auto = classic, then dynamo if "
+                        "that fails (default)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 instead of dynamic")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed probability difference between PyTorch and ONNX (default: 1e-4)")

@@ -1,11 +1,12 @@
 """ONNX export of a trained run, checked against PyTorch on real images, and an ONNX Runtime predictor.
 
-The graph maps ``image`` (N, 3, S, S) float32, normalised as the run's ``eval_transform`` does, to ``logits``
-(N, K). Temperature scaling is *not* in the graph: :class:`OnnxPredictor` applies ``softmax(logits / T)`` with T
-from the run's ``model.json``, exactly as :class:`~mpoxscope.engine.predict.Predictor` does, so re-calibrating a
-run never requires a new export. The file also embeds ``model.json`` (metadata key ``mpoxscope.meta``) and the
-SHA-256 of the weights it was made from, so it can be used on its own (:meth:`OnnxPredictor.from_file`) and a
-stale export is detected (:meth:`OnnxPredictor.from_run`).
+The graph maps ``image`` (N, 3, S, S) float32, normalised as the run's ``eval_transform`` does, to
+``logits`` (N, K). Temperature scaling is *not* in the graph: :class:`OnnxPredictor` applies
+``softmax(logits / T)`` with T from the run's ``model.json``, exactly as
+:class:`~mpoxscope.engine.predict.Predictor` does, so re-calibrating a run never requires a new export. The
+file also embeds ``model.json`` (metadata key ``mpoxscope.meta``) and the SHA-256 of the weights it was made
+from, so it can be used on its own (:meth:`OnnxPredictor.from_file`) and a stale export is detected
+(:meth:`OnnxPredictor.from_run`).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class OnnxPredictor(Predictor):
     """:class:`Predictor` whose logits come from ONNX Runtime; preprocessing, temperature, batching and
     error handling are Predictor's own (only :meth:`logits` differs). ``model`` is ``None``.
 
-    >>> p = OnnxPredictor.from_run("runs/fold1")      # doctest: +SKIP  exports runs/fold1/model.onnx if missing
+    >>> p = OnnxPredictor.from_run("runs/fold1")      # doctest: +SKIP  (exports model.onnx if missing)
     >>> p.predict_paths(["lesion.jpg"])               # doctest: +SKIP
     """
 
@@ -181,8 +182,8 @@ def _embedded(session: ort.InferenceSession, key: str) -> str | None:
 
 @contextlib.contextmanager
 def _mha_slow_path() -> Iterator[None]:
-    """Without gradients, nn.MultiheadAttention takes a fused fast path (``_native_multi_head_attention``) that
-    the TorchScript exporter cannot translate; the plain path exports to standard ONNX ops."""
+    """Without gradients, nn.MultiheadAttention takes a fused fast path (``_native_multi_head_attention``)
+    that the TorchScript exporter cannot translate; the plain path exports to standard ONNX ops."""
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -203,9 +204,9 @@ def _export_graph(model: torch.nn.Module, path: Path, image_size: int, opset: in
                 warnings.simplefilter("ignore")  # TracerWarnings about Python branches on constant shapes
                 if name == "classic":
                     axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic_batch else None
-                    torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                                      dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
-                                      dynamo=False)
+                    torch.onnx.export(model, (example,), str(path), input_names=[INPUT],
+                                      output_names=[OUTPUT], dynamic_axes=axes, opset_version=opset,
+                                      do_constant_folding=True, dynamo=False)
                     return name, opset
                 opset_used = max(opset, DYNAMO_MIN_OPSET)
                 shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -227,10 +228,11 @@ def _add_metadata(path: Path, meta: dict[str, Any], which: str, sha: str) -> Non
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "mpoxscope"
-    proto.doc_string = (f"{meta.get('model', {}).get('backbone', '?')} + {meta.get('model', {}).get('head', '?')}: "
-                        f"input '{INPUT}' (N,3,{meta['image_size']},{meta['image_size']}) normalised RGB, output "
-                        f"'{OUTPUT}' (N,{len(meta['classes'])}); classes {', '.join(meta['classes'])}; "
-                        "probabilities = softmax(logits / temperature) with calibration.temperature from model.json")
+    model, size = meta.get("model", {}), meta["image_size"]
+    proto.doc_string = (f"{model.get('backbone', '?')} + {model.get('head', '?')}: input '{INPUT}' "
+                        f"(N,3,{size},{size}) normalised RGB, output '{OUTPUT}' (N,{len(meta['classes'])}); "
+                        f"classes {', '.join(meta['classes'])}; probabilities = softmax(logits / T) with "
+                        "T = calibration.temperature from model.json")
     onnx.save(proto, str(path))
 
 
@@ -280,15 +282,17 @@ def _parity(model: torch.nn.Module, meta: dict, onnx_file: Path, images: list[Im
     return prob_diff, logit_diff, batch1
 
 
-def export_onnx(run_dir: str | os.PathLike, out_file: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True, parity_images: list[str | os.PathLike] | None = None,
-                which: str = "best", exporter: str = "auto", tolerance: float = 1e-4) -> ExportReport:
+def export_onnx(run_dir: str | os.PathLike, out_file: str | os.PathLike | None = None,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
+                parity_images: list[str | os.PathLike] | None = None, which: str = "best",
+                exporter: str = "auto", tolerance: float = 1e-4) -> ExportReport:
     """Export run ``run_dir`` (weights ``which``) to ``out_file`` (default ``RUN/model.onnx``).
 
     The graph is checked with ``onnx.checker`` and compared with PyTorch on ``parity_images`` (files or
     folders; default: 8 real MSLD images if present, else 8 synthetic ones). If any class probability differs
     by more than ``tolerance``, nothing is written and MpoxscopeError is raised. ``exporter``: "classic"
-    (TorchScript-based), "dynamo" (torch.export + onnxscript, slower), or "auto" (classic, dynamo if it fails).
+    (TorchScript-based), "dynamo" (torch.export + onnxscript, slower), or "auto" (classic, then dynamo if
+    classic fails).
     ``dynamic_batch=False`` fixes the batch to 1 (:class:`OnnxPredictor` then runs images one by one).
     """
     if exporter not in EXPORTERS:
@@ -312,10 +316,11 @@ def export_onnx(run_dir: str | os.PathLike, out_file: str | os.PathLike | None =
             raise MpoxscopeError(f"{out}: exported graph fails onnx.checker ({e})") from None
         prob_diff, logit_diff, batch1 = _parity(model, meta, tmp, images)
         if not max(prob_diff, batch1) <= tolerance:  # also catches NaN
-            raise MpoxscopeError(f"{out}: ONNX Runtime differs from PyTorch by {max(prob_diff, batch1):.2e} in "
-                                 f"probability on {len(images)} {source} (tolerance {tolerance:.0e}); not written")
+            raise MpoxscopeError(f"{out}: ONNX Runtime differs from PyTorch by {max(prob_diff, batch1):.2e} "
+                                 f"in probability on {len(images)} {source} (tolerance {tolerance:.0e}); "
+                                 "not written")
         size_bytes = tmp.stat().st_size
-    return ExportReport(onnx_file=out, exporter=used, opset=opset_used, dynamic_batch=dynamic_batch, weights=which,
-                        file_bytes=size_bytes, parity_source=source, parity_count=len(images),
+    return ExportReport(onnx_file=out, exporter=used, opset=opset_used, dynamic_batch=dynamic_batch,
+                        weights=which, file_bytes=size_bytes, parity_source=source, parity_count=len(images),
                         max_abs_prob_diff=prob_diff, max_abs_logit_diff=logit_diff, batch1_prob_diff=batch1,
                         tolerance=tolerance, seconds=time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Web service: a FastAPI JSON API (``/api/predict``, ``/api/model``, ``/api/health``) and an offline web page.
+"""Web service: a FastAPI JSON API (``/api/predict``, ``/api/model``, ``/api/health``) and an offline page.
 
 Start it with ``mpoxscope serve RUN`` or build the app in Python with :func:`create_app`. Names are imported
 lazily so that ``mpoxscope --help`` does not pay for FastAPI.

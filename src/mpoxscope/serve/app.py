@@ -1,7 +1,7 @@
 """The FastAPI application: a JSON API around :class:`InferenceService` and a single offline web page.
 
-Inference runs in worker threads behind a capacity limiter of ``max_concurrency``: the event loop stays free to
-accept uploads, and surplus requests wait their turn instead of failing.
+Inference runs in worker threads behind a capacity limiter of ``max_concurrency``: the event loop stays free
+to accept uploads, and surplus requests wait their turn instead of failing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from mpoxscope import __version__
 from mpoxscope.serve.service import (
     DISCLAIMER,
+    INTENDED_USE,
     InferenceService,
     ModelIdentity,
     PredictorLike,
@@ -41,7 +42,8 @@ UPLOAD_FIELD = "file"
 #: The page may load nothing from elsewhere: it has to work offline, and a photo of someone's skin must not
 #: leak to third parties. Images come from the page itself, data: (heat-map) and blob: (the local preview).
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+            "frame-ancestors 'none'")
 
 
 # ----- response schemas (for /docs and for validating our own output) ---------------------------------------
@@ -107,19 +109,19 @@ class ExplainMethodsBody(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "Malformed form, missing 'file' field, empty file, bad explain"},
+    400: {"model": ErrorBody, "description": "Malformed form, no 'file' field, empty file, bad explain"},
     413: {"model": ErrorBody, "description": "Upload over the byte limit or image over the pixel limit"},
-    415: {"model": ErrorBody, "description": "Not multipart/form-data, or the bytes are not a supported image"},
-    422: {"model": ErrorBody, "description": "A recognised image format that cannot be decoded (e.g. truncated)"},
+    415: {"model": ErrorBody, "description": "Not multipart/form-data, or not a supported image"},
+    422: {"model": ErrorBody, "description": "A recognised image format that cannot be decoded (truncated)"},
 }
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": [UPLOAD_FIELD],
     "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary",
-                                  "description": "A photo: JPEG, PNG, WebP, BMP, GIF or TIFF"}}}}}}}
+                                  "description": "A photo: JPEG, PNG, WebP, AVIF, BMP, GIF or TIFF"}}}}}}}
 
 
-# ----- the application ---------------------------------------------------------------------------------------
+# ----- the application ------------------------------------------------------------------------------------
 
 def _safe_name(name: str) -> str:
     """The client's file name for messages: printable and short (it is never used as a path)."""
@@ -140,7 +142,7 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
         title="mpoxscope",
         version=__version__,
         summary="Mpox vs. look-alike skin diseases from a photo (AGFN). " + DISCLAIMER,
-        description=service.model_info()["intended_use"],
+        description=INTENDED_USE,
         lifespan=lifespan,
     )
     app.state.service = service
@@ -183,16 +185,19 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
              summary="Heat-map methods accepted by /api/predict?explain=")
     async def explain_methods() -> dict[str, Any]:
         methods = service.explain_methods()
-        return {"methods": methods, "available": bool(methods), "reason": service.explain_unavailable_reason()}
+        reason = service.explain_unavailable_reason()
+        return {"methods": methods, "available": bool(methods), "reason": reason}
 
-    @app.post("/api/predict", response_model=PredictBody, responses=ERROR_RESPONSES, openapi_extra=UPLOAD_BODY,
+    @app.post("/api/predict", response_model=PredictBody, responses=ERROR_RESPONSES,
+              openapi_extra=UPLOAD_BODY,
               summary="Classify one photo (multipart field 'file'); ?explain=gradcam adds a heat-map")
     async def predict(request: Request, explain: str | None = Query(
             None, description="Heat-map method, e.g. gradcam (see /api/explain-methods); empty for none",
             max_length=40)) -> dict[str, Any]:
         method = service.check_method(explain) if explain else None  # refuse before reading the upload
-        upload = await read_upload(request.stream(), request.headers.get("content-type"),
-                                   request.headers.get("content-length"), UPLOAD_FIELD, config.max_upload_bytes)
+        head = request.headers
+        upload = await read_upload(request.stream(), head.get("content-type"), head.get("content-length"),
+                                   UPLOAD_FIELD, config.max_upload_bytes)
         name = _safe_name(upload.filename)
         submitted = time.perf_counter()
 
@@ -206,8 +211,8 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
     return app
 
 
-def create_app(run_dir: str | os.PathLike, runtime: str = "torch", device: str = "auto", max_concurrency: int = 2,
-               max_upload_bytes: int = 20_000_000) -> FastAPI:
+def create_app(run_dir: str | os.PathLike, runtime: str = "torch", device: str = "auto",
+               max_concurrency: int = 2, max_upload_bytes: int = 20_000_000) -> FastAPI:
     """Load the run in ``run_dir`` with ``runtime`` ("torch" or "onnx") and build the application."""
     config = ServeConfig(max_concurrency=max_concurrency, max_upload_bytes=max_upload_bytes)
     return create_app_from_service(load_service(run_dir, runtime=runtime, device=device, config=config))

@@ -17,14 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a trained run: a web page at / (pick, drop or take a photo), a JSON API at "
                     "/api/predict, /api/model and /api/health, and OpenAPI docs at /docs. Research use only: "
                     "the answers are not diagnoses.")
-    p.add_argument("run", help="run directory (model.json + best.safetensors), as written by 'mpoxscope train'")
+    p.add_argument("run", help="run directory (model.json + best.safetensors) written by 'mpoxscope train'")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every network "
                         "interface, e.g. to open the page from a phone on the same Wi-Fi)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
-                   help="inference engine: torch (default; heat-maps available) or onnx (ONNX Runtime; heat-maps "
-                        "still use the torch model)")
+                   help="inference engine: torch (default) or onnx (ONNX Runtime, RUN/model.onnx, exported "
+                        "when missing; heat-maps still use the torch model)")
     p.add_argument("--device", default="auto", help="torch device: auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--max-concurrency", type=int, default=2, metavar="N",
                    help="photos classified at once (default 2); further requests wait in line")
@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket, so a busy port is a one-line error before the model loads."""
-    if not 0 < port < 65536:
-        raise MpoxscopeError(f"--port: must be 1..65535, got {port}")
+    if not 0 <= port < 65536:
+        raise MpoxscopeError(f"--port: must be 0..65535 (0: any free port), got {port}")
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -56,7 +56,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from mpoxscope.engine.checkpoint import read_meta
+
+    read_meta(args.run)  # a wrong folder is reported before anything else happens
     sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
     try:
         import uvicorn
 
@@ -66,13 +70,16 @@ def run_serve(args: argparse.Namespace) -> int:
                          max_concurrency=args.max_concurrency,
                          max_upload_bytes=int(args.max_upload_mb * 1_000_000))
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        print(f"mpoxscope serve: http://{shown}:{args.port}/  (API docs: /docs; stop with Ctrl+C)", file=sys.stderr)
+        print(f"mpoxscope serve: http://{shown}:{port}/  (API docs: /docs; stop with Ctrl+C)",
+              file=sys.stderr)
         if args.host not in LOCAL_HOSTS:
             print("mpoxscope serve: warning: listening on every network interface without authentication or "
-                  "HTTPS; anyone who can reach this computer can upload photos. Use only on a network you trust.",
-                  file=sys.stderr)
+                  "HTTPS; anyone who can reach this computer can upload photos. Use only on a network you "
+                  "trust.", file=sys.stderr)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: a normal way to stop
+        pass
     finally:
         sock.close()
     return 0

@@ -1,5 +1,5 @@
-"""What the web service does per request, free of HTTP: decode a photo, classify it, decide whether to abstain,
-optionally explain it. Everything here is synchronous and runs in a worker thread."""
+"""What the web service does per request, free of HTTP: decode a photo, classify it, decide whether to
+abstain, optionally explain it. Everything here is synchronous and runs in a worker thread."""
 
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from mpoxscope.serve.upload import UploadError, decode_upload
 DEFAULT_ABSTAIN_THRESHOLD = 0.5
 
 INTENDED_USE = (
-    "Research and teaching only: a model that studies how well photos can tell Mpox apart from look-alike rashes "
-    "(chickenpox, measles, cowpox, hand-foot-and-mouth disease) and healthy skin. It is not a medical device and "
-    "must not be used to diagnose, triage or treat anyone. It was trained on a small public data set (MSLD v2.0) "
-    "whose photos do not cover every skin tone, body site, camera or disease stage, so it can be confidently "
-    "wrong. Anyone worried about a rash should see a clinician."
+    "Research and teaching only: a model that studies how well photos can tell Mpox apart from look-alike "
+    "rashes (chickenpox, measles, cowpox, hand-foot-and-mouth disease) and healthy skin. It is not a medical "
+    "device and must not be used to diagnose, triage or treat anyone. It was trained on a small public data "
+    "set (MSLD v2.0) whose photos do not cover every skin tone, body site, camera or disease stage, so it "
+    "can be confidently wrong. Anyone worried about a rash should see a clinician."
 )
 
 DISCLAIMER = "Research tool, not a diagnosis. See a clinician about any rash or skin lesion."
@@ -101,15 +101,16 @@ def abstain_threshold(meta: dict, default: float = DEFAULT_ABSTAIN_THRESHOLD) ->
     try:
         t = float(value)
     except (TypeError, ValueError):
-        raise MpoxscopeError(f"model.json: calibration.abstain_threshold is not a number: {value!r}") from None
+        raise MpoxscopeError(f"model.json: calibration.abstain_threshold is not a number: {value!r}",
+                             ) from None
     if not 0.0 <= t <= 1.0:
         raise MpoxscopeError(f"model.json: calibration.abstain_threshold must be in [0, 1], got {t}")
     return t, "calibration"
 
 
 def explain_module() -> ModuleType | None:
-    """``mpoxscope.explain`` when it provides ``explain`` and ``overlay``, else None (imported lazily: it pulls in
-    grad-cam and matplotlib)."""
+    """``mpoxscope.explain`` when it provides ``explain`` and ``overlay``, else None (imported lazily: it
+    pulls in grad-cam and matplotlib)."""
     try:
         module = importlib.import_module("mpoxscope.explain")
     except ModuleNotFoundError as e:
@@ -127,20 +128,21 @@ class InferenceService:
     """One loaded model and the policy around it. ``explain_model_loader`` returns the torch model used for
     heat-maps (a private copy, since Grad-CAM hooks must not see other requests' forward passes)."""
 
-    def __init__(self, predictor: PredictorLike, config: ServeConfig | None = None, *, identity: ModelIdentity,
-                 explain_model_loader: Callable[[], Any] | None = None) -> None:
+    def __init__(self, predictor: PredictorLike, config: ServeConfig | None = None, *,
+                 identity: ModelIdentity, explain_model_loader: Callable[[], Any] | None = None) -> None:
         self.predictor = predictor
         self.config = config or ServeConfig()
         self.identity = identity
         self.classes = list(predictor.classes)
         self.meta = predictor.meta
-        self.threshold, self.threshold_source = abstain_threshold(self.meta, self.config.default_abstain_threshold)
+        self.threshold, self.threshold_source = abstain_threshold(self.meta,
+                                                                  self.config.default_abstain_threshold)
         self._explain_loader = explain_model_loader
         self._explain_model: Any = None
         self._explain_transform: Any = None
         self._explain_lock = threading.Lock()
 
-    # ----- explanations ---------------------------------------------------------------------------------------
+    # ----- explanations -----------------------------------------------------------------------------------
 
     def explain_methods(self) -> list[str]:
         """Names accepted by ``?explain=``; empty when explanations are unavailable in this service."""
@@ -192,7 +194,7 @@ class InferenceService:
         """Heat-map overlay (PIL RGB, at most ``overlay_max_side`` px) for class index ``target``."""
         module = explain_module()
         if module is None:
-            raise UploadError(400, "explanations are not available: the mpoxscope.explain module is not installed")
+            raise UploadError(400, "explanations are not available: mpoxscope.explain is not installed")
         with self._explain_lock:  # one model copy, one set of hooks: explanations take turns
             model, transform = self._explain_parts()
             device = next(model.parameters()).device
@@ -205,10 +207,11 @@ class InferenceService:
         shown.thumbnail((self.config.overlay_max_side, self.config.overlay_max_side))
         return module.overlay(shown, np.asarray(cams)[0])
 
-    # ----- prediction -----------------------------------------------------------------------------------------
+    # ----- prediction -------------------------------------------------------------------------------------
 
-    def run(self, data: bytes, filename: str, method: str | None = None, queued_ms: float = 0.0) -> dict[str, Any]:
-        """Decode, classify and (with ``method``) explain one uploaded photo: the /api/predict response body."""
+    def run(self, data: bytes, filename: str, method: str | None = None,
+            queued_ms: float = 0.0) -> dict[str, Any]:
+        """Decode, classify and (with ``method``) explain one uploaded photo: the /api/predict body."""
         t_start = time.perf_counter()
         decoded = decode_upload(data, filename, self.config.max_pixels)
         decode_ms = _ms(t_start)
@@ -236,7 +239,7 @@ class InferenceService:
         return {
             "top_class": self.classes[k],
             "top_probability": round(top, 6),
-            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
+            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs, strict=True)},
             "abstain": abstain,
             "abstain_threshold": self.threshold,
             "threshold_source": self.threshold_source,

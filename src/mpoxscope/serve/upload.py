@@ -1,4 +1,4 @@
-"""Reading an uploaded photo safely: in memory only, size-capped while it streams, type sniffed from the bytes.
+"""Reading an uploaded photo safely: in memory only, size-capped while it streams, type sniffed from bytes.
 
 Starlette's own form parser spools large files to a temporary file on disk; an upload here never touches the
 disk, and the byte cap is enforced chunk by chunk so an oversized body is refused before it is all read.
@@ -18,8 +18,8 @@ from mpoxscope.data.images import MAX_PIXELS, decode_image
 from mpoxscope.errors import ImageError
 
 #: Formats accepted from the network; sniffing is restricted to these so exotic decoders (EPS -> Ghostscript,
-#: etc.) are never reached with untrusted bytes. MPO is how many phones label their JPEGs.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+#: etc.) are never reached with untrusted bytes. (JPEG also opens multi-picture MPO files from phones.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "GIF", "TIFF")
 
 #: Room for multipart boundaries and part headers on top of the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -36,7 +36,7 @@ class UploadError(Exception):
 
 @dataclass
 class Upload:
-    """The bytes of one uploaded file and the name the client gave it (used in messages only, never on disk)."""
+    """The bytes of one uploaded file and the name the client gave it (for messages only, never a path)."""
 
     data: bytes
     filename: str
@@ -159,7 +159,8 @@ async def read_upload(stream: AsyncIterator[bytes], content_type: str | None, co
     return collector.found
 
 
-def sniff_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> tuple[str, tuple[int, int]]:
+def sniff_image(data: bytes, name: str = "upload",
+                max_pixels: int = MAX_PIXELS) -> tuple[str, tuple[int, int]]:
     """(format, (width, height)) from the image header alone, without decoding pixels.
 
     Raises :class:`UploadError` 415 for bytes that are not an allowed image format, 413 for too many pixels.
@@ -168,13 +169,15 @@ def sniff_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS)
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
             fmt, size = str(img.format), img.size
     except UnidentifiedImageError:
-        raise UploadError(415, f"{name}: not a supported image (send JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
+        raise UploadError(415, f"{name}: not a supported image (send JPEG, PNG, WebP, AVIF, BMP, GIF or "
+                               "TIFF)") from None
     except Image.DecompressionBombError:
         raise UploadError(413, f"{name}: image has too many pixels (limit {max_pixels:,})") from None
     except (OSError, SyntaxError, ValueError) as e:  # a recognised header that is itself corrupt
         raise UploadError(422, f"{name}: cannot read image header ({e})") from None
     if size[0] * size[1] > max_pixels:
-        raise UploadError(413, f"{name}: image has too many pixels ({size[0]}x{size[1]}; limit {max_pixels:,})")
+        raise UploadError(413, f"{name}: image has too many pixels ({size[0]}x{size[1]}; "
+                               f"limit {max_pixels:,})")
     return fmt, size
 
 

@@ -143,6 +143,7 @@
       $("heatmap").removeAttribute("src");
       fig.hidden = true;
     }
+    $("pictures").classList.toggle("single", fig.hidden);
     const t = result.timing_ms;
     $("timing").textContent = "Model " + result.model.name + " v" + result.model.version + " \u00b7 " +
       Math.round(t.total) + " ms" + (explainNote ? " \u00b7 heat-map unavailable: " + explainNote : "");

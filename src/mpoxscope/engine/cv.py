@@ -1,0 +1,222 @@
+"""Cross-validation: per fold, train (selection on that fold's validation part only), evaluate once on its test
+part; then mean +/- std over folds, a pooled confusion matrix, and a Markdown report with plots.
+
+Resumable: a fold whose ``evaluation/metrics.json`` exists is not run again. With a frozen trunk the trunk's
+outputs are computed once for every image and shared by all folds (each image's augmented views are seeded by
+its index, so they are the same in every fold).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpoxscope.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from mpoxscope.data.splits import Fold
+from mpoxscope.engine.checkpoint import read_meta
+from mpoxscope.engine.device import resolve_device
+from mpoxscope.engine.evaluate import confusion_png, evaluate
+from mpoxscope.engine.features import FeatureBank, build_feature_bank
+from mpoxscope.engine.predict import Predictor
+from mpoxscope.engine.runner import PreparedData, prepare
+from mpoxscope.engine.train import seed_everything, train
+from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
+from mpoxscope.models.factory import create_model
+
+SUMMARY_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "roc_auc_ovr_macro")
+
+#: ``leak_filter(data, fold) -> set of test indices`` linked to the fold's training/validation images.
+LeakFilter = Callable[[PreparedData, Fold], set]
+
+
+@dataclass
+class CVConfig:
+    out: str
+    exclude_leaks: bool = False
+    tta: bool = False
+    folds: tuple[str, ...] | None = None  # run only these folds (names), default all
+
+
+def summarize(per_fold: list[dict], classes: list[str]) -> dict:
+    """Mean and (sample) standard deviation over folds of the headline metrics and per-class F1, and the
+    confusion matrix summed over folds."""
+    out: dict = {"n_folds": len(per_fold), "folds": [m.get("fold") for m in per_fold]}
+    for key in SUMMARY_KEYS:
+        vals = [m[key] for m in per_fold if m.get(key) is not None]
+        out[key] = _mean_std(vals)
+    out["per_class_f1"] = {c: _mean_std([m["per_class"][c]["f1"] for m in per_fold if m["per_class"][c]["support"]])
+                           for c in classes}
+    out["pooled_confusion_matrix"] = np.sum([m["confusion_matrix"] for m in per_fold], axis=0).tolist()
+    out["n_test_images_total"] = int(sum(m["n_images"] for m in per_fold))
+    return out
+
+
+def _mean_std(vals: list[float]) -> dict:
+    if not vals:
+        return {"mean": None, "std": None, "values": []}
+    a = np.asarray(vals, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
+
+
+def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                progress: bool = True) -> FeatureBank | None:
+    """One feature bank over every image any fold trains or validates on, when the trunk is frozen."""
+    if train_cfg.cache_views <= 0:
+        return None
+    seed_everything(train_cfg.seed)
+    device = resolve_device(train_cfg.device)
+    model = create_model(model_cfg, len(prepared.data.classes)).to(device)
+    stop = model.trunk_stop(train_cfg.trainable_stages)
+    if stop == 0:
+        return None
+    needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
+    return build_feature_bank(model, stop, prepared.data, needed, train_cfg.cache_views, train_cfg.seed,
+                              train_cfg.augment, device, progress=progress, desc="caching features (all folds)")
+
+
+def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, cv: CVConfig,
+                   leak_filter: LeakFilter | None = None, progress: bool = True, log=print) -> dict:
+    """Run every fold; returns the summary dict that is also written to ``OUT/cv_summary.json``."""
+    t0 = time.perf_counter()
+    out = Path(cv.out)
+    prepared = prepare(data_cfg, train_cfg.seed)
+    folds = [f for f in prepared.folds if cv.folds is None or f.name in cv.folds]
+    data = prepared.data
+    log(f"cross-validation: {len(data)} images, {prepared.split_source}, folds "
+        f"{', '.join(f.name for f in folds)}")
+    todo = [f for f in folds if not (out / f.name / "evaluation" / "metrics.json").is_file()]
+    bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress) if len(todo) > 1 else None
+    per_fold, leak_free, timings = [], [], {}
+    for fold in folds:
+        fold_dir = out / fold.name
+        done = fold_dir / "evaluation" / "metrics.json"
+        protocol = f"{prepared.info(fold)['dataset']}, {prepared.split_source}, {fold.name}, test"
+        if done.is_file():
+            log(f"{fold.name}: already evaluated, skipping")
+            m = read_json(done)
+        else:
+            tf = time.perf_counter()
+            train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
+                  progress=progress, log=log)
+            predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
+            m = evaluate(predictor, data, fold.test, fold_dir / "evaluation", protocol, tta=cv.tta)
+            timings[fold.name] = round(time.perf_counter() - tf, 1)
+            m["wall_time_s"] = timings[fold.name]
+            write_json(done, {**m, "fold": fold.name})
+        m["fold"] = fold.name
+        m["validation"] = read_meta(fold_dir / "run").get("validation", {})
+        per_fold.append(m)
+        log(f"{fold.name}: test accuracy {m['accuracy']:.4f}, macro-F1 {m['f1_macro']:.4f} (n={m['n_images']}); "
+            f"validation macro-F1 {m['validation'].get('f1_macro', float('nan')):.4f}")
+        if cv.exclude_leaks and leak_filter is not None:
+            leaked = leak_filter(prepared, fold)
+            keep = [i for i in fold.test if i not in leaked]
+            lf_done = fold_dir / "evaluation_leak_free" / "metrics.json"
+            if lf_done.is_file():
+                lm = read_json(lf_done)
+            else:
+                predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
+                lm = evaluate(predictor, data, keep, fold_dir / "evaluation_leak_free",
+                              protocol + f", leak-free ({len(leaked)} linked test images dropped)", tta=cv.tta)
+                lm["n_dropped"] = len(leaked)
+                write_json(lf_done, {**lm, "fold": fold.name})
+            lm["fold"] = fold.name
+            leak_free.append(lm)
+    summary = {
+        "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
+                    f"{len(folds)} folds, test parts; model selection on each fold's validation part only"
+                    + (", test-time augmentation (flips)" if cv.tta else ""),
+        "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+        "summary": summarize(per_fold, data.classes),
+        "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s")} for m in per_fold],
+        "classes": data.classes,
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+    }
+    if leak_free:
+        summary["leak_free"] = {"summary": summarize(leak_free, data.classes),
+                                "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "n_dropped")}
+                                             for m in leak_free]}
+    write_json(out / "cv_summary.json", summary)
+    write_bytes(out / "per_fold.png", per_fold_png(summary))
+    write_bytes(out / "confusion_matrix_pooled.png",
+                confusion_png(summary["summary"]["pooled_confusion_matrix"], data.classes,
+                              "pooled over folds: " + summary["protocol"][:80]))
+    write_text(out / "cv_report.md", cv_report(summary))
+    return summary
+
+
+def per_fold_png(summary: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folds = [m["fold"] for m in summary["per_fold"]]
+    x = np.arange(len(folds))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(folds) + 2), 3.6))
+    for k, (key, label) in enumerate((("accuracy", "accuracy"), ("f1_macro", "macro-F1"))):
+        ax.bar(x + (k - 0.5) * 0.38, [m[key] for m in summary["per_fold"]], 0.38, label=label)
+        mean = summary["summary"][key]["mean"]
+        ax.axhline(mean, ls="--", lw=1, color=f"C{k}")
+    ax.set_xticks(x, folds)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test score")
+    ax.set_title("per-fold test scores (dashed: mean)", fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _ms(d: dict) -> str:
+    return "n/a" if d.get("mean") is None else f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+
+
+def cv_report(summary: dict) -> str:
+    s = summary["summary"]
+    m = summary["model"]
+    lines = ["# mpoxscope cross-validation", "", f"**Protocol:** {summary['protocol']}  ",
+             f"**Model:** {m['backbone']} + {m['head']} head, {m['image_size']} px, trainable backbone stages "
+             f"{summary['train']['trainable_stages']}, cached views {summary['train']['cache_views']}  ",
+             f"**Wall time:** {summary['wall_time_s']:.0f} s (folds already finished are not re-run)", "",
+             "| metric (test, %) | mean ± std over folds |", "|---|---|"]
+    for key in SUMMARY_KEYS:
+        lines.append(f"| {key} | {_ms(s[key])} |")
+    if "leak_free" in summary:
+        lf = summary["leak_free"]["summary"]
+        lines += ["", "Leak-free variant (test images linked by patient or near-duplicate to the fold's "
+                  "training/validation images dropped):", "", "| metric (test, %) | all test images | leak-free |",
+                  "|---|---|---|"]
+        for key in ("accuracy", "f1_macro"):
+            lines.append(f"| {key} | {_ms(s[key])} | {_ms(lf[key])} |")
+    lines += ["", "## Per fold", "", "| fold | n test | accuracy | macro-F1 | ROC-AUC |" +
+              (" leak-free n | leak-free accuracy |" if "leak_free" in summary else ""),
+              "|---|---|---|---|---|" + ("---|---|" if "leak_free" in summary else "")]
+    lf_rows = {r["fold"]: r for r in summary.get("leak_free", {}).get("per_fold", [])}
+    for r in summary["per_fold"]:
+        auc = r["roc_auc_ovr_macro"]
+        auc_txt = "n/a" if auc is None else f"{100 * auc:.2f}"
+        row = (f"| {r['fold']} | {r['n_images']} | {100 * r['accuracy']:.2f} | {100 * r['f1_macro']:.2f} | "
+               f"{auc_txt} |")
+        if r["fold"] in lf_rows:
+            lr = lf_rows[r["fold"]]
+            row += f" {lr['n_images']} | {100 * lr['accuracy']:.2f} |"
+        lines.append(row)
+    lines += ["", "## Per-class F1 (mean ± std over folds where the class is in the test part)", "",
+              "| class | F1 (%) |", "|---|---|"]
+    for c, d in s["per_class_f1"].items():
+        lines.append(f"| {c} | {_ms(d)} |")
+    classes = summary["classes"]
+    lines += ["", "## Pooled confusion matrix (rows true, columns predicted)", "",
+              "![per-fold scores](per_fold.png) ![pooled confusion matrix](confusion_matrix_pooled.png)", "",
+              "| true \\ pred | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for c, row in zip(classes, s["pooled_confusion_matrix"]):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"

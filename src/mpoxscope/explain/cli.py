@@ -1,0 +1,201 @@
+"""``mpoxscope explain``: heat maps, panels, a gallery and (on request) a faithfulness table for a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  mpoxscope explain runs/fold1 photo.jpg --out explain/ --method gradcam,scorecam
+  mpoxscope explain runs/fold1 test_images/ --out explain/ --method all --faithfulness --threads 1
+  mpoxscope explain runs/fold1 a.jpg --out ex/ --target-class Measles --target-layer backbone.blocks.5
+
+outputs (per image, in OUT/<name>/): panel.png (original | methods | attention, titled with the calibrated
+prediction), <method>.png (overlay with colour bar), <method>.npy (map, S x S, [0, 1]),
+attention_grid.npy (heads x H x W raw attention, each head sums to 1); OUT/index.html (gallery by class and
+confidence) and OUT/summary.json; with --faithfulness, OUT/faithfulness.md and .json."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "explain", help="heat maps (Grad-CAM family, AGFN attention), gallery, faithfulness table",
+        description="Explain a trained run's predictions on images or folders of images.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory (model.json + weights)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (recursive)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", default="gradcam",
+                   help="comma-separated: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, "
+                        "scorecam, attention, or 'all' (default: gradcam; an AGFN head's attention is always "
+                        "added to the panel unless --no-attention)")
+    p.add_argument("--target-class", default=None,
+                   help="class to explain, by name (default: the predicted one)")
+    p.add_argument("--target-layer", default=None,
+                   help="module name for CAMs, e.g. backbone.blocks.5 or backbone.layer3 "
+                        "(default: the last backbone stage)")
+    p.add_argument("--heads", action="store_true", help="also save one overlay per attention head")
+    p.add_argument("--no-attention", action="store_true", help="do not add the attention map to the panel")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint (default best)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    f = p.add_argument_group("faithfulness")
+    f.add_argument("--faithfulness", action="store_true",
+                   help="score each chosen method (ROAD + randomisation sanity check, with timing)")
+    f.add_argument("--faithfulness-images", type=int, default=20,
+                   help="score on the first N explained images (0 = all; default 20)")
+    f.add_argument("--road-percentiles", default="20,40,60,80",
+                   help="ROAD removal percentiles (default 20,40,60,80)")
+    f.add_argument("--randomize", default="head", choices=("head", "head+stage"),
+                   help="what the sanity check re-initialises (default head)")
+    f.add_argument("--rho-threshold", type=float, default=0.5,
+                   help="sanity check passes when mean Spearman rho is below this (default 0.5)")
+    p.set_defaults(handler=run)
+
+
+def _percentiles(text: str) -> tuple[int, ...]:
+    from mpoxscope.errors import MpoxscopeError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MpoxscopeError(f"--road-percentiles: expected integers like 20,40,60,80: {text!r}") from None
+    if not values or not all(0 < v < 100 for v in values):
+        raise MpoxscopeError(f"--road-percentiles: values must be between 1 and 99, got {text!r}")
+    return values
+
+
+def _slug(method: str) -> str:
+    return method.replace("+", "p")
+
+
+def _unique_key(path: Path, used: set[str]) -> str:
+    key, n = path.stem, 2
+    while key in used:
+        key, n = f"{path.stem}-{n}", n + 1
+    used.add(key)
+    return key
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from mpoxscope.data.images import load_image
+    from mpoxscope.engine.predict import Predictor, expand_inputs
+    from mpoxscope.errors import ImageError, MpoxscopeError
+    from mpoxscope.explain.gallery import GalleryEntry, write_gallery
+    from mpoxscope.explain.methods import parse_methods
+    from mpoxscope.explain.pipeline import explain_images, panel_methods, resolve_class
+    from mpoxscope.explain.render import save_overlay_png, save_panel_png
+
+    if args.batch_size < 1:
+        raise MpoxscopeError("--batch-size: must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MpoxscopeError("--threads: must be at least 1")
+        torch.set_num_threads(args.threads)
+    percentiles = _percentiles(args.road_percentiles) if args.faithfulness else ()
+    predictor = Predictor.from_run(args.run, args.device, which=args.which)
+    methods = panel_methods(parse_methods(args.method), predictor.model, with_attention=not args.no_attention)
+    if args.target_class is not None:
+        resolve_class(args.target_class, predictor.classes)  # fail before any work
+    paths = expand_inputs(args.inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    entries: list[GalleryEntry] = []
+    explained: list[Path] = []
+    used: set[str] = set()
+    pending: list[tuple[Path, object]] = []
+
+    def flush() -> None:
+        results = explain_images(predictor, [img for _, img in pending], methods, args.target_class,
+                                 target_layer=args.target_layer, batch_size=args.batch_size)
+        for (path, _), ex in zip(pending, results, strict=True):
+            key = _unique_key(path, used)
+            folder = out / key
+            folder.mkdir(parents=True, exist_ok=True)
+            entry = GalleryEntry(str(path), ex.label, ex.confidence, ex.target,
+                                 dict(zip(predictor.classes, map(float, ex.probabilities), strict=True)),
+                                 panel=f"{key}/panel.png")
+            for name, cam in ex.maps.items():
+                title = f"{path.name}: {name} for {ex.target}" if name != "attention" \
+                    else f"{path.name}: AGFN attention (mean over heads)"
+                save_overlay_png(ex.image, cam, folder / f"{_slug(name)}.png", title)
+                np.save(folder / f"{_slug(name)}.npy", cam.astype(np.float32))
+                entry.files[name] = f"{key}/{_slug(name)}.png"
+                entry.files[f"{name}.npy"] = f"{key}/{_slug(name)}.npy"
+            if ex.attention_heads is not None:
+                np.save(folder / "attention_grid.npy", ex.attention_heads.astype(np.float32))
+                entry.files["attention_grid.npy"] = f"{key}/attention_grid.npy"
+                if args.heads:
+                    from mpoxscope.explain.attention import upsample_grid
+
+                    size = (predictor.image_size, predictor.image_size)
+                    per_head = upsample_grid(torch.from_numpy(ex.attention_heads), size)
+                    for h, cam in enumerate(per_head):
+                        name = f"attention_head{h}"
+                        save_overlay_png(ex.image, cam, folder / f"{name}.png", f"{path.name}: head {h}")
+                        entry.files[name] = f"{key}/{name}.png"
+            title = f"{path.name}: predicted {ex.label} ({ex.confidence:.1%})"
+            if ex.target != ex.label:
+                title += f"; maps explain {ex.target}"
+            save_panel_png(ex.image, ex.maps, folder / "panel.png", title)
+            entries.append(entry)
+            explained.append(path)
+            print(f"{path}: {ex.label} {ex.confidence:.3f} -> {folder / 'panel.png'}")
+        pending.clear()
+
+    failed = 0
+    for path in paths:
+        try:
+            pending.append((path, load_image(path)))
+        except ImageError as e:
+            failed += 1
+            entries.append(GalleryEntry(str(path), error=e.reason))
+            print(f"mpoxscope explain: error: {path}: {e.reason}", file=sys.stderr)
+        if len(pending) >= args.batch_size:
+            flush()
+    if pending:
+        flush()
+
+    note = (f"run {args.run} ({predictor.meta.get('note', '') or 'trained run'}); "
+            f"methods: {', '.join(methods)}; probabilities calibrated with temperature "
+            f"{predictor.temperature:g}; maps are min-max scaled per image")
+    gallery = write_gallery(out, entries, f"mpoxscope explanations: {Path(args.run).name}", predictor.classes,
+                            note, extra={"run": str(args.run), "methods": methods,
+                                         "temperature": predictor.temperature, "classes": predictor.classes})
+    print(f"gallery: {gallery} ({len(explained)} explained, {failed} failed)")
+
+    if args.faithfulness and explained:
+        _faithfulness(args, predictor, explained, methods, percentiles, out)
+    return 1 if failed else 0
+
+
+def _faithfulness(args, predictor, paths: list[Path], methods: list[str], percentiles: tuple[int, ...],
+                  out: Path) -> None:
+    import torch
+
+    from mpoxscope.data.images import load_image
+    from mpoxscope.explain.faithfulness import FaithfulnessConfig, evaluate_faithfulness
+    from mpoxscope.explain.pipeline import resolve_class
+
+    limit = args.faithfulness_images
+    chosen = paths if limit <= 0 else paths[:limit]
+    batch = predictor.preprocess([load_image(p) for p in chosen])
+    targets = None
+    if args.target_class is not None:
+        targets = [resolve_class(args.target_class, predictor.classes)] * len(chosen)
+    cfg = FaithfulnessConfig(methods=tuple(methods), percentiles=percentiles, randomize=args.randomize,
+                             rho_threshold=args.rho_threshold, batch_size=args.batch_size,
+                             target_layer=args.target_layer, temperature=predictor.temperature)
+    print(f"faithfulness: {len(chosen)} images, methods {', '.join(methods)} (+ random baseline), "
+          f"{torch.get_num_threads()} thread(s)")
+    report = evaluate_faithfulness(predictor.model, batch, cfg, targets,
+                                   progress=lambda m: print(f"  scoring {m} ...", flush=True))
+    md, js = report.write(out)
+    print(report.to_markdown())
+    print(f"faithfulness: {md}, {js}")

@@ -1,0 +1,129 @@
+"""Temperature scaling, calibration error and the abstain threshold, on synthetic logits with known truth."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+from mpoxscope.engine.calibration import (
+    apply_temperature,
+    calibrate,
+    choose_abstain_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability_bins,
+    selective_metrics,
+)
+from mpoxscope.errors import MpoxscopeError
+
+
+def calibrated_logits(n: int = 3000, k: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, k) and labels drawn from softmax(logits): calibrated at temperature 1 by construction."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.5, (n, k))
+    logits[np.arange(n), rng.integers(0, k, n)] += 2.0
+    p = softmax(logits, axis=1)
+    targets = (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return logits, targets
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.5])
+def test_fit_temperature_recovers_known_scaling(scale):
+    logits, y = calibrated_logits()
+    t = fit_temperature(logits * scale, y)  # over- (3) or under-confident (0.5) by a known factor
+    assert t == pytest.approx(scale, rel=0.12)
+    assert nll(logits * scale, y, t) < nll(logits * scale, y, 1.0)
+    before = expected_calibration_error(apply_temperature(logits * scale, 1.0), y)
+    after = expected_calibration_error(apply_temperature(logits * scale, t), y)
+    assert after < before and after < 0.05
+
+
+def test_fit_temperature_calibrated_input_and_bounds():
+    logits, y = calibrated_logits(seed=1)
+    assert fit_temperature(logits, y) == pytest.approx(1.0, abs=0.12)
+    # Torch tensors give the same answer as arrays.
+    from_torch = fit_temperature(torch.tensor(logits * 2), torch.tensor(y))
+    assert from_torch == pytest.approx(fit_temperature(logits * 2, y))
+    # Perfectly separated: NLL falls as T -> 0; the answer must stay in bounds and not be worse than T = 1.
+    y = np.arange(40) % 4
+    for margin in (3.0, 50.0):
+        sep = np.eye(4)[y] * margin
+        t = fit_temperature(sep, y)
+        assert 0.05 <= t <= 1.0 and nll(sep, y, t) <= nll(sep, y, 1.0)
+    assert fit_temperature(np.eye(4)[y] * 3.0, y) < 0.5  # a real gain is taken
+
+
+def test_ece_known_values_and_bins():
+    # Confidence 0.9 and 9 of 10 correct: perfectly calibrated.
+    probs = np.tile([0.9, 0.1], (10, 1))
+    y = np.array([0] * 9 + [1])
+    assert expected_calibration_error(probs, y) == pytest.approx(0.0, abs=1e-12)
+    # Confidence 1.0 with half wrong: ECE 0.5.
+    probs = np.tile([1.0, 0.0], (10, 1))
+    y = np.array([0, 1] * 5)
+    assert expected_calibration_error(probs, y) == pytest.approx(0.5)
+    bins = reliability_bins(probs, y, n_bins=10)
+    assert bins.count.sum() == 10 and bins.count[-1] == 10 and len(bins.edges) == 11
+    d = bins.to_dict()
+    assert d["accuracy"][0] is None and d["accuracy"][-1] == pytest.approx(0.5)
+    json.dumps(d)
+
+
+def test_abstain_threshold_reaches_target_on_fit_data():
+    logits, y = calibrated_logits(seed=2)
+    probs = apply_temperature(logits, 1.0)
+    choice = choose_abstain_threshold(probs, y, target_accuracy=0.8, min_coverage=0.1)
+    assert choice.target_reached
+    check = selective_metrics(probs, y, choice.threshold)
+    assert check["accuracy_kept"] >= 0.8
+    assert check["coverage"] == pytest.approx(choice.coverage)
+    assert check["n_kept"] == choice.n_kept and choice.accuracy_kept == pytest.approx(check["accuracy_kept"])
+    assert 0.1 <= choice.coverage < 1.0
+    # Lowest threshold: the next lower observed confidence would miss the target.
+    conf = probs.max(axis=1)
+    lower = conf[conf < choice.threshold].max()
+    assert selective_metrics(probs, y, lower)["accuracy_kept"] < 0.8
+
+
+def test_abstain_threshold_fallback_and_edge_cases():
+    logits, y = calibrated_logits(seed=3)
+    probs = apply_temperature(logits, 1.0)
+    choice = choose_abstain_threshold(probs, y, target_accuracy=0.999, min_coverage=0.6)
+    assert not choice.target_reached
+    assert choice.coverage >= 0.6 and choice.accuracy_kept < 0.999
+    # All correct: no abstention needed, threshold 0 keeps everything.
+    perfect = choose_abstain_threshold(np.eye(3)[[0, 1, 2, 0]] * 0.8 + 0.2 / 3, [0, 1, 2, 0])
+    assert perfect.threshold == 0.0 and perfect.coverage == 1.0 and perfect.target_reached
+    # Every confidence tied: the only real thresholds keep all cases.
+    tied = choose_abstain_threshold(np.tile([0.6, 0.4], (4, 1)), [0, 0, 1, 1], target_accuracy=0.9)
+    assert tied.coverage == 1.0 and not tied.target_reached
+    assert selective_metrics(np.tile([0.6, 0.4], (4, 1)), [0, 0, 1, 1], 0.7)["accuracy_kept"] is None
+
+
+def test_calibrate_block_is_complete_and_json():
+    logits, y = calibrated_logits(n=500, seed=4)
+    block = calibrate(torch.tensor(logits * 2.5), torch.tensor(y))
+    for key in ("method", "temperature", "ece_before", "ece_after", "nll_before", "nll_after",
+                "abstain_threshold", "abstain_target_accuracy", "abstain_accuracy_kept", "abstain_coverage",
+                "fitted_on", "n"):
+        assert key in block
+    assert block["method"] == "temperature" and block["fitted_on"] == "validation" and block["n"] == 500
+    assert block["nll_after"] < block["nll_before"] and block["ece_after"] < block["ece_before"]
+    assert json.loads(json.dumps(block)) == block
+
+
+@pytest.mark.parametrize("logits, targets", [
+    (np.zeros((0, 3)), np.zeros(0)),            # empty validation split
+    (np.zeros((4, 3)), np.zeros(3)),            # length mismatch
+    (np.zeros(4), np.zeros(4)),                 # not 2-D
+    (np.full((2, 3), np.nan), np.zeros(2)),     # NaN logits
+    (np.zeros((2, 3)), np.array([0, 3])),       # target out of range
+])
+def test_bad_inputs_raise_one_line_errors(logits, targets):
+    with pytest.raises(MpoxscopeError):
+        calibrate(logits, targets)

@@ -1,0 +1,101 @@
+"""Model cards render from whatever a run records, and say "not recorded" for the rest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpoxscope.card import DISCLAIMER, build_card, count_parameters, write_card
+from mpoxscope.card import cli as card_cli
+from mpoxscope.engine.calibration import calibrate
+from mpoxscope.engine.checkpoint import load_model, read_meta, write_meta
+from mpoxscope.errors import MpoxscopeError
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path) -> Path:
+    """A private copy of the tiny run (the card is written into it)."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "fold1", ignore=shutil.ignore_patterns("*.onnx")))
+
+
+def _calibration_block() -> dict:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1, (120, 6))
+    y = rng.integers(0, 6, 120)
+    logits[np.arange(120), y] += 3.0
+    return calibrate(logits * 2.0, y)
+
+
+def test_card_without_metrics_or_calibration(run, capsys):
+    parser = argparse.ArgumentParser()
+    card_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["card", str(run)])
+    assert args.handler(args) == 0
+    assert "MODEL_CARD.md" in capsys.readouterr().out
+    text = (run / "MODEL_CARD.md").read_text()
+    assert DISCLAIMER in text and "not a medical device" in text
+    assert "Held-out test metrics: not recorded" in text
+    assert "Calibration: not recorded" in text
+    assert "tf_efficientnet_lite0" in text and "agfn" in text and "128 x 128 px" in text
+    assert "CC BY-NC" in text and "106742" in text and "Biomedical Signal Processing and Control" in text
+    assert "Skin-tone coverage is limited" in text and "Web-scraped" in text
+
+
+def test_parameter_count_matches_model(run):
+    model, _ = load_model(run)
+    assert count_parameters(run / "best.safetensors") == sum(p.numel() for p in model.parameters())
+    assert count_parameters(run / "missing.safetensors") is None
+
+
+def test_card_with_metrics_calibration_and_audit(run, tmp_path):
+    meta = read_meta(run)
+    meta["calibration"] = _calibration_block()
+    meta["data"] = {"root": "../shared/data/msld_v2", "split": "folds.csv", "fold": "fold1",
+                    "counts": {"train": 537, "validation": 144, "test": 74}}
+    meta["train"] = {"epochs": 30, "lr": 0.001, "trainable_stages": 0}
+    write_meta(run, meta)
+    (run / "evaluation").mkdir()
+    metrics = {"split": "test", "weights": "best", "n": 74, "accuracy": 0.8108,
+               "macro_f1": {"value": 0.7712, "low": 0.69, "high": 0.85, "level": 0.95},
+               "per_class": {c: {"precision": 0.9, "recall": 0.8, "f1": 0.85, "support": 12}
+                             for c in meta["classes"]},
+               "confusion_matrix": np.diag([10, 5, 4, 3, 8, 9]).tolist(), "notes": None}
+    (run / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"cross_split_duplicates": [{"a": "MKP_01_01.jpg", "b": "MKP_02_01.jpg"}],
+                                 "exact_duplicates": 2}))
+    out = write_card(run, tmp_path / "card.md", audit_file=audit)  # metrics found in RUN/evaluation
+    text = out.read_text()
+    cal = meta["calibration"]
+    assert f"{cal['temperature']:.4f}" in text and f"{cal['ece_after']:.4f}" in text
+    assert f"{cal['abstain_threshold']:.4f}" in text and "Coverage (share kept)" in text
+    assert "| accuracy | 0.8108 |" in text and "0.7712 (95% CI 0.6900–0.8500)" in text
+    assert "| true \\ predicted | Mpox |" in text and "| Healthy | 0 | 0 | 0 | 0 | 0 | 9 |" in text
+    assert "MSLD v2.0" in text and "fold1" in text and "train 537" in text and "epochs 30" in text
+    assert "MKP_01_01.jpg" in text and "exact duplicates: 2" in text
+    assert "Patient-level grouping**: enforced" in text
+    assert not (run / "MODEL_CARD.md").exists()
+
+
+def test_build_card_never_crashes_on_sparse_input():
+    for meta in ({}, {"model": None, "classes": None, "calibration": {"temperature": 1.5}},
+                 {"model": {"head": "agfn"}, "data": {"root": "/tmp/synthetic"}, "validation": {"acc": 0.5}}):
+        text = build_card(meta, metrics={"odd": [[1, 2], [3]], "nested": {"a": {"b": [1]}}}, audit=["x", 1])
+        assert DISCLAIMER in text and "not recorded" in text
+    assert "Trained on synthetic images" in build_card({"data": {"root": "/tmp/synthetic"}})
+
+
+def test_bad_metrics_files_are_one_line_errors(run, tmp_path):
+    with pytest.raises(MpoxscopeError, match="not found"):
+        write_card(run, metrics_file=tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MpoxscopeError, match="not valid JSON"):
+        write_card(run, metrics_file=bad)
+    with pytest.raises(MpoxscopeError, match="not a trained run"):
+        write_card(tmp_path / "empty")

@@ -1,0 +1,161 @@
+"""Data layer: class names, folder layouts, patient groups, split files, grouped folds, robust image loading."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mpoxscope.data.classes import canonical_class, sort_classes
+from mpoxscope.data.images import MAX_PIXELS, decode_image, load_image
+from mpoxscope.data.protocol import resolve_folds
+from mpoxscope.data.samples import load_samples, patient_group
+from mpoxscope.data.splits import folds_from_table, grouped_folds, read_split_file, select_fold
+from mpoxscope.errors import ImageError, MpoxscopeError
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("Monkeypox", "Mpox"), ("MKP", "Mpox"), ("mpox", "Mpox"), ("Hand, foot and mouth disease", "HFMD"),
+    ("Normal", "Healthy"), ("chickenpox", "Chickenpox"), ("Measles", "Measles"), ("Cowpox", "Cowpox"),
+    ("Psoriasis", "Psoriasis"),
+])
+def test_canonical_class(name, expected):
+    assert canonical_class(name) == expected
+
+
+def test_sort_classes_known_first():
+    assert sort_classes({"Zeta", "Healthy", "Mpox", "Acne"}) == ["Mpox", "Healthy", "Acne", "Zeta"]
+
+
+def test_patient_group():
+    assert patient_group("MKP_17_01.jpg") == "MKP_17"
+    assert patient_group("HEALTHY_5_2.png") == "HEALTHY_05"
+    assert patient_group("random.jpg") is None
+
+
+def _write(path, size=(40, 30), color=(200, 100, 50), mode="RGB", fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else 128).save(path, format=fmt)
+    return path
+
+
+def test_folder_layout_with_aliases(tmp_path):
+    for cls in ("Monkeypox", "Normal", "Hand, foot and mouth disease"):
+        for p in (1, 2):
+            _write(tmp_path / cls / f"X{cls[:2].upper()}_{p}_1.png")
+    (tmp_path / "Normal" / "notes.txt").write_text("not an image")
+    data = load_samples(tmp_path)
+    assert data.classes == ["Mpox", "HFMD", "Healthy"]
+    assert len(data) == 6
+    assert all(s.group.startswith("X") for s in data.samples)
+
+
+def test_msld_download_layout(tmp_path):
+    base = tmp_path / "Original Images" / "Original Images" / "FOLDS"
+    for fold in ("fold1", "fold2"):
+        for split, names in (("Train", ["MKP_01_01", "CHP_01_01"]), ("Valid", ["MKP_02_01", "CHP_02_01"]),
+                             ("Test", ["MKP_03_01", "CHP_03_01"])):
+            for n in names:
+                cls = "Monkeypox" if n.startswith("MKP") else "Chickenpox"
+                _write(base / fold / split / cls / f"{n}.jpg")
+    data = load_samples(tmp_path)
+    assert len(data) == 6  # each image once, though it is stored in every fold
+    assert data.classes == ["Mpox", "Chickenpox"]
+    folds, source = resolve_folds(data, "auto")
+    assert source == "official FOLDS folders"
+    assert [f.name for f in folds] == ["fold1", "fold2"]
+    assert {data.samples[i].filename for i in folds[0].test} == {"MKP_03_01.jpg", "CHP_03_01.jpg"}
+
+
+def test_split_csv_and_patient_leak_refused(tmp_path):
+    for n in ("MKP_01_01", "MKP_01_02", "MKP_02_01", "CHP_01_01", "CHP_02_01", "CHP_03_01"):
+        _write(tmp_path / ("Mpox" if n.startswith("MKP") else "Chickenpox") / f"{n}.jpg")
+    data = load_samples(tmp_path)
+    rows = [("f1", "train", "MKP_01_01.jpg"), ("f1", "train", "CHP_01_01.jpg"), ("f1", "validation", "CHP_02_01.jpg"),
+            ("f1", "test", "MKP_02_01.jpg"), ("f1", "test", "CHP_03_01.jpg"), ("f1", "valid", "MKP_01_02.jpg")]
+    csv = tmp_path / "split.csv"
+    pd.DataFrame(rows, columns=["fold", "split", "filename"]).to_csv(csv, index=False)
+    table = read_split_file(csv)
+    assert set(table["split"]) == {"train", "validation", "test"}
+    with pytest.raises(MpoxscopeError, match="patient MKP_01 is in both train and validation"):
+        folds_from_table(data, table)
+    folds = folds_from_table(data, table, check_groups=False)  # the audit reports instead of refusing
+    assert len(folds[0].validation) == 2
+
+
+def test_split_file_unknown_files_and_bad_columns(tmp_path, synthetic_root):
+    data = load_samples(synthetic_root)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("fold,part,name\n1,train,a.jpg\n")
+    with pytest.raises(MpoxscopeError, match="missing column"):
+        read_split_file(bad)
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("fold,split,filename\n1,train,nothere.jpg\n")
+    with pytest.raises(MpoxscopeError, match="not in the dataset"):
+        folds_from_table(data, read_split_file(unknown))
+
+
+def test_grouped_folds_are_patient_disjoint_stratified_and_seeded(synthetic_root):
+    data = load_samples(synthetic_root)
+    folds = grouped_folds(data, n_folds=3, seed=1)
+    assert folds == grouped_folds(data, n_folds=3, seed=1)
+    assert folds != grouped_folds(data, n_folds=3, seed=2)
+    all_test = sorted(i for f in folds for i in f.test)
+    assert all_test == list(range(len(data)))  # the test parts partition the data
+    for f in folds:
+        groups = {s: {data.samples[i].group for i in f.indices(s)} for s in ("train", "validation", "test")}
+        assert not groups["train"] & groups["test"] and not groups["train"] & groups["validation"]
+        assert not groups["validation"] & groups["test"]
+        assert {data.samples[i].label for i in f.test} == set(data.classes)  # every class in every test part
+    assert select_fold(folds, 2).name == "fold2"
+    with pytest.raises(MpoxscopeError, match="not found"):
+        select_fold(folds, 9)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "I", "F"])
+def test_any_mode_to_rgb(tmp_path, mode):
+    img = Image.new(mode, (20, 10))
+    if mode == "I;16":
+        img = Image.fromarray(np.arange(200, dtype=np.uint16).reshape(10, 20) * 300)
+    fmt = "TIFF" if mode in ("CMYK", "I", "F") else "PNG"
+    path = tmp_path / f"x.{fmt.lower()}"
+    img.save(path, format=fmt)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (20, 10)
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+def test_bad_files_raise_one_line_errors(tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(ImageError, match="junk.jpg: not a recognised image format"):
+        load_image(junk)
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(buf, format="JPEG")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="trunc.jpg: cannot decode"):
+        load_image(trunc)
+    with pytest.raises(ImageError, match="file not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="empty file"):
+        decode_image(b"", "upload.png")
+
+
+def test_decompression_bomb_refused():
+    side = int(MAX_PIXELS ** 0.5) + 100
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")  # tiny file, huge canvas
+    with pytest.raises(ImageError, match="too large"):
+        decode_image(buf.getvalue(), "bomb.png")
