@@ -159,3 +159,21 @@ def test_decompression_bomb_refused():
     Image.new("1", (side, side)).save(buf, format="PNG")  # tiny file, huge canvas
     with pytest.raises(ImageError, match="too large"):
         decode_image(buf.getvalue(), "bomb.png")
+
+
+def test_transforms_shapes_and_determinism():
+    import torch
+
+    from mpoxscope.data.transforms import eval_transform, train_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    ev = eval_transform(96)
+    a, b = ev(img), ev(img)
+    assert a.shape == (3, 96, 96) and torch.equal(a, b)  # no randomness at evaluation
+    tr = train_transform(96)
+    torch.manual_seed(0)
+    x = tr(img)
+    torch.manual_seed(0)
+    assert torch.equal(x, tr(img))  # seeded: cached views are reproducible
+    assert x.shape == (3, 96, 96) and x.dtype == torch.float32
+    assert not torch.equal(tr(img), tr(img))

@@ -342,6 +342,41 @@ def test_never_spooled_to_disk(client, monkeypatch):
     assert client.post("/api/predict", files=upload(data)).status_code == 200
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_mangled_files_never_crash(fmt):
+    """Flipped bytes and cut-off files: decoding either works or says why (4xx), never anything else."""
+    from mpoxscope.serve.upload import UploadError, decode_upload
+
+    good = encode(photo((64, 48)), fmt)
+    rng = np.random.default_rng(7)
+    outcomes = set()
+    for i in range(60):
+        data = bytearray(good)
+        if i % 3 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        else:
+            for pos in rng.integers(0, len(data), int(rng.integers(1, 12))):
+                data[pos] = int(rng.integers(0, 256))
+        try:
+            decoded = decode_upload(bytes(data), "x")
+            assert decoded.image.mode == "RGB"
+            outcomes.add(200)
+        except UploadError as e:
+            assert e.status in (413, 415, 422), e.message
+            outcomes.add(e.status)
+    assert outcomes - {200}  # the mangling did produce bad files
+
+
+def test_internal_error_is_json():
+    class Broken(FakePredictor):
+        def predict_images(self, images):
+            raise RuntimeError("boom")
+
+    with TestClient(create_app_from_predictor(Broken()), raise_server_exceptions=False) as c:
+        r = c.post("/api/predict", files=upload(encode(photo(), "PNG")))
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error (RuntimeError)"}
+
+
 def test_wrong_method_and_route(client):
     assert client.get("/api/predict").status_code == 405
     assert client.get("/api/nothing").status_code == 404
@@ -485,7 +520,6 @@ def test_onnx_module_missing(tiny_run, monkeypatch):
         create_app(tiny_run, runtime="onnx")
 
 
-@pytest.mark.slow
 def test_onnx_runtime_real(tiny_run, tmp_path):
     pytest.importorskip("mpoxscope.export.onnx")
     run = shutil.copytree(tiny_run, tmp_path / "onnx_run")

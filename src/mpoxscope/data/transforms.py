@@ -30,14 +30,14 @@ class AugmentConfig:
 class SkinToneShift(torch.nn.Module):
     """Shift brightness and saturation together, and hue slightly toward red/brown, as between skin tones.
 
-    Works on float tensors in [0, 1] of shape (3, H, W).
+    Works on PIL images (fast: PIL's own colour conversions) and on float tensors in [0, 1] of shape (3, H, W).
     """
 
     def __init__(self, p: float = 0.5, strength: float = 0.3) -> None:
         super().__init__()
         self.p, self.strength = p, strength
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def forward(self, img):
         if self.strength <= 0 or torch.rand(()) >= self.p:
             return img
         # One draw moves darker-and-more-saturated or lighter-and-less-saturated, as melanin does.
@@ -45,15 +45,16 @@ class SkinToneShift(torch.nn.Module):
         img = T.functional.adjust_brightness(img, 1.0 - t)
         img = T.functional.adjust_saturation(img, 1.0 + t)
         img = T.functional.adjust_hue(img, float(torch.empty(()).uniform_(-0.02, 0.02)))
-        return img.clamp(0, 1)
+        return img.clamp(0, 1) if isinstance(img, torch.Tensor) else img
 
 
 def train_transform(image_size: int, aug: AugmentConfig | None = None,
                     mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD) -> T.Compose:
-    """PIL RGB image -> normalised float tensor (3, image_size, image_size), randomly augmented."""
+    """PIL RGB image -> normalised float tensor (3, image_size, image_size), randomly augmented.
+
+    Geometry and colour run on the PIL image (several times faster than on tensors, hue especially)."""
     aug = aug or AugmentConfig()
     ops = [
-        T.PILToTensor(),
         T.RandomResizedCrop(image_size, scale=(aug.scale_min, 1.0), antialias=True),
         T.RandomHorizontalFlip(),
     ]
@@ -61,9 +62,10 @@ def train_transform(image_size: int, aug: AugmentConfig | None = None,
         ops.append(T.RandomVerticalFlip())
     ops += [
         T.RandomRotation(aug.rotation),
-        T.ToDtype(torch.float32, scale=True),
         T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue),
         SkinToneShift(aug.skin_tone_p, aug.skin_tone_strength),
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
     ]
     return T.Compose(ops)

@@ -115,6 +115,42 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def run_cv(args: argparse.Namespace) -> int:
+    from mpoxscope.config import DataConfig
+    from mpoxscope.engine.cv import CVConfig, cross_validate
+
+    model_cfg, train_cfg = configs_from_args(args)
+    data_cfg = DataConfig(root=args.data, split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
+    cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks, tta=args.tta,
+                  folds=tuple(f"fold{f}" if f.isdigit() else f for f in args.only_folds) if args.only_folds else None)
+    leak_filter = _leak_filter(args.near_dup_threshold) if args.exclude_leaks else None
+    summary = cross_validate(data_cfg, model_cfg, train_cfg, cv, leak_filter=leak_filter, progress=not args.quiet)
+    s = summary["summary"]
+    print(f"[{summary['protocol']}] accuracy {100 * s['accuracy']['mean']:.2f} ± {100 * s['accuracy']['std']:.2f} %, "
+          f"macro-F1 {100 * s['f1_macro']['mean']:.2f} ± {100 * s['f1_macro']['std']:.2f} %")
+    if "leak_free" in summary:
+        lf = summary["leak_free"]["summary"]
+        print(f"[leak-free variant] accuracy {100 * lf['accuracy']['mean']:.2f} ± {100 * lf['accuracy']['std']:.2f} %, "
+              f"macro-F1 {100 * lf['f1_macro']['mean']:.2f} ± {100 * lf['f1_macro']['std']:.2f} %")
+    print(f"wrote {args.out}/cv_report.md, cv_summary.json, per_fold.png, confusion_matrix_pooled.png")
+    return 0
+
+
+def _leak_filter(threshold: int | None):
+    """Test images linked to a fold's training/validation images by patient or (near-)duplicate, via the audit."""
+    from mpoxscope.audit import find_duplicate_pairs, leaked_test_indices
+
+    cache: dict = {}
+
+    def leak_filter(prepared, fold):
+        if "pairs" not in cache:
+            kwargs = {} if threshold is None else {"threshold": threshold}
+            cache["pairs"] = find_duplicate_pairs(prepared.data, **kwargs)
+        return leaked_test_indices(prepared.data, fold, cache["pairs"])
+
+    return leak_filter
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from mpoxscope.engine.demo import run_demo as demo
 
@@ -135,6 +171,22 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("cv", help="cross-validate: train and test every fold, report mean ± std", description=(
+        "For every fold: train (checkpoint selection on that fold's validation part only), evaluate once on its "
+        "test part. Writes cv_report.md, cv_summary.json and plots. Rerunning skips finished folds."))
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per fold)")
+    add_data_options(p)
+    p.add_argument("--only-folds", nargs="+", metavar="FOLD", help="run only these folds")
+    p.add_argument("--exclude-leaks", action="store_true",
+                   help="also report the score without test images linked to training images by patient or "
+                        "near-duplicate (from the audit)")
+    p.add_argument("--near-dup-threshold", type=int, help="perceptual-hash distance for --exclude-leaks")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
+    add_model_options(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=run_cv)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on a split", description=(
         "Evaluate RUN on a split (default: test) of the fold it was trained on; writes metrics.json, report.md, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 EPILOG = """examples:
@@ -79,21 +80,29 @@ def _unique_key(path: Path, used: set[str]) -> str:
     return key
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+@dataclass
+class _Done:
+    """An explained image, for the faithfulness pass: its maps are re-read from ``OUT/<key>/<method>.npy``."""
 
+    path: Path
+    key: str
+    target: int
+    seconds: dict[str, float]
+
+
+def run(args: argparse.Namespace) -> int:
     from mpoxscope.data.images import load_image
     from mpoxscope.engine.predict import Predictor, expand_inputs
     from mpoxscope.errors import ImageError, MpoxscopeError
     from mpoxscope.explain.gallery import GalleryEntry, write_gallery
     from mpoxscope.explain.methods import parse_methods
     from mpoxscope.explain.pipeline import explain_images, panel_methods, resolve_class
-    from mpoxscope.explain.render import save_overlay_png, save_panel_png
 
     if args.batch_size < 1:
         raise MpoxscopeError("--batch-size: must be at least 1")
     if args.threads is not None:
+        import torch
+
         if args.threads < 1:
             raise MpoxscopeError("--threads: must be at least 1")
         torch.set_num_threads(args.threads)
@@ -107,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     entries: list[GalleryEntry] = []
-    explained: list[Path] = []
+    done: list[_Done] = []
     used: set[str] = set()
     pending: list[tuple[Path, object]] = []
 
@@ -116,37 +125,9 @@ def run(args: argparse.Namespace) -> int:
                                  target_layer=args.target_layer, batch_size=args.batch_size)
         for (path, _), ex in zip(pending, results, strict=True):
             key = _unique_key(path, used)
-            folder = out / key
-            folder.mkdir(parents=True, exist_ok=True)
-            entry = GalleryEntry(str(path), ex.label, ex.confidence, ex.target,
-                                 dict(zip(predictor.classes, map(float, ex.probabilities), strict=True)),
-                                 panel=f"{key}/panel.png")
-            for name, cam in ex.maps.items():
-                title = f"{path.name}: {name} for {ex.target}" if name != "attention" \
-                    else f"{path.name}: AGFN attention (mean over heads)"
-                save_overlay_png(ex.image, cam, folder / f"{_slug(name)}.png", title)
-                np.save(folder / f"{_slug(name)}.npy", cam.astype(np.float32))
-                entry.files[name] = f"{key}/{_slug(name)}.png"
-                entry.files[f"{name}.npy"] = f"{key}/{_slug(name)}.npy"
-            if ex.attention_heads is not None:
-                np.save(folder / "attention_grid.npy", ex.attention_heads.astype(np.float32))
-                entry.files["attention_grid.npy"] = f"{key}/attention_grid.npy"
-                if args.heads:
-                    from mpoxscope.explain.attention import upsample_grid
-
-                    size = (predictor.image_size, predictor.image_size)
-                    per_head = upsample_grid(torch.from_numpy(ex.attention_heads), size)
-                    for h, cam in enumerate(per_head):
-                        name = f"attention_head{h}"
-                        save_overlay_png(ex.image, cam, folder / f"{name}.png", f"{path.name}: head {h}")
-                        entry.files[name] = f"{key}/{name}.png"
-            title = f"{path.name}: predicted {ex.label} ({ex.confidence:.1%})"
-            if ex.target != ex.label:
-                title += f"; maps explain {ex.target}"
-            save_panel_png(ex.image, ex.maps, folder / "panel.png", title)
-            entries.append(entry)
-            explained.append(path)
-            print(f"{path}: {ex.label} {ex.confidence:.3f} -> {folder / 'panel.png'}")
+            entries.append(_write_outputs(ex, path, key, out, predictor, args.heads))
+            done.append(_Done(path, key, predictor.classes.index(ex.target), ex.seconds))
+            print(f"{path}: {ex.label} {ex.confidence:.3f} -> {out / key / 'panel.png'}")
         pending.clear()
 
     failed = 0
@@ -168,34 +149,70 @@ def run(args: argparse.Namespace) -> int:
     gallery = write_gallery(out, entries, f"mpoxscope explanations: {Path(args.run).name}", predictor.classes,
                             note, extra={"run": str(args.run), "methods": methods,
                                          "temperature": predictor.temperature, "classes": predictor.classes})
-    print(f"gallery: {gallery} ({len(explained)} explained, {failed} failed)")
+    print(f"gallery: {gallery} ({len(done)} explained, {failed} failed)")
 
-    if args.faithfulness and explained:
-        _faithfulness(args, predictor, explained, methods, percentiles, out)
+    if args.faithfulness and done:
+        _faithfulness(args, predictor, done, methods, percentiles, out)
     return 1 if failed else 0
 
 
-def _faithfulness(args, predictor, paths: list[Path], methods: list[str], percentiles: tuple[int, ...],
+def _write_outputs(ex, path: Path, key: str, out: Path, predictor, heads: bool):
+    """Overlays, .npy maps and the panel of one :class:`Explanation` into ``out/key``; its gallery entry."""
+    import numpy as np
+    import torch
+
+    from mpoxscope.explain.attention import upsample_grid
+    from mpoxscope.explain.gallery import GalleryEntry
+    from mpoxscope.explain.render import save_overlay_png, save_panel_png
+
+    folder = out / key
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = GalleryEntry(str(path), ex.label, ex.confidence, ex.target,
+                         dict(zip(predictor.classes, map(float, ex.probabilities), strict=True)),
+                         panel=f"{key}/panel.png")
+    for name, cam in ex.maps.items():
+        title = f"{path.name}: {name} for {ex.target}" if name != "attention" \
+            else f"{path.name}: AGFN attention (mean over heads)"
+        save_overlay_png(ex.image, cam, folder / f"{_slug(name)}.png", title)
+        np.save(folder / f"{_slug(name)}.npy", cam.astype(np.float32))
+        entry.files[name] = f"{key}/{_slug(name)}.png"
+        entry.files[f"{name}.npy"] = f"{key}/{_slug(name)}.npy"
+    if ex.attention_heads is not None:
+        np.save(folder / "attention_grid.npy", ex.attention_heads.astype(np.float32))
+        entry.files["attention_grid.npy"] = f"{key}/attention_grid.npy"
+        if heads:
+            size = (predictor.image_size, predictor.image_size)
+            for h, cam in enumerate(upsample_grid(torch.from_numpy(ex.attention_heads), size)):
+                save_overlay_png(ex.image, cam, folder / f"attention_head{h}.png", f"{path.name}: head {h}")
+                entry.files[f"attention_head{h}"] = f"{key}/attention_head{h}.png"
+    title = f"{path.name}: predicted {ex.label} ({ex.confidence:.1%})"
+    if ex.target != ex.label:
+        title += f"; maps explain {ex.target}"
+    save_panel_png(ex.image, ex.maps, folder / "panel.png", title)
+    return entry
+
+
+def _faithfulness(args, predictor, done: list[_Done], methods: list[str], percentiles: tuple[int, ...],
                   out: Path) -> None:
+    import numpy as np
     import torch
 
     from mpoxscope.data.images import load_image
     from mpoxscope.explain.faithfulness import FaithfulnessConfig, evaluate_faithfulness
-    from mpoxscope.explain.pipeline import resolve_class
 
-    limit = args.faithfulness_images
-    chosen = paths if limit <= 0 else paths[:limit]
-    batch = predictor.preprocess([load_image(p) for p in chosen])
-    targets = None
-    if args.target_class is not None:
-        targets = [resolve_class(args.target_class, predictor.classes)] * len(chosen)
+    chosen = done if args.faithfulness_images <= 0 else done[:args.faithfulness_images]
+    batch = predictor.preprocess([load_image(d.path) for d in chosen])
+    # the gallery pass already made (and timed) these maps: score them instead of recomputing
+    precomputed = {m: (np.stack([np.load(out / d.key / f"{_slug(m)}.npy") for d in chosen]),
+                       float(np.mean([d.seconds[m] for d in chosen]))) for m in methods}
     cfg = FaithfulnessConfig(methods=tuple(methods), percentiles=percentiles, randomize=args.randomize,
                              rho_threshold=args.rho_threshold, batch_size=args.batch_size,
                              target_layer=args.target_layer, temperature=predictor.temperature)
     print(f"faithfulness: {len(chosen)} images, methods {', '.join(methods)} (+ random baseline), "
           f"{torch.get_num_threads()} thread(s)")
-    report = evaluate_faithfulness(predictor.model, batch, cfg, targets,
-                                   progress=lambda m: print(f"  scoring {m} ...", flush=True))
+    report = evaluate_faithfulness(predictor.model, batch, cfg, [d.target for d in chosen],
+                                   progress=lambda m: print(f"  scoring {m} ...", flush=True),
+                                   precomputed=precomputed)
     md, js = report.write(out)
     print(report.to_markdown())
     print(f"faithfulness: {md}, {js}")

@@ -203,11 +203,13 @@ def _timed_maps(model: nn.Module, batch: torch.Tensor, method: str, targets: lis
 
 
 def evaluate_faithfulness(model: nn.Module, batch: torch.Tensor, cfg: FaithfulnessConfig,
-                          target_classes: list[int] | None = None, progress=None) -> FaithfulnessReport:
+                          target_classes: list[int] | None = None, progress=None,
+                          precomputed: dict[str, tuple[np.ndarray, float]] | None = None) -> FaithfulnessReport:
     """Score ``cfg.methods`` (plus the random baseline) on a normalised batch (N, 3, S, S).
 
-    Each CAM method explains ``target_classes`` (default: the predicted classes). ``progress(text)``, when
-    given, is called once per method.
+    Each CAM method explains ``target_classes`` (default: the predicted classes). ``precomputed[method]``:
+    (maps (N, S, S), seconds per image) already made for these images and targets (the CLI's gallery pass), so
+    slow methods are not run twice. ``progress(text)``, when given, is called once per method.
     """
     if len(batch) == 0:
         raise MpoxscopeError("faithfulness: no images to score")
@@ -219,7 +221,10 @@ def evaluate_faithfulness(model: nn.Module, batch: torch.Tensor, cfg: Faithfulne
     for name in methods:
         if progress is not None:
             progress(name)
-        maps, seconds = _timed_maps(model, batch, name, targets, cfg)
+        if precomputed and name in precomputed:
+            maps, seconds = precomputed[name]
+        else:
+            maps, seconds = _timed_maps(model, batch, name, targets, cfg)
         morf, lerf = road_scores(model, batch, maps, targets, cfg.percentiles, cfg.temperature,
                                  cfg.batch_size, cfg.seed)
         score = MethodScore(name, len(batch), seconds, float(morf.mean()), float(lerf.mean()),

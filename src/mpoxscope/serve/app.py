@@ -29,6 +29,7 @@ from mpoxscope.serve.service import (
     ModelIdentity,
     PredictorLike,
     ServeConfig,
+    explain_module,
     load_service,
     torch_copy_loader,
 )
@@ -136,6 +137,9 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.limiter = anyio.CapacityLimiter(config.max_concurrency)
+        # Import the explanation stack (grad-cam, matplotlib: seconds) now, not on the event loop at the
+        # first ?explain= request.
+        await anyio.to_thread.run_sync(explain_module)
         yield
 
     app = FastAPI(
@@ -150,6 +154,12 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: JSON like every other answer, details in the server log only.
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal server error ({type(exc).__name__})"}, status_code=500)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

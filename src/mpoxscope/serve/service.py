@@ -195,16 +195,19 @@ class InferenceService:
         module = explain_module()
         if module is None:
             raise UploadError(400, "explanations are not available: mpoxscope.explain is not installed")
+        # The map is computed from the display copy, not the full photo: the model input (S px) is the same
+        # to within resampling noise, and a 12 MP phone photo would otherwise cost ~150 ms more to convert.
+        side = max(self.config.overlay_max_side, int(self.meta.get("image_size", 0)))
+        shown = image.copy()
+        shown.thumbnail((side, side), Image.Resampling.LANCZOS)
         with self._explain_lock:  # one model copy, one set of hooks: explanations take turns
             model, transform = self._explain_parts()
             device = next(model.parameters()).device
-            batch = transform(image).unsqueeze(0).to(device)
+            batch = transform(shown).unsqueeze(0).to(device)
             try:
                 cams = module.explain(model, batch, method=method, target_classes=[target])
             except (MpoxscopeError, ValueError, KeyError) as e:
                 raise UploadError(400, f"explain: {e}") from None
-        shown = image.copy()
-        shown.thumbnail((self.config.overlay_max_side, self.config.overlay_max_side))
         return module.overlay(shown, np.asarray(cams)[0])
 
     # ----- prediction -------------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ class InferenceService:
             t0 = time.perf_counter()
             picture = self.explain(decoded.image, method, k)
             buf = io.BytesIO()
-            picture.save(buf, format="PNG", optimize=True)
+            picture.save(buf, format="PNG", compress_level=3)  # optimize=True: 20x slower, 20 % smaller
             explain_ms = _ms(t0)
             explanation = {
                 "method": method, "target_class": self.classes[k],

@@ -173,8 +173,8 @@ def sniff_image(data: bytes, name: str = "upload",
                                "TIFF)") from None
     except Image.DecompressionBombError:
         raise UploadError(413, f"{name}: image has too many pixels (limit {max_pixels:,})") from None
-    except (OSError, SyntaxError, ValueError) as e:  # a recognised header that is itself corrupt
-        raise UploadError(422, f"{name}: cannot read image header ({e})") from None
+    except Exception as e:  # a corrupt header can raise anything (struct.error, IndexError...)
+        raise UploadError(422, f"{name}: cannot read image header ({type(e).__name__}: {e})") from None
     if size[0] * size[1] > max_pixels:
         raise UploadError(413, f"{name}: image has too many pixels ({size[0]}x{size[1]}; "
                                f"limit {max_pixels:,})")
@@ -188,4 +188,6 @@ def decode_upload(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXEL
         image = decode_image(data, name)
     except ImageError as e:
         raise UploadError(422, f"{name}: {e.reason}") from None
+    except Exception as e:  # decoders fed hostile bytes fail in many ways; all mean "bad file"
+        raise UploadError(422, f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return DecodedImage(image, fmt, size)
