@@ -102,9 +102,22 @@ def test_explain_leaves_model_unchanged(lite0, batch):
 
 
 def test_explain_works_inside_inference_mode(lite0, batch):
-    with torch.inference_mode():
-        maps = explain(lite0, batch, "gradcam")
-    assert maps.shape == (2, SIZE, SIZE) and maps.max() > 0
+    with torch.inference_mode():  # as a web service would call it, with an inference-mode batch
+        frozen_batch = batch.clone()
+        maps = explain(lite0, frozen_batch, "gradcam")
+        attention = explain(lite0, frozen_batch, "attention")
+    assert maps.shape == attention.shape == (2, SIZE, SIZE) and maps.max() > 0
+
+
+def test_concurrent_explanations_do_not_mix(lite0, batch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {m: explain(lite0, batch, m) for m in ("gradcam", "hirescam", "attention")}
+    with ThreadPoolExecutor(3) as pool:
+        got = dict(zip(expected, pool.map(lambda m: explain(lite0, batch, m), expected), strict=True))
+    for m in expected:
+        np.testing.assert_array_equal(got[m], expected[m])
+    assert _hooks(lite0) == 0 and all(p.requires_grad for p in lite0.parameters())
 
 
 def test_target_class_changes_the_gradient_maps(lite0, batch):

@@ -117,3 +117,11 @@ def test_gallery_order_is_by_class_then_confidence():
     entries = [GalleryEntry("a", "Measles", 0.9), GalleryEntry("b", "Mpox", 0.4),
                GalleryEntry("c", error="x"), GalleryEntry("d", "Mpox", 0.8)]
     assert [e.source for e in sort_entries(entries, ["Mpox", "Measles"])] == ["d", "b", "a", "c"]
+
+
+def test_gallery_flags_a_prediction_that_disagrees_with_the_folder():
+    from mpoxscope.explain.gallery import render_gallery
+
+    page = render_gallery([GalleryEntry("images/Mpox/a.jpg", "Measles", 0.7, "Measles", folder_label="Mpox"),
+                           GalleryEntry("images/Mpox/b.jpg", "Mpox", 0.9, "Mpox", folder_label="Mpox")], "t")
+    assert page.count("folder: Mpox") == 2 and page.count('<span class="err">folder: Mpox') == 1

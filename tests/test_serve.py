@@ -342,6 +342,7 @@ def test_never_spooled_to_disk(client, monkeypatch):
     assert client.post("/api/predict", files=upload(data)).status_code == 200
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about truncated TIFF tags
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"])
 def test_mangled_files_never_crash(fmt):
     """Flipped bytes and cut-off files: decoding either works or says why (4xx), never anything else."""
@@ -627,6 +628,7 @@ def test_cli_busy_port(tiny_run, capsys):
     assert "cannot listen" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_serves(tiny_run):
     """`mpoxscope serve` in a subprocess answers /api/health, then stops on SIGINT."""
     import signal

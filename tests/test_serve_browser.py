@@ -22,6 +22,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PHOTO = Path("images") / "Mpox" / "MKP_01_01.jpg"
+LIMIT_PIXELS = 2_000_000
+LIMIT_BYTES = 3_000_000
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tiny_run) -> Iterator[str]:
-    """uvicorn on 127.0.0.1, a free port, in a background thread; yields the base URL."""
+    """uvicorn on 127.0.0.1, a free port, in a background thread; yields the base URL. Its limits are low
+    (2 MP, 3 MB) so that the page's own resizing of big photos can be tested with small files."""
     import uvicorn
 
-    from mpoxscope.serve import create_app
+    from mpoxscope.serve import ServeConfig, create_app_from_service, load_service
 
-    app = create_app(tiny_run, device="cpu", max_concurrency=1)
+    config = ServeConfig(max_concurrency=1, max_pixels=LIMIT_PIXELS, max_upload_bytes=LIMIT_BYTES)
+    app = create_app_from_service(load_service(tiny_run, device="cpu", config=config))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
@@ -169,3 +173,33 @@ def test_page_shows_server_error(browser, server, tmp_path):
         assert page.is_hidden("#result")
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("kind", ["pixels", "bytes"])
+def test_page_resizes_big_photos(browser, server, tmp_path, kind):
+    """Over the pixel limit (server says 413) or the byte limit (checked before sending): the page scales the
+    photo down in the browser and still gets an answer."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    if kind == "pixels":  # 4.3 MP, a small JPEG
+        img, name = Image.new("RGB", (2400, 1800), (200, 140, 120)), "big.jpg"
+    else:  # 1.7 MP of noise: a PNG far over 3 MB
+        img, name = Image.fromarray(rng.integers(0, 256, (1100, 1500, 3), dtype=np.uint8)), "big.png"
+    path = tmp_path / name
+    img.save(path)
+    assert (path.stat().st_size > LIMIT_BYTES) == (kind == "bytes")
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    try:
+        page.goto(server)
+        page.wait_for_function("() => document.getElementById('model-facts').children.length > 0")
+        page.set_input_files("#pick", str(path))
+        page.wait_for_function("() => document.getElementById('status').textContent === 'Done.'",
+                               timeout=60_000)
+        note = page.text_content("#timing")
+    finally:
+        context.close()
+    w, h = img.size
+    assert f"resized in your browser from {w}\u00d7{h}" in note

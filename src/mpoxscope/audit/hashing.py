@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import scipy.fft
 from PIL import Image
@@ -40,7 +39,7 @@ DCT_SIZE = 4 * HASH_SIZE
 WINDOW_SIDES = (32, 34, 36)
 #: Flips in variant order: none, horizontal, vertical, both (= 180-degree rotation).
 FLIPS = ("none", "horizontal", "vertical", "both")
-#: Grey thumbnails kept for the dHash check and the HTML page: longest side in pixels.
+#: Grey thumbnails kept for the aligned check of candidate pairs: longest side in pixels.
 THUMB_SIDE = 128
 
 
@@ -80,7 +79,7 @@ def variant_windows() -> list[Window]:
 N_VARIANTS = len(FLIPS) * len(_windows_one_flip())
 
 
-def _flip(a: np.ndarray, flip: str) -> np.ndarray:
+def _flip_array(a: np.ndarray, flip: str) -> np.ndarray:
     if flip in ("horizontal", "both"):
         a = a[..., :, ::-1]
     if flip in ("vertical", "both"):
@@ -125,7 +124,7 @@ def _flip_windows(windows: np.ndarray, flip: str) -> np.ndarray:
     for side in WINDOW_SIDES:
         k = side - DCT_SIZE + 1
         block = windows[start:start + k * k].reshape(k, k, DCT_SIZE, DCT_SIZE)
-        block = _flip(block, flip)  # pixels within each window
+        block = _flip_array(block, flip)  # pixels within each window
         if flip in ("horizontal", "both"):
             block = block[:, ::-1]  # window at x in the flipped image is the window at k-1-x, mirrored
         if flip in ("vertical", "both"):
@@ -135,19 +134,18 @@ def _flip_windows(windows: np.ndarray, flip: str) -> np.ndarray:
     return np.concatenate(out)
 
 
-def dhash_bits(grey: Image.Image) -> np.ndarray:
-    """imagehash dHash, horizontal and vertical gradients: (2 * 64,) bool."""
-    return np.concatenate([imagehash.dhash(grey, HASH_SIZE).hash.ravel(),
-                           imagehash.dhash_vertical(grey, HASH_SIZE).hash.ravel()])
-
-
-def crop_variant(grey: Image.Image, window: Window) -> Image.Image:
-    """The part of ``grey`` that a variant hashed (flip, then crop)."""
-    img = grey
-    if window.flip in ("horizontal", "both"):
+def flipped(img: Image.Image, flip: str) -> Image.Image:
+    """``img`` flipped as a variant names it (one of FLIPS)."""
+    if flip in ("horizontal", "both"):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    if window.flip in ("vertical", "both"):
+    if flip in ("vertical", "both"):
         img = img.transpose(Image.FLIP_TOP_BOTTOM)
+    return img
+
+
+def crop_variant(img: Image.Image, window: Window) -> Image.Image:
+    """The part of ``img`` that a variant hashed (flip, then crop)."""
+    img = flipped(img, window.flip)
     w, h = img.size
     x0, y0, x1, y1 = window.box
     return img.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
@@ -156,7 +154,7 @@ def crop_variant(grey: Image.Image, window: Window) -> Image.Image:
 @dataclass(frozen=True)
 class ImageRecord:
     """What the audit knows about one file. ``error`` is set (and the pixel fields are empty) when the file
-    could not be decoded; ``phash`` is (N_VARIANTS,) uint64, ``dhash`` is (2,) uint64."""
+    could not be decoded; ``phash`` is (N_VARIANTS,) uint64 (variant 0 = the image as is)."""
 
     path: Path
     file_size: int
@@ -168,8 +166,7 @@ class ImageRecord:
     format: str = ""
     pixel_sha256: str = ""
     phash: np.ndarray | None = None
-    dhash: np.ndarray | None = None
-    thumb: Image.Image | None = None  # grey, longest side THUMB_SIDE; dhash and the dHash check use it
+    thumb: Image.Image | None = None  # grey, longest side THUMB_SIDE, for the aligned check (verify.py)
 
     @property
     def ok(self) -> bool:
@@ -216,9 +213,9 @@ def compute_record(path: str | os.PathLike) -> ImageRecord:
     bits = phash_variants(grey)
     thumb = grey.copy()
     thumb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.LANCZOS)
-    for arr in (ph := pack_bits(bits)[:, 0], dh := pack_bits(dhash_bits(thumb))):
-        arr.setflags(write=False)  # records are shared through the cache
-    return ImageRecord(path, len(data), sha, None, width, height, mode, fmt, _pixel_digest(rgb), ph, dh, thumb)
+    phash = pack_bits(bits)[:, 0]
+    phash.setflags(write=False)  # records are shared through the cache
+    return ImageRecord(path, len(data), sha, None, width, height, mode, fmt, _pixel_digest(rgb), phash, thumb)
 
 
 @lru_cache(maxsize=16384)

@@ -104,6 +104,8 @@ def _is_matrix(v: Any) -> bool:
 
 
 def _cell(c: Any) -> str:
+    if c is None:  # in a metrics table None means undefined (e.g. AUC of an absent class)
+        return "n/a"
     return c.replace("|", "\\|") if isinstance(c, str) else _fmt(c)
 
 
@@ -232,6 +234,9 @@ def _metrics_block(metrics: dict, classes: list) -> list[str]:
             cols_l = [str(c) for c in labels] if len(labels) == n_cols else [str(i) for i in range(n_cols)]
             rows = [[lab, *r] for lab, r in zip(rows_l, value, strict=True)]
             out.append(f"{title}\n\n" + _table(["true \\ predicted", *cols_l], rows))
+        elif isinstance(value, list) and value and key != "classes":  # e.g. unreadable files
+            more = f" (first 5 of {len(value)})" if len(value) > 5 else ""
+            out.append(f"{title}: {len(value)}{more}: " + "; ".join(_brief(v) for v in value[:5]))
     return out
 
 

@@ -37,7 +37,7 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list
     out["roc_auc_ovr_macro"], per_class_auc = _roc_auc(targets, probs, k)
     for i, c in enumerate(classes):
         out["per_class"][c]["roc_auc"] = per_class_auc.get(i)
-    out["log_loss"] = float(log_loss(targets, np.clip(probs, 1e-7, 1), labels=labels)) if len(targets) else None
+    out["log_loss"] = float(log_loss(targets, probs, labels=labels)) if len(targets) else None
     out["confusion_matrix"] = confusion_matrix(targets, preds, labels=labels).tolist()
     out["classes"] = list(classes)
     return out

@@ -170,6 +170,8 @@ def _write_outputs(ex, path: Path, key: str, out: Path, predictor, heads: bool):
     entry = GalleryEntry(str(path), ex.label, ex.confidence, ex.target,
                          dict(zip(predictor.classes, map(float, ex.probabilities), strict=True)),
                          panel=f"{key}/panel.png")
+    folder_names = {c.lower(): c for c in predictor.classes}
+    entry.folder_label = folder_names.get(path.parent.name.lower())
     for name, cam in ex.maps.items():
         title = f"{path.name}: {name} for {ex.target}" if name != "attention" \
             else f"{path.name}: AGFN attention (mean over heads)"

@@ -15,7 +15,7 @@ from mpoxscope.fileio import write_json, write_text
 @dataclass
 class GalleryEntry:
     """One input file. Paths in ``panel`` and ``files`` (method or kind -> file) are relative to the
-    gallery folder."""
+    gallery folder. ``folder_label``: the class named by the file's folder (``images/<class>/x.jpg``), if any."""
 
     source: str
     label: str | None = None
@@ -25,6 +25,7 @@ class GalleryEntry:
     panel: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    folder_label: str | None = None
 
 
 def sort_entries(entries: Sequence[GalleryEntry], classes: Sequence[str] = ()) -> list[GalleryEntry]:
@@ -58,6 +59,9 @@ def _card(e: GalleryEntry) -> str:
     name = html.escape(Path(e.source).name)
     conf = f"{e.confidence:.1%}" if e.confidence is not None else ""
     target = "" if e.target in (None, e.label) else f" &middot; explaining <b>{html.escape(e.target)}</b>"
+    if e.folder_label is not None:
+        cls = "" if e.folder_label == e.label else ' class="err"'
+        target += f" &middot; <span{cls}>folder: {html.escape(e.folder_label)}</span>"
     links = " ".join(f'<a href="{_href(p)}">{html.escape(k)}</a>' for k, p in e.files.items())
     img = f'<a href="{_href(e.panel)}"><img loading="lazy" src="{_href(e.panel)}" alt="{name}"></a>' \
         if e.panel else ""

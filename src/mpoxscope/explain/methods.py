@@ -32,9 +32,9 @@ from torch import nn
 
 from mpoxscope.errors import MpoxscopeError
 
-# Hooks are registered on the shared model, so two explanations running at once (web service threads) would
-# read each other's activations: one explanation per process at a time.
-_LOCK = threading.RLock()
+#: Held while an explanation has hooks on (or flags changed in) a model: one explanation per process at a
+#: time. A server that also predicts with the same model object from other threads should hold it too.
+LOCK = threading.RLock()
 
 
 class LeanScoreCAM(ScoreCAM):
@@ -144,21 +144,22 @@ class LogitsOnly(nn.Module):
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no parameter gradients inside; on exit every module's mode, every ``requires_grad`` flag
-    and every existing ``.grad`` are as they were (CAM gradients are taken with respect to the input only)."""
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
-    state = [(p.requires_grad, p.grad) for p in params]
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, (flag, grad) in zip(params, state, strict=True):
-            p.requires_grad_(flag)
-            p.grad = grad
-        for m, mode in modes:
-            m.training = mode
+    and every existing ``.grad`` are as they were."""
+    with LOCK:  # two threads saving and restoring the same flags would interleave
+        modes = [(m, m.training) for m in model.modules()]
+        params = list(model.parameters())
+        state = [(p.requires_grad, p.grad) for p in params]
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p, (flag, grad) in zip(params, state, strict=True):
+                p.requires_grad_(flag)
+                p.grad = grad
+            for m, mode in modes:
+                m.training = mode
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -220,19 +221,33 @@ def cam_session(spec: MethodSpec, model: nn.Module, layer: nn.Module) -> Iterato
     (Not ``with cam:``: pytorch-grad-cam's ``__exit__`` prints and swallows IndexError.)
     """
     assert spec.cam is not None
-    cam = spec.cam(model=LogitsOnly(model), target_layers=[layer])
+    # Registered before the CAM's own hooks, so they see (and take gradients at) the re-rooted output.
+    root = layer.register_forward_hook(_grad_root) if spec.uses_gradients else None
     try:
-        yield cam
+        cam = spec.cam(model=LogitsOnly(model), target_layers=[layer])
+        try:
+            yield cam
+        finally:
+            cam.activations_and_grads.release()
+            cam.outputs = None
     finally:
-        cam.activations_and_grads.release()
-        cam.outputs = None
+        if root is not None:
+            root.remove()
+
+
+def _grad_root(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+    """Start the autograd graph at the target layer: CAMs need gradients there only, so nothing is
+    back-propagated through the layers below it (about half the cost of a gradient method)."""
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        return output.detach().requires_grad_(True)
+    return None
 
 
 def cam_maps(model: nn.Module, batch: torch.Tensor, spec: MethodSpec, targets: list[int],
              layer: nn.Module, batch_size: int = 16) -> np.ndarray:
     """(N, S, S) float32 maps in [0, 1] of CAM method ``spec`` for class ``targets[i]`` of image i.
 
-    The model must already be :func:`frozen`: gradients flow to a copy of the input only, never to parameters.
+    The model must already be :func:`frozen`: gradients start at the target layer and never reach parameters.
     """
     dev = model_device(model)
     out = []
@@ -244,7 +259,7 @@ def cam_maps(model: nn.Module, batch: torch.Tensor, spec: MethodSpec, targets: l
             chunk_targets = [ClassifierOutputTarget(k) for k in targets[i:i + batch_size]]
             if spec.uses_gradients:
                 with torch.enable_grad():
-                    maps = cam(input_tensor=x.requires_grad_(True), targets=chunk_targets)
+                    maps = cam(input_tensor=x, targets=chunk_targets)
             else:
                 with torch.no_grad():
                     maps = cam(input_tensor=x, targets=chunk_targets)
@@ -269,7 +284,7 @@ def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
     targets = check_targets(target_classes, len(batch), getattr(model, "num_classes", None))
     if len(batch) == 0:
         return np.zeros((0, *batch.shape[-2:]), dtype=np.float32)
-    with _LOCK, torch.inference_mode(False), frozen(model):
+    with LOCK, torch.inference_mode(False), frozen(model):
         if spec.cam is None:
             from mpoxscope.explain.attention import attention_maps
 

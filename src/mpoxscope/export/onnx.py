@@ -307,19 +307,22 @@ def export_onnx(run_dir: str | os.PathLike, out_file: str | os.PathLike | None =
     size = int(meta.get("image_size") or model.config.image_size)
     meta = {**meta, "image_size": size}
     images, source = _parity_images(parity_images, size)
-    with atomic_path(out) as tmp:  # the file appears only once it has passed every check
-        used, opset_used = _export_graph(model, tmp, size, opset, dynamic_batch, exporter)
-        _add_metadata(tmp, meta, which, sha)
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except Exception as e:
-            raise MpoxscopeError(f"{out}: exported graph fails onnx.checker ({e})") from None
-        prob_diff, logit_diff, batch1 = _parity(model, meta, tmp, images)
-        if not max(prob_diff, batch1) <= tolerance:  # also catches NaN
-            raise MpoxscopeError(f"{out}: ONNX Runtime differs from PyTorch by {max(prob_diff, batch1):.2e} "
-                                 f"in probability on {len(images)} {source} (tolerance {tolerance:.0e}); "
-                                 "not written")
-        size_bytes = tmp.stat().st_size
+    try:
+        with atomic_path(out) as tmp:  # the file appears only once it has passed every check
+            used, opset_used = _export_graph(model, tmp, size, opset, dynamic_batch, exporter)
+            _add_metadata(tmp, meta, which, sha)
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except Exception as e:
+                raise MpoxscopeError(f"{out}: exported graph fails onnx.checker ({e})") from None
+            prob_diff, logit_diff, batch1 = _parity(model, meta, tmp, images)
+            if not max(prob_diff, batch1) <= tolerance:  # also catches NaN
+                raise MpoxscopeError(f"{out}: ONNX Runtime differs from PyTorch by {max(prob_diff, batch1):.2e} "
+                                     f"in probability on {len(images)} {source} (tolerance {tolerance:.0e}); "
+                                     "not written")
+            size_bytes = tmp.stat().st_size
+    except OSError as e:  # read-only run folder, disk full
+        raise MpoxscopeError(f"{out}: cannot write the ONNX file ({e.strerror or e})") from None
     return ExportReport(onnx_file=out, exporter=used, opset=opset_used, dynamic_batch=dynamic_batch,
                         weights=which, file_bytes=size_bytes, parity_source=source, parity_count=len(images),
                         max_abs_prob_diff=prob_diff, max_abs_logit_diff=logit_diff, batch1_prob_diff=batch1,

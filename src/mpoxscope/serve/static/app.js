@@ -4,7 +4,7 @@
 
 (function () {
   const $ = (id) => document.getElementById(id);
-  const state = { maxBytes: null, busy: false, previewUrl: null };
+  const state = { maxBytes: null, maxPixels: null, busy: false, previewUrl: null };
 
   function setStatus(text, isError) {
     const el = $("status");
@@ -36,6 +36,7 @@
     try {
       const m = await getJson("api/model");
       state.maxBytes = m.limits && m.limits.max_upload_bytes;
+      state.maxPixels = m.limits && m.limits.max_pixels;
       if (state.maxBytes) $("limit-text").textContent = ", up to " + Math.round(state.maxBytes / 1e6) + " MB";
       $("intended-use").textContent = m.intended_use || "";
       const dl = $("model-facts");
@@ -124,7 +125,7 @@
     }
   }
 
-  function render(result, explainNote) {
+  function render(result, explainNote, resizeNote) {
     $("result").hidden = false;
     const abstain = $("abstain");
     abstain.hidden = !result.abstain;
@@ -146,16 +147,33 @@
     $("pictures").classList.toggle("single", fig.hidden);
     const t = result.timing_ms;
     $("timing").textContent = "Model " + result.model.name + " v" + result.model.version + " \u00b7 " +
-      Math.round(t.total) + " ms" + (explainNote ? " \u00b7 heat-map unavailable: " + explainNote : "");
+      Math.round(t.total) + " ms" + (resizeNote ? " \u00b7 " + resizeNote : "") +
+      (explainNote ? " \u00b7 heat-map unavailable: " + explainNote : "");
+  }
+
+  // Photos over the server's byte or pixel limit (50-200 MP phone modes) are scaled down here, in the
+  // browser, to a JPEG that fits: the model sees a few hundred pixels anyway.
+  async function shrink(file) {
+    const limit = Math.floor(Math.sqrt(state.maxPixels || 16e6));
+    const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+    const scale = Math.min(1, Math.min(3000, limit) / Math.max(bitmap.width, bitmap.height));
+    const w = Math.max(1, Math.round(bitmap.width * scale));
+    const h = Math.max(1, Math.round(bitmap.height * scale));
+    const canvas = document.createElement("canvas");
+    canvas.width = w;
+    canvas.height = h;
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, w, h);
+    const note = "resized in your browser from " + bitmap.width + "\u00d7" + bitmap.height + " to " + w +
+      "\u00d7" + h;
+    bitmap.close();
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.92));
+    if (!blob) throw new Error("cannot re-encode the photo");
+    const name = (file.name || "photo").replace(/\.[^.]*$/, "") + "-resized.jpg";
+    return { file: new File([blob], name, { type: "image/jpeg" }), note: note };
   }
 
   async function analyse(file) {
     if (!file || state.busy) return;
-    if (state.maxBytes && file.size > state.maxBytes) {
-      setStatus("This file is " + (file.size / 1e6).toFixed(1) + " MB; the limit is " +
-        Math.round(state.maxBytes / 1e6) + " MB. Try a smaller photo.", true);
-      return;
-    }
     state.busy = true;
     document.body.classList.add("busy");
     document.body.setAttribute("aria-busy", "true");
@@ -163,12 +181,29 @@
     state.previewUrl = URL.createObjectURL(file);
     $("photo").src = state.previewUrl;
     setStatus("Analysing the photo\u2026", false);
+    let resizeNote = "";
     try {
+      if (state.maxBytes && file.size > state.maxBytes) {
+        try {
+          ({ file: file, note: resizeNote } = await shrink(file));
+        } catch (e) {
+          setStatus("This file is " + (file.size / 1e6).toFixed(1) + " MB; the limit is " +
+            Math.round(state.maxBytes / 1e6) + " MB, and this browser cannot resize it. Try a smaller photo.",
+            true);
+          return;
+        }
+      }
       const method = wantedMethod();
       let res = await post(file, method);
+      if (res.status === 413 && !resizeNote) {  // too many pixels: scale down once and try again
+        try {
+          ({ file: file, note: resizeNote } = await shrink(file));
+          res = await post(file, method);
+        } catch (e) { /* keep the server's answer */ }
+      }
       let explainNote = "";
       if (!res.ok && method && res.status === 400) {
-        explainNote = detail(res);  // still show the classification without the heat-map
+        explainNote = detail(res);  // still show the classification, without the heat-map
         res = await post(file, "");
       }
       if (!res.ok) {
@@ -176,7 +211,7 @@
         setStatus("Could not analyse this file: " + detail(res), true);
         return;
       }
-      render(res.data, explainNote);
+      render(res.data, explainNote, resizeNote);
       setStatus("Done.", false);
     } catch (e) {
       setStatus("Could not reach the model service (" + e.message + "). Is the server still running?", true);

@@ -1,0 +1,59 @@
+"""Cross-validation: every fold trained and tested, summary statistics, resume, and the leak-free variant."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mpoxscope.config import DataConfig, ModelConfig, TrainConfig
+from mpoxscope.engine.cv import CVConfig, cross_validate, summarize
+
+SMALL = ModelConfig(image_size=96, d_model=32, num_heads=4)
+FAST = TrainConfig(epochs=3, batch_size=16, cache_views=2, warmup_epochs=1, lr=3e-3)
+
+
+def test_summarize_mean_std_and_pooled_confusion():
+    def fold(acc, cm):
+        return {"accuracy": acc, "precision_macro": acc, "recall_macro": acc, "f1_macro": acc, "f1_weighted": acc,
+                "roc_auc_ovr_macro": None, "n_images": int(np.sum(cm)), "confusion_matrix": cm,
+                "per_class": {"A": {"f1": acc, "support": 1}, "B": {"f1": 1.0, "support": 0}}}
+
+    s = summarize([fold(0.5, [[1, 1], [0, 0]]), fold(1.0, [[2, 0], [0, 0]])], ["A", "B"])
+    assert s["accuracy"]["mean"] == pytest.approx(0.75)
+    assert s["accuracy"]["std"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
+    assert s["roc_auc_ovr_macro"]["mean"] is None
+    assert s["per_class_f1"]["B"]["values"] == []  # absent from every test part: not averaged as 1.0
+    assert s["pooled_confusion_matrix"] == [[3, 1], [0, 0]]
+
+
+def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
+    data_cfg = DataConfig(root=str(synthetic_root), split_file=None, folds=3)
+    dropped = {}
+
+    def drop_two(prepared, fold):
+        dropped[fold.name] = set(fold.test[:2])
+        return dropped[fold.name]
+
+    cv = CVConfig(out=str(tmp_path / "cv"), exclude_leaks=True)
+    summary = cross_validate(data_cfg, SMALL, FAST, cv, leak_filter=drop_two, progress=False, log=lambda *_: None)
+    assert summary["summary"]["n_folds"] == 3
+    assert summary["summary"]["n_test_images_total"] == 72  # grouped k-fold: the test parts cover every image
+    assert 0 <= summary["summary"]["accuracy"]["mean"] <= 1
+    assert "grouped stratified 3-fold" in summary["protocol"]
+    for full, lf in zip(summary["per_fold"], summary["leak_free"]["per_fold"]):
+        assert lf["n_images"] == full["n_images"] - 2 and lf["n_dropped"] == 2
+    report = (tmp_path / "cv" / "cv_report.md").read_text()
+    assert "Leak-free variant" in report and "| fold3 |" in report
+    assert (tmp_path / "cv" / "per_fold.png").stat().st_size > 1000
+
+    # resume: fold1 and fold2 are skipped; fold3 is re-evaluated from its finished run without retraining
+    (tmp_path / "cv" / "fold3" / "evaluation" / "metrics.json").unlink()
+    logs: list[str] = []
+    again = cross_validate(data_cfg, SMALL, FAST, cv, leak_filter=drop_two, progress=False, log=logs.append)
+    assert any("fold1: already evaluated" in line for line in logs)
+    assert any("already trained" in line for line in logs)
+    assert again["per_fold"][2]["accuracy"] == summary["per_fold"][2]["accuracy"]
+    saved = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    assert saved["summary"]["accuracy"]["mean"] == pytest.approx(summary["summary"]["accuracy"]["mean"])
