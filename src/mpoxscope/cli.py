@@ -20,6 +20,8 @@ PLUGINS = (
     "mpoxscope.audit.cli",
     "mpoxscope.explain.cli",
     "mpoxscope.serve.cli",
+    "mpoxscope.export.cli",
+    "mpoxscope.card.cli",
 )
 
 

@@ -36,8 +36,8 @@ class Predictor:
     >>> p.predict_images([img])                       # doctest: +SKIP  (N, K) probabilities
     """
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device) -> None:
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module | None, meta: dict, device: torch.device) -> None:
+        self.model = model.eval() if model is not None else None  # None: a subclass computes logits elsewhere
         self.meta = meta
         self.device = device
         self.classes: list[str] = list(meta["classes"])

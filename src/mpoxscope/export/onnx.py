@@ -113,9 +113,7 @@ class OnnxPredictor(Predictor):
     """
 
     def __init__(self, session: ort.InferenceSession, meta: dict, onnx_file: Path | None = None) -> None:
-        # Predictor's constructor only needs a module to call .eval() on; the torch model is never used.
-        super().__init__(torch.nn.Identity(), meta, torch.device("cpu"))
-        self.model = None
+        super().__init__(None, meta, torch.device("cpu"))  # no torch model: logits() runs the ONNX session
         self.session = session
         self.onnx_file = onnx_file
         inp = session.get_inputs()[0]

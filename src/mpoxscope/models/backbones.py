@@ -50,5 +50,10 @@ def stage_count(model: nn.Module) -> int:
 
 
 def target_layer(model: nn.Module) -> nn.Module:
-    """The last convolutional stage: where Grad-CAM and friends read activations and gradients."""
-    return backbone_stages(model)[-1]
+    """The last convolutional stage: where Grad-CAM and friends read activations and gradients.
+
+    ``model`` is a :class:`SkinLesionNet` (its own stage list, the modules its forward pass really calls) or a
+    bare timm backbone (for which the stage wrappers are built anew, so hook them only on that backbone).
+    """
+    stages = getattr(model, "stages", None)
+    return stages[-1] if isinstance(stages, list) and stages else backbone_stages(model)[-1]
