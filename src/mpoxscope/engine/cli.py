@@ -7,8 +7,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mpoxscope.errors import MpoxscopeError
-
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: preset, model, optimisation, device."""
@@ -117,13 +115,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_cv(args: argparse.Namespace) -> int:
     from mpoxscope.config import DataConfig
-    from mpoxscope.engine.cv import CVConfig, cross_validate
+    from mpoxscope.engine.cv import CVConfig, audit_leak_filter, cross_validate
 
     model_cfg, train_cfg = configs_from_args(args)
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
     cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks, tta=args.tta,
                   folds=tuple(f"fold{f}" if f.isdigit() else f for f in args.only_folds) if args.only_folds else None)
-    leak_filter = _leak_filter(args.near_dup_threshold) if args.exclude_leaks else None
+    leak_filter = audit_leak_filter(args.near_dup_threshold) if args.exclude_leaks else None
     summary = cross_validate(data_cfg, model_cfg, train_cfg, cv, leak_filter=leak_filter, progress=not args.quiet)
     s = summary["summary"]
     print(f"[{summary['protocol']}] accuracy {100 * s['accuracy']['mean']:.2f} ± {100 * s['accuracy']['std']:.2f} %, "
@@ -134,21 +132,6 @@ def run_cv(args: argparse.Namespace) -> int:
               f"macro-F1 {100 * lf['f1_macro']['mean']:.2f} ± {100 * lf['f1_macro']['std']:.2f} %")
     print(f"wrote {args.out}/cv_report.md, cv_summary.json, per_fold.png, confusion_matrix_pooled.png")
     return 0
-
-
-def _leak_filter(threshold: int | None):
-    """Test images linked to a fold's training/validation images by patient or (near-)duplicate, via the audit."""
-    from mpoxscope.audit import find_duplicate_pairs, leaked_test_indices
-
-    cache: dict = {}
-
-    def leak_filter(prepared, fold):
-        if "pairs" not in cache:
-            kwargs = {} if threshold is None else {"threshold": threshold}
-            cache["pairs"] = find_duplicate_pairs(prepared.data, **kwargs)
-        return leaked_test_indices(prepared.data, fold, cache["pairs"])
-
-    return leak_filter
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -221,6 +204,3 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_demo)
 
-
-def _ensure_error_type() -> type[MpoxscopeError]:  # keeps the import used for type checkers
-    return MpoxscopeError

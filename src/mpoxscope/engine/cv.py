@@ -42,6 +42,22 @@ class CVConfig:
     folds: tuple[str, ...] | None = None  # run only these folds (names), default all
 
 
+def audit_leak_filter(threshold: int | None = None) -> LeakFilter:
+    """Test images linked to a fold's training/validation images by patient or (near-)duplicate, found by the
+    audit; duplicate pairs are computed once per dataset and reused for every fold."""
+    from mpoxscope.audit import find_duplicate_pairs, leaked_test_indices
+
+    cache: dict = {}
+
+    def leak_filter(prepared: PreparedData, fold: Fold) -> set:
+        if "pairs" not in cache:
+            kwargs = {} if threshold is None else {"threshold": threshold}
+            cache["pairs"] = find_duplicate_pairs(prepared.data, **kwargs)
+        return leaked_test_indices(prepared.data, fold, cache["pairs"])
+
+    return leak_filter
+
+
 def summarize(per_fold: list[dict], classes: list[str]) -> dict:
     """Mean and (sample) standard deviation over folds of the headline metrics and per-class F1, and the
     confusion matrix summed over folds."""

@@ -17,7 +17,7 @@ from mpoxscope.errors import ImageError, MpoxscopeError
 from mpoxscope.fileio import write_bytes, write_json, write_text
 
 
-def predict_split(predictor: Predictor, data: SampleSet, indices, tta: bool = False, batch_size: int = 32,
+def predict_split(predictor: Predictor, data: SampleSet, indices, tta: bool = False, batch_size: int = 16,
                   ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Probabilities (N, K) and targets (N,) for ``indices``; unreadable files are returned separately."""
     index = {c: i for i, c in enumerate(predictor.classes)}

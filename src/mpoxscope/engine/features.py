@@ -63,7 +63,7 @@ def _fit_for_crops(img: Image.Image, image_size: int) -> Image.Image:
 
 @torch.no_grad()
 def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices, n_views: int, seed: int,
-                       augment: AugmentConfig, device: torch.device, batch_size: int = 32,
+                       augment: AugmentConfig, device: torch.device, batch_size: int = 16,
                        progress: bool = True, desc: str = "caching features") -> FeatureBank:
     """Run stages ``[:stop]`` of ``model`` on every sample in ``indices``: once with the evaluation transform,
     and ``n_views`` times with seeded training augmentation (view ``v`` of sample ``i`` is the same draw in

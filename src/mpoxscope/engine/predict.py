@@ -61,7 +61,7 @@ class Predictor:
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch.to(self.device)).float().cpu()
 
-    def predict_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+    def predict_images(self, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
         """(N, K) calibrated class probabilities for RGB images."""
         out = []
         for i in range(0, len(images), batch_size):
@@ -74,7 +74,7 @@ class Predictor:
         return Prediction(source, self.classes[k], float(probs[k]),
                           {c: float(p) for c, p in zip(self.classes, probs)})
 
-    def predict_paths(self, paths: list[str | os.PathLike], batch_size: int = 32) -> list[Prediction]:
+    def predict_paths(self, paths: list[str | os.PathLike], batch_size: int = 16) -> list[Prediction]:
         """Predictions in input order; an unreadable file gets an ``error`` and the others still run."""
         results: list[Prediction | None] = [None] * len(paths)
         ok: list[tuple[int, Image.Image]] = []
