@@ -145,16 +145,20 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     ap.add_argument("--baselines", nargs="*", default=["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
     ap.add_argument("--out", default=str(HERE / "results" / "msld_v2_official"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json and stop")
     args = ap.parse_args()
     out_json = Path(args.out + ".json")
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"configs": {}, "baselines": {}}
     data_cfg = DataConfig(root=args.data, split_file=str(Path(args.data) / "datalog.xlsx"))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    results.update(machine=f"{cpu}, {torch.get_num_threads()} threads, no GPU, Python {platform.python_version()}, "
-                           f"torch {torch.__version__}",
-                   command="python " + " ".join(shlex.quote(a) for a in sys.argv),
-                   date=time.strftime("%Y-%m-%d"))
+    if not args.render_only:
+        results.update(machine=f"{cpu}, {torch.get_num_threads()} threads, no GPU, Python {platform.python_version()}, "
+                               f"torch {torch.__version__}",
+                       command="python " + " ".join(shlex.quote(a) for a in sys.argv),
+                       date=time.strftime("%Y-%m-%d"))
+    if args.render_only:
+        args.configs, args.baselines = [], []
     for name in args.configs:
         title, model_cfg, train_cfg = CONFIGS[name]
         t0 = time.perf_counter()
