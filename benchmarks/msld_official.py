@@ -135,6 +135,8 @@ def render(results: dict) -> str:
     lines += ["", "Leak-free: test images that share a patient with, or are an exact / near duplicate of, an image in "
               "that fold's train or validation part (found by `mpoxscope audit`) are dropped; on MSLD v2.0 that is "
               "1–2 test images per fold (duplicates filed under two patient IDs).", ""]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(lines)
 
 
