@@ -17,13 +17,7 @@ from mpoxscope.models import create_model
 SIZE = 64  # 2 x 2 feature grid: enough to exercise every method, cheap enough for Score-CAM on CPU
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Many tiny ops: one thread avoids OpenMP barrier stalls on a shared, busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(backbone: str, head: str = "agfn") -> torch.nn.Module:

@@ -7,19 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_run
 
 from mpoxscope.cli import main
 from mpoxscope.explain.gallery import GalleryEntry, sort_entries
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from mpoxscope.explain.faithfulness import (
 from mpoxscope.explain.methods import explain
 from mpoxscope.models import create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
