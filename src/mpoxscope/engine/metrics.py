@@ -11,6 +11,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from mpoxscope.engine.uncertainty import bootstrap_ci, classification_cis, fmt_ci  # noqa: F401 (public here)
+
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Metrics for ``targets`` (N,) int class indices and ``probs`` (N, K) probabilities.
@@ -57,5 +59,8 @@ def summary_line(m: dict, protocol: str) -> str:
     """One human line: protocol first, so no number travels without it."""
     auc = m.get("roc_auc_ovr_macro")
     auc_txt = f", ROC-AUC {auc:.3f}" if auc is not None else ""
-    return (f"[{protocol}] n={m['n_images']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['f1_macro']:.4f}, "
+    ci = m.get("ci") or {}
+    acc, f1 = (f" (95% CI {ci[k]['low']:.4f}–{ci[k]['high']:.4f})" if (ci.get(k) or {}).get("low") is not None
+               else "" for k in ("accuracy", "f1_macro"))
+    return (f"[{protocol}] n={m['n_images']}: accuracy {m['accuracy']:.4f}{acc}, macro-F1 {m['f1_macro']:.4f}{f1}, "
             f"macro precision {m['precision_macro']:.4f}, macro recall {m['recall_macro']:.4f}{auc_txt}")
