@@ -66,7 +66,13 @@ def test_evaluate_writes_report(tiny_run, synthetic_root, tmp_path, capsys):
     assert sum(map(sum, m["confusion_matrix"])) == m["n_images"]
     assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000
     assert "Protocol:" in (tmp_path / "ev" / "report.md").read_text()
-    assert "fold2, validation" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fold2, validation" in out and "95% CI" in out
+    ci = m["ci"]["accuracy"]
+    assert ci["low"] <= m["accuracy"] <= ci["high"] and "patients" in m["ci"]["method"]
+    assert m["selective"]["aurc"] >= m["selective"]["aurc_optimal"]
+    assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
+    assert f"[{ci['low']:.4f}, {ci['high']:.4f}]" in (tmp_path / "ev" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -97,3 +97,17 @@ def test_plots_are_pngs():
     assert reliability_png(probs, y, "synthetic").startswith(b"\x89PNG")
     rc = risk_coverage(probs.max(1), probs.argmax(1) == y)
     assert risk_coverage_png({"fold1": rc}, "synthetic", marks={"fold1": (0.5, 0.3)}).startswith(b"\x89PNG")
+
+
+def test_classification_cis_agree_with_sklearn_on_the_point_estimates():
+    from sklearn.metrics import f1_score, recall_score
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 200)
+    pred = np.where(rng.random(200) < 0.6, y, rng.integers(0, 4, 200))
+    ci = classification_cis(y, pred, list("abcd"), groups=np.arange(200), n=50)
+    assert "200 images" in ci["method"]  # singleton groups = the image bootstrap
+    assert ci["f1_macro"]["value"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert ci["f1_weighted"]["value"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    assert ci["recall"]["c"]["value"] == pytest.approx(recall_score(y, pred, labels=[2], average="macro"))
+    assert ci["f1"]["d"]["value"] == pytest.approx(f1_score(y, pred, labels=[3], average="macro"))

@@ -89,26 +89,37 @@ def markdown_report(m: dict, protocol: str, meta: dict) -> str:
                                            if m.get("failed_files") else ""),
         "",
         "| metric | value |", "|---|---|",
-        f"| accuracy | {m['accuracy']:.4f} |",
+        f"| accuracy | {m['accuracy']:.4f}{_ci(m, 'accuracy')} |",
         f"| macro precision / recall / F1 | {m['precision_macro']:.4f} / {m['recall_macro']:.4f} / "
-        f"{m['f1_macro']:.4f} |",
+        f"{m['f1_macro']:.4f}{_ci(m, 'f1_macro')} |",
         f"| weighted precision / recall / F1 | {m['precision_weighted']:.4f} / {m['recall_weighted']:.4f} / "
-        f"{m['f1_weighted']:.4f} |",
+        f"{m['f1_weighted']:.4f}{_ci(m, 'f1_weighted')} |",
         f"| ROC-AUC (one-vs-rest, macro) | {_fmt(m['roc_auc_ovr_macro'])} |",
     ]
     cal = m.get("calibration")
     if cal:
-        lines.append(f"| ECE before / after temperature ({cal['temperature']:.3f}) | {_fmt(cal['ece_before'])} / "
-                     f"{_fmt(cal['ece_after'])} |")
+        lines.append(f"| test ECE (15 bins) before / after calibration ({cal.get('method', 'temperature')}, "
+                     f"T={cal['temperature']:.3f}) | {_fmt(cal['ece_before'])} / {_fmt(cal['ece_after'])} |")
         if cal.get("abstain_threshold") is not None:
             lines.append(f"| abstain below p={cal['abstain_threshold']:.3f}: coverage / accuracy on kept | "
                          f"{_fmt(cal.get('coverage'))} / {_fmt(cal.get('accuracy_kept'))} |")
-    lines += ["", "## Per class", "", "| class | precision | recall | F1 | ROC-AUC | support |",
+    sel = m.get("selective")
+    if sel:
+        kept = sel.get("accuracy_kept_ci")
+        lines.append(f"| risk–coverage: AURC (oracle, excess) | {sel['aurc']:.4f} ({sel['aurc_optimal']:.4f}, "
+                     f"{sel['eaurc']:.4f}) |")
+        if kept:
+            lines.append(f"| accuracy on kept cases at the validation threshold, 95% CI | "
+                         f"{kept['value']:.4f} [{kept['low']:.4f}, {kept['high']:.4f}] |")
+    if m.get("ci"):
+        lines += ["", f"95% confidence intervals in brackets: {m['ci']['method']}."]
+    lines += ["", "## Per class", "", "| class | precision | recall [95% CI] | F1 [95% CI] | ROC-AUC | support |",
               "|---|---|---|---|---|---|"]
     for c in classes:
         pc = m["per_class"][c]
-        lines.append(f"| {c} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | "
-                     f"{_fmt(pc.get('roc_auc'))} | {pc['support']} |")
+        lines.append(f"| {c} | {pc['precision']:.3f} | {pc['recall']:.3f}{_ci(m, 'recall', c)} | "
+                     f"{pc['f1']:.3f}{_ci(m, 'f1', c)} | {_fmt(pc.get('roc_auc'))} | {pc['support']} |")
+    lines += ["", "![reliability diagram](reliability.png) ![risk-coverage curve](risk_coverage.png)"]
     lines += ["", "## Confusion matrix (rows true, columns predicted)", "", "![confusion matrix](confusion_matrix.png)",
               "", "| true \\ pred | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for c, row in zip(classes, m["confusion_matrix"]):
@@ -120,6 +131,15 @@ def markdown_report(m: dict, protocol: str, meta: dict) -> str:
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _ci(m: dict, key: str, cls: str | None = None) -> str:
+    """`` [lo, hi]`` from m["ci"] (the 95 % bootstrap interval), or nothing when absent."""
+    ci = (m.get("ci") or {}).get(key) or {}
+    if cls is not None:
+        ci = ci.get(cls) or {}
+    d = 3 if cls is not None else 4
+    return "" if ci.get("low") is None else f" [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
 
 
 def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path, protocol: str,
@@ -134,6 +154,8 @@ def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path
     m["protocol"] = protocol + (", test-time augmentation (flips)" if tta else "")
     m["failed_files"] = failed
     m["calibration"] = _calibration_metrics(predictor, probs, targets)
+    m.update(uncertainty_metrics(probs, targets, predictor.classes, _groups_of(data, names), m["calibration"]))
+    write_uncertainty_plots(out, probs, targets, m, m["protocol"])
     write_json(out / "metrics.json", m)
     write_text(out / "report.md", markdown_report(m, m["protocol"], predictor.meta))
     write_bytes(out / "confusion_matrix.png", confusion_png(m["confusion_matrix"], predictor.classes, m["protocol"]))
@@ -154,13 +176,55 @@ def _calibration_metrics(predictor: Predictor, probs: np.ndarray, targets: np.nd
     except ImportError:
         return None
     t = float(cal.get("temperature", 1.0))
-    # probs are already tempered by t; undo it to report the uncalibrated ECE too
-    logp = np.log(np.clip(probs, 1e-12, 1)) * t
-    raw = np.exp(logp - logp.max(1, keepdims=True))
-    raw /= raw.sum(1, keepdims=True)
-    out = {"temperature": t, "ece_before": float(expected_calibration_error(raw, targets)),
+    method = cal.get("method", "temperature")
+    ece_before = None
+    if method in ("temperature", "none"):
+        # probs are already tempered by t; undo it to report the uncalibrated ECE too
+        logp = np.log(np.clip(probs, 1e-12, 1)) * t
+        raw = np.exp(logp - logp.max(1, keepdims=True))
+        raw /= raw.sum(1, keepdims=True)
+        ece_before = float(expected_calibration_error(raw, targets))
+    out = {"method": method, "temperature": t, "ece_bins": 15, "ece_before": ece_before,
            "ece_after": float(expected_calibration_error(probs, targets)),
            "abstain_threshold": cal.get("abstain_threshold")}
     if cal.get("abstain_threshold") is not None:
         out.update(selective_metrics(probs, targets, float(cal["abstain_threshold"])))
     return out
+
+
+def _groups_of(data: SampleSet, names: list[str]) -> list[str]:
+    """The patient of each evaluated image (for the patient-level bootstrap)."""
+    index = data.by_filename()
+    return [data.samples[index[n]].group for n in names]
+
+
+def uncertainty_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str], groups: list[str] | None,
+                        calibration: dict | None = None) -> dict:
+    """95 % bootstrap intervals (by patient when patients are known) and the risk–coverage summary, as the
+    ``"ci"`` and ``"selective"`` entries of metrics.json; probs (N, K), targets (N,)."""
+    from mpoxscope.engine.uncertainty import classification_cis, risk_coverage
+
+    ci = classification_cis(targets, probs.argmax(1), classes, groups)
+    rc = risk_coverage(probs.max(1), probs.argmax(1) == targets)
+    selective = {k: rc[k] for k in ("aurc", "aurc_optimal", "eaurc")}
+    if calibration and calibration.get("coverage") is not None:
+        # accuracy on the cases kept at the threshold chosen on validation, with its patient bootstrap CI
+        keep = probs.max(1) >= float(calibration["abstain_threshold"])
+        selective.update({"abstain_threshold": calibration["abstain_threshold"],
+                          "coverage": calibration["coverage"], "accuracy_kept": calibration.get("accuracy_kept")})
+        if keep.sum() > 0:
+            kept = classification_cis(targets[keep], probs.argmax(1)[keep], classes,
+                                      None if groups is None else np.asarray(groups)[keep])
+            selective["accuracy_kept_ci"] = kept["accuracy"]
+    return {"ci": ci, "selective": selective}
+
+
+def write_uncertainty_plots(out: Path, probs: np.ndarray, targets: np.ndarray, m: dict, title: str) -> None:
+    """reliability.png (15-bin reliability diagram) and risk_coverage.png beside metrics.json."""
+    from mpoxscope.engine.uncertainty import reliability_png, risk_coverage, risk_coverage_png
+
+    write_bytes(out / "reliability.png", reliability_png(probs, targets, title[:90]))
+    rc = risk_coverage(probs.max(1), probs.argmax(1) == targets)
+    sel = m.get("selective") or {}
+    mark = {"test": (sel["coverage"], 1 - sel["accuracy_kept"])} if sel.get("accuracy_kept") is not None else None
+    write_bytes(out / "risk_coverage.png", risk_coverage_png({"test": rc}, title[:90], mark))

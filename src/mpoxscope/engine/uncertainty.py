@@ -81,27 +81,33 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, groups: Sequence | None =
 
 
 def _scores(targets: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
-    """[accuracy, macro-F1 over the classes present in ``targets``, recall of class 0..k-1 (NaN if absent)]."""
+    """[accuracy, macro-F1 (classes present in ``targets``), weighted F1, recall of class 0..k-1, F1 of class
+    0..k-1]; a class absent from ``targets`` has recall and F1 NaN (undefined, not 0)."""
     cm = np.bincount(targets * k + preds, minlength=k * k).reshape(k, k).astype(float)
     tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    present = support > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(support > 0, tp / support, np.nan)
+        recall = np.where(present, tp / support, np.nan)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(tp > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = support > 0
-    return np.r_[tp.sum() / len(targets), f1[present].mean(), recall]
+    f1 = np.where(present, f1, np.nan)
+    return np.r_[tp.sum() / len(targets), f1[present].mean(), np.sum(f1[present] * support[present]) / len(targets),
+                 recall, f1]
 
 
 def classification_cis(targets: Any, preds: Any, classes: list[str], groups: Sequence | None = None,
                        n: int = N_BOOT, seed: int = 0, alpha: float = 1 - LEVEL) -> dict[str, Any]:
-    """95 % percentile-bootstrap intervals of accuracy, macro-F1 and per-class recall.
+    """95 % percentile-bootstrap intervals of accuracy, macro- and weighted F1, per-class recall and F1.
 
-    targets, preds (N,) class indices; ``groups`` (N,) patients to resample whole patients. Macro-F1 averages
-    the classes present in each resample, as :func:`~mpoxscope.engine.metrics.classification_metrics` does.
-    JSON-ready: ``{"accuracy": {value, low, high, level}, "f1_macro": {...}, "recall": {class: {...}},
+    targets, preds (N,) class indices; ``groups`` (N,) patients to resample whole patients (ignored when every
+    image is its own group). Macro-F1 averages the classes present in each resample, as
+    :func:`~mpoxscope.engine.metrics.classification_metrics` does. JSON-ready: ``{"accuracy": {value, low,
+    high, level}, "f1_macro": ..., "f1_weighted": ..., "recall": {class: ...}, "f1": {class: ...},
     "method": ...}``.
     """
     y, p, k = np.asarray(targets, dtype=int), np.asarray(preds, dtype=int), len(classes)
+    if groups is not None and len(set(np.asarray(groups).tolist())) == len(y):
+        groups = None  # one image per group: the plain image bootstrap, and say so
     res = bootstrap_ci(lambda a, b: _scores(a, b, k), y, p, groups=groups, n=n, seed=seed, alpha=alpha)
 
     def interval(i: int) -> dict[str, Any]:
@@ -111,8 +117,9 @@ def classification_cis(targets: Any, preds: Any, classes: list[str], groups: Seq
         return {"value": val, "low": lo, "high": hi, "level": res["level"]}
 
     return {
-        "accuracy": interval(0), "f1_macro": interval(1),
-        "recall": {c: interval(2 + j) for j, c in enumerate(classes)},
+        "accuracy": interval(0), "f1_macro": interval(1), "f1_weighted": interval(2),
+        "recall": {c: interval(3 + j) for j, c in enumerate(classes)},
+        "f1": {c: interval(3 + k + j) for j, c in enumerate(classes)},
         "method": f"percentile bootstrap, {n} resamples of {res['resampled']}, seed {seed}",
         "level": res["level"],
     }
