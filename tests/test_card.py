@@ -99,3 +99,26 @@ def test_bad_metrics_files_are_one_line_errors(run, tmp_path):
         write_card(run, metrics_file=bad)
     with pytest.raises(MpoxscopeError, match="not a trained run"):
         write_card(tmp_path / "empty")
+
+
+def test_card_puts_bootstrap_cis_beside_numbers_and_links_plots(run, tmp_path):
+    from mpoxscope.engine.uncertainty import classification_cis
+
+    classes = read_meta(run)["classes"]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, len(classes), 90)
+    pred = np.where(rng.random(90) < 0.7, y, (y + 1) % len(classes))
+    ci = classification_cis(y, pred, classes, groups=np.arange(90) // 2, n=200)
+    metrics = {"accuracy": float((y == pred).mean()), "f1_macro": ci["f1_macro"]["value"], "ci": ci,
+               "per_class": {c: {"recall": ci["recall"][c]["value"], "f1": ci["f1"][c]["value"], "support": 15}
+                             for c in classes}}
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "metrics.json").write_text(json.dumps(metrics))
+    (run / "evaluation" / "reliability.png").write_bytes(b"\x89PNG")
+    text = write_card(run).read_text()
+    acc = ci["accuracy"]
+    assert f"| accuracy | {metrics['accuracy']:.4f} (95% CI {acc['low']:.4f}–{acc['high']:.4f}) |" in text
+    mpox = ci["recall"][classes[0]]
+    assert f"{mpox['value']:.4f} (95% CI {mpox['low']:.4f}–{mpox['high']:.4f})" in text
+    assert "resamples of 45 patients" in text
+    assert "![test reliability diagram](evaluation/reliability.png)" in text and "risk_coverage" not in text
