@@ -139,7 +139,7 @@ def test_exif_orientation_applied(tmp_path):
 def test_bad_files_raise_one_line_errors(tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"this is not an image")
-    with pytest.raises(ImageError, match="junk.jpg: not a recognised image format"):
+    with pytest.raises(ImageError, match="junk.jpg: not a supported image format"):
         load_image(junk)
     buf = io.BytesIO()
     Image.new("RGB", (200, 200), (1, 2, 3)).save(buf, format="JPEG")

@@ -68,3 +68,133 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --- Output folders: refuse what is not ours before any work, and delete only what mpoxscope wrote ------------
+
+#: Hidden marker written into every output folder mpoxscope creates; it names the commands that wrote there.
+OUTPUT_MARKER = ".mpoxscope-output.json"
+
+#: Files the operating system drops into folders; they never make a folder "someone else's".
+_OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+#: Per command: name patterns (``fnmatch``) of the entries it writes into its ``--out`` folder. An unmarked
+#: folder holding only such entries is an output of an older mpoxscope (before markers) and is accepted.
+OUTPUT_PATTERNS: dict[str, tuple[str, ...]] = {
+    "train": ("model.json", "train_state.json", "metrics.jsonl", "*.safetensors", "resume.pt", "*.pt",
+              "*.npy", "*.npz", "cache", "cache*", "features*", "bad_images*", "skipped*", "*.lock", "validation",
+              "screening*"),
+    "evaluate": ("metrics.json", "report.md", "predictions.csv", "confusion_matrix*.png", "reliability*.png",
+                 "calibration*.png"),
+    "cv": ("cv_report.md", "cv_summary.json", "per_fold.png", "confusion_matrix_pooled.png", "fold*", "cache*",
+           "features*", "screening*"),
+    "explain": ("index.html", "summary.json", "faithfulness.md", "faithfulness.json"),
+    "audit": ("audit.json", "audit.md", "audit.html"),
+    "demo": ("synthetic_data", "run", "evaluation", "README.md"),
+}
+
+#: Sub-folders a command writes whose names are free (explain: one folder per image): (a file each one holds,
+#: patterns every file in it matches).
+_SUBFOLDERS: dict[str, tuple[str, tuple[str, ...]]] = {"explain": ("panel.png", ("*.png", "*.npy"))}
+
+
+def _is_ours(entry: Path, kind: str) -> bool:
+    import fnmatch
+
+    name = entry.name
+    if name in _OS_JUNK or name == OUTPUT_MARKER or fnmatch.fnmatch(name, ".*.tmp"):  # atomic_path leftovers
+        return True
+    if any(fnmatch.fnmatch(name, p) for p in OUTPUT_PATTERNS.get(kind, ())):
+        return True
+    if kind in _SUBFOLDERS and entry.is_dir() and not entry.is_symlink():
+        required, inner = _SUBFOLDERS[kind]
+        files = [f for f in entry.rglob("*") if not f.is_dir()]
+        return (entry / required).is_file() and all(
+            any(fnmatch.fnmatch(f.name, p) for p in (*inner, ".*.tmp")) for f in files)
+    return False
+
+
+def is_marked_output(path: str | os.PathLike) -> bool:
+    return (Path(path) / OUTPUT_MARKER).is_file()
+
+
+def check_output_dir(path: str | os.PathLike, kind: str) -> Path:
+    """Refuse ``--out`` up front (one line) unless it is new, empty, or an output folder mpoxscope wrote.
+
+    Call before any expensive work. Refused: an existing file, a symlink or other non-folder, and a folder that
+    holds files mpoxscope did not write (it would be silently mixed with results, and ``--overwrite`` must never
+    touch it).
+    """
+    from mpoxscope.errors import MpoxscopeError
+
+    out = Path(path)
+    if out.is_symlink() and not out.exists():
+        raise MpoxscopeError(f"{out}: --out is a broken symbolic link")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise MpoxscopeError(f"{out}: --out names an existing file, not a folder; choose a new folder name")
+    if is_marked_output(out):
+        return out
+    foreign = sorted(e.name for e in out.iterdir() if not _is_ours(e, kind))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise MpoxscopeError(f"{out}: folder holds files mpoxscope did not write ({foreign[0]}{more}); "
+                             f"choose a new or empty folder for --out")
+    return out
+
+
+def mark_output_dir(path: str | os.PathLike, kind: str) -> Path:
+    """Create ``path`` (after :func:`check_output_dir`) and record in its marker that ``kind`` writes there."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / OUTPUT_MARKER
+    info: dict[str, Any] = {"tool": "mpoxscope", "commands": []}
+    if marker.is_file():
+        try:
+            info = {**info, **read_json(marker)}
+        except (ValueError, OSError):
+            pass  # a damaged marker is rewritten; it only ever says "mpoxscope wrote here"
+    if kind not in info["commands"]:
+        info["commands"] = [*info["commands"], kind]
+        write_json(marker, info)
+    return out
+
+
+def clear_output_dir(path: str | os.PathLike, kind: str) -> list[str]:
+    """Delete what command ``kind`` writes in ``path`` (for ``--overwrite``); return the names of entries kept.
+
+    Only entries matching the command's output patterns are removed, and only in a folder that
+    :func:`check_output_dir` accepts; anything else (a user's own file) stays where it is.
+    """
+    import shutil
+
+    out = check_output_dir(path, kind)
+    if not out.is_dir():
+        return []
+    kept = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == OUTPUT_MARKER or entry.name in _OS_JUNK or not _is_ours(entry, kind):
+            if entry.name != OUTPUT_MARKER:
+                kept.append(entry.name)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return kept
+
+
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
+    """Refuse an output FILE up front: a folder, or an existing file of another type (never replaced)."""
+    from mpoxscope.errors import MpoxscopeError
+
+    out = Path(path)
+    if out.is_dir():
+        raise MpoxscopeError(f"{out}: --out names a folder; give a file name ending in {' or '.join(suffixes)}")
+    if out.exists() and out.suffix.lower() not in suffixes:
+        raise MpoxscopeError(f"{out}: --out names an existing file that is not {' or '.join(suffixes)}; "
+                             "it would be replaced — choose another name")
+    if out.suffix.lower() not in suffixes:
+        raise MpoxscopeError(f"{out}: --out must end in {' or '.join(suffixes)}")
+    return out

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.fft
 from PIL import Image
 
-from mpoxscope.data.images import decode_image
+from mpoxscope.data.images import ALLOWED_FORMATS, decode_image
 from mpoxscope.errors import ImageError
 
 #: pHash geometry (as imagehash.phash defaults): hash_size x hash_size bits from a (4*hash_size)^2 DCT.
@@ -190,7 +190,7 @@ def _pixel_digest(rgb: Image.Image) -> str:
 def _header(data: bytes) -> tuple[int, int, str, str]:
     """Size, mode and format as stored in the file (before conversion to RGB)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:  # the one decoder policy
             return img.width, img.height, img.mode, img.format or ""
     except Exception:  # PIL raises many types for junk; decode_image below gives the one-line reason
         return 0, 0, "", ""

@@ -14,12 +14,13 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from mpoxscope.data.images import MAX_PIXELS, decode_image
+# ALLOWED_FORMATS (re-exported here): the one decoder policy, shared with the CLI's load_image; sniffing is
+# restricted to these so exotic decoders (EPS -> Ghostscript, etc.) are never reached with untrusted bytes.
+from mpoxscope.data.images import ALLOWED_FORMATS, MAX_PIXELS, decode_image
 from mpoxscope.errors import ImageError
 
-#: Formats accepted from the network; sniffing is restricted to these so exotic decoders (EPS -> Ghostscript,
-#: etc.) are never reached with untrusted bytes. (JPEG also opens multi-picture MPO files from phones.)
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "BMP", "GIF", "TIFF")
+__all__ = ["ALLOWED_FORMATS", "DecodedImage", "Upload", "UploadError", "decode_upload", "read_upload",
+           "sniff_image"]
 
 #: Room for multipart boundaries and part headers on top of the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
