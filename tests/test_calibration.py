@@ -127,3 +127,56 @@ def test_calibrate_block_is_complete_and_json():
 def test_bad_inputs_raise_one_line_errors(logits, targets):
     with pytest.raises(MpoxscopeError):
         calibrate(logits, targets)
+
+
+def test_a_step_that_worsens_held_out_ece_is_not_applied(monkeypatch):
+    # Issue 11 item 12: temperature must not be applied when it makes validation calibration worse.
+    import mpoxscope.engine.calibration as cal
+
+    logits, y = calibrated_logits(n=300, seed=5)
+    monkeypatch.setattr(cal, "cross_validated_scores", lambda *a, **k: {
+        "none": {"nll": 1.0, "ece": 0.05}, "temperature": {"nll": 0.9, "ece": 0.08}})
+    block = cal.calibrate(logits * 3, y)
+    assert block["method"] == "none" and block["temperature"] == 1.0
+    assert block["candidates"]["temperature"]["ece"] == 0.08
+
+
+def test_calibrate_chooses_temperature_on_held_out_validation():
+    logits, y = calibrated_logits(n=600, seed=6)
+    block = calibrate(logits * 3, y)  # overconfident by a known factor
+    assert block["method"] == "temperature" and block["temperature"] == pytest.approx(3, rel=0.15)
+    cands = block["candidates"]
+    assert cands["temperature"]["nll"] < cands["none"]["nll"] and "cross-validation" in block["selected_by"]
+
+
+def test_vector_scaling_fixes_a_class_bias_and_applies_the_same_in_torch():
+    from mpoxscope.engine.calibration import ALL_METHODS, apply_calibration
+
+    logits, y = calibrated_logits(n=1500, seed=7)
+    shifted = logits + np.array([2.0, 0, 0, 0, 0, -1.0])  # a per-class bias no temperature can remove
+    block = calibrate(shifted, y, methods=ALL_METHODS)
+    assert block["method"] == "vector"
+    assert block["accuracy_after"] > block["accuracy"] and block["nll_after"] < nll(shifted, y)
+    assert block["candidates"]["vector"]["nll"] < block["candidates"]["temperature"]["nll"]
+    as_np = softmax(apply_calibration(shifted, block), axis=1)
+    as_torch = torch.softmax(apply_calibration(torch.tensor(shifted, dtype=torch.float32), block), 1).numpy()
+    assert np.abs(as_np - as_torch).max() < 1e-5
+    assert block["ece_after"] == pytest.approx(expected_calibration_error(as_np, y))
+    assert np.allclose(apply_calibration(shifted, {"method": "temperature", "temperature": 2.0}), shifted / 2)
+    with pytest.raises(MpoxscopeError, match="unknown calibration method"):
+        apply_calibration(shifted, {"method": "isotonic"})
+
+
+def test_pooled_validation_calibration_excludes_test_images_and_inverts_saved_probs():
+    from mpoxscope.engine.calibration import fit_pooled_calibration, logits_from_probs
+
+    parts = []
+    for seed, t_run in ((10, 1.0), (11, 2.0), (12, 0.5)):
+        z, y = calibrated_logits(n=200, seed=seed)
+        saved = apply_temperature(z * 2.5, t_run)  # what a fold wrote: probabilities after its own temperature
+        parts.append((logits_from_probs(saved, {"temperature": t_run}), y, [f"{seed}_{i}.jpg" for i in range(200)]))
+    block = fit_pooled_calibration(parts, exclude={f"10_{i}.jpg" for i in range(50)})
+    assert block["n"] == 550 and "pooled validation of 3 folds" in block["fitted_on"]
+    assert block["method"] == "temperature" and block["temperature"] == pytest.approx(2.5, rel=0.15)
+    with pytest.raises(MpoxscopeError, match="no validation images left"):
+        fit_pooled_calibration(parts[:1], exclude=set(parts[0][2]))

@@ -9,7 +9,12 @@ probabilities (rows sum to 1), ``targets`` (N,) integer class indices. Torch ten
 * :func:`expected_calibration_error`: the gap between confidence and accuracy, averaged over confidence bins.
 * :func:`choose_abstain_threshold`: the confidence below which the model should say "not sure, see a
   clinician", chosen so that the cases it keeps reach a target accuracy.
-* :func:`calibrate`: all of the above as the ``"calibration"`` block of a run's ``model.json``.
+* :func:`fit_vector_scaling`: per-class scale and bias (Guo et al., 2017), for a class-dependent bias.
+* :func:`calibrate`: chooses none / temperature (/ vector) on held-out parts of the validation set, applying a
+  step only when it lowers held-out NLL without raising held-out ECE; returns the ``"calibration"`` block of
+  a run's ``model.json``. :func:`apply_calibration` applies such a block to logits (torch or NumPy).
+* :func:`fit_pooled_calibration`: one calibration on the validation logits of all folds pooled (a fold's own
+  test images excluded), for cross-validation, where one fold's ~150 validation images are too few.
 """
 
 from __future__ import annotations
@@ -207,34 +212,210 @@ def selective_metrics(probs: Any, targets: Any, threshold: float) -> dict[str, A
             "accuracy_abstained": mean(~keep)}
 
 
-def calibrate(val_logits: Any, val_targets: Any, target_accuracy: float = 0.95, min_coverage: float = 0.5,
-              n_bins: int = 15) -> dict[str, Any]:
-    """Fit temperature and abstain threshold on validation logits (N, K) and targets (N,).
+# ------------------------------------------------------------------------------------- vector scaling
+def fit_vector_scaling(logits: Any, targets: Any, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class scale ``w`` (K,) and bias ``b`` (K,) minimising the NLL of ``softmax(logits * w + b)``.
 
-    Returns the ``"calibration"`` block of ``model.json``. Before/after numbers are measured on the same
-    validation data the temperature was fitted on (``"fitted_on": "validation"``), so they show the fit, not
-    generalisation; report test-set ECE from the evaluation. The threshold is chosen on the calibrated
-    probabilities, which are what :class:`~mpoxscope.engine.predict.Predictor` outputs.
+    Vector scaling (Guo et al., 2017): 2K parameters, so it can also fix a per-class bias, and it can change
+    the predicted class. A small L2 pull towards the identity (w = 1, b = 0) keeps it finite on a separable
+    validation set. logits (N, K), targets (N,).
+    """
+    from scipy.optimize import minimize
+
+    x, y = _check(logits, targets, "logits")
+    n, k = x.shape
+    onehot = np.eye(k)[y]
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:k], theta[k:]
+        z = x * w + b
+        logp = log_softmax(z, axis=1)
+        g = (np.exp(logp) - onehot) / n  # dNLL/dz
+        loss = -logp[np.arange(n), y].mean() + l2 * (np.sum((w - 1) ** 2) + np.sum(b ** 2))
+        grad = np.r_[(g * x).sum(0) + 2 * l2 * (w - 1), g.sum(0) + 2 * l2 * b]
+        return float(loss), grad
+
+    t = fit_temperature(x, y)  # start from the temperature solution: vector scaling can only improve on it
+    res = minimize(objective, np.r_[np.full(k, 1.0 / t), np.zeros(k)], jac=True, method="L-BFGS-B",
+                   options={"maxiter": 500})
+    return res.x[:k].astype(float), res.x[k:].astype(float)
+
+
+def _calibrated_logits(x: np.ndarray, cal: dict[str, Any]) -> np.ndarray:
+    method = cal.get("method", "temperature")
+    if method == "vector":
+        return x * np.asarray(cal["vector_w"], dtype=np.float64) + np.asarray(cal["vector_b"], dtype=np.float64)
+    return x / float(cal.get("temperature", 1.0))
+
+
+def apply_calibration(logits: Any, calibration: dict[str, Any] | None) -> Any:
+    """Calibrated logits for ``logits`` (N, K): softmax of the result gives the calibrated probabilities.
+
+    ``calibration`` is a run's ``model.json`` "calibration" block: method "none" / "temperature" divides by
+    ``temperature`` (1 for "none"); "vector" computes ``logits * vector_w + vector_b``. A torch tensor comes
+    back as a tensor (same device and dtype), anything else as a NumPy array. This is the one function the
+    PyTorch and ONNX predictors should call, so every runtime applies the same calibration.
+    """
+    cal = calibration or {}
+    method = cal.get("method", "temperature")
+    if method not in ("none", "temperature", "vector"):
+        raise MpoxscopeError(f"model.json: unknown calibration method {method!r}")
+    if hasattr(logits, "detach"):  # torch: stay on the tensor's device and dtype (also exportable)
+        import torch
+
+        if method == "vector":
+            w = torch.as_tensor(cal["vector_w"], dtype=logits.dtype, device=logits.device)
+            b = torch.as_tensor(cal["vector_b"], dtype=logits.dtype, device=logits.device)
+            return logits * w + b
+        return logits / float(cal.get("temperature", 1.0))
+    return _calibrated_logits(_as_numpy(logits), cal)
+
+
+# ------------------------------------------------------------------------------ choosing the calibration
+#: What :func:`calibrate` may choose. "vector" is chosen only when asked for (``methods=ALL_METHODS``), because
+#: a predictor must call :func:`apply_calibration` to honour it (a temperature-only predictor would not).
+DEFAULT_METHODS = ("none", "temperature")
+ALL_METHODS = ("none", "temperature", "vector")
+
+
+def _fit(method: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    if method == "none":
+        return {"method": "none", "temperature": 1.0}
+    if method == "temperature":
+        return {"method": "temperature", "temperature": fit_temperature(x, y)}
+    if method == "vector":
+        w, b = fit_vector_scaling(x, y)
+        return {"method": "vector", "temperature": 1.0, "vector_w": w.tolist(), "vector_b": b.tolist()}
+    raise MpoxscopeError(f"unknown calibration method {method!r}; choose from {', '.join(ALL_METHODS)}")
+
+
+def cross_validated_scores(x: np.ndarray, y: np.ndarray, methods: tuple[str, ...], n_splits: int = 5,
+                           seed: int = 0, n_bins: int = 15) -> dict[str, dict[str, float]]:
+    """Out-of-fold NLL and ECE of each calibration method on the validation logits x (N, K), y (N,).
+
+    Each method is fitted on 4/5 of the validation images and scored on the remaining 1/5; the out-of-fold
+    probabilities of all images are pooled. Scoring a method on the images it was fitted on would always
+    favour the one with more parameters.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(y, minlength=x.shape[1])
+    stratify = counts[counts > 0].min() >= n_splits
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=n_splits, shuffle=True, random_state=seed)
+    out = {}
+    for method in methods:
+        oof = np.zeros_like(x)
+        for tr, te in splitter.split(x, y):
+            oof[te] = softmax(_calibrated_logits(x[te], _fit(method, x[tr], y[tr])), axis=1)
+        out[method] = {"nll": float(-np.log(np.clip(oof[np.arange(len(y)), y], 1e-12, None)).mean()),
+                       "ece": expected_calibration_error(oof, y, n_bins)}
+    return out
+
+
+def choose_calibration(x: np.ndarray, y: np.ndarray, methods: tuple[str, ...] = DEFAULT_METHODS,
+                       n_bins: int = 15) -> tuple[str, dict[str, dict[str, float]], str]:
+    """(chosen method, scores per method, how they were scored), from validation logits only.
+
+    Methods are tried from the simplest ("none") up; a more complex one replaces the current choice only when
+    it lowers the held-out NLL *and* does not raise the held-out ECE, so a step that worsens calibration on
+    validation is never applied. With fewer than 25 validation images there is too little to hold out:
+    only "none" and "temperature" are compared, on the fitting data itself.
+    """
+    methods = tuple(m for m in ALL_METHODS if m in set(methods) | {"none"})
+    if len(y) < 25:
+        methods = tuple(m for m in methods if m != "vector")
+        scores, how = {}, "in-sample on validation (fewer than 25 images)"
+        for m in methods:
+            probs = softmax(_calibrated_logits(x, _fit(m, x, y)), axis=1)
+            scores[m] = {"nll": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()),
+                         "ece": expected_calibration_error(probs, y, n_bins)}
+    else:
+        scores, how = cross_validated_scores(x, y, methods, n_bins=n_bins), "5-fold cross-validation on validation"
+    chosen = "none"
+    for m in methods[1:]:
+        if scores[m]["nll"] < scores[chosen]["nll"] - 1e-9 and scores[m]["ece"] <= scores[chosen]["ece"] + 1e-9:
+            chosen = m
+    return chosen, scores, how
+
+
+def calibrate(val_logits: Any, val_targets: Any, target_accuracy: float = 0.95, min_coverage: float = 0.5,
+              n_bins: int = 15, methods: tuple[str, ...] = DEFAULT_METHODS,
+              fitted_on: str = "validation") -> dict[str, Any]:
+    """Choose and fit a calibration and an abstain threshold on validation logits (N, K) and targets (N,).
+
+    Returns the ``"calibration"`` block of ``model.json``. The method ("none", "temperature" or, if allowed in
+    ``methods``, "vector") is chosen by :func:`choose_calibration` on held-out parts of the validation set,
+    then refitted on all of it. ``temperature`` is always present (1.0 unless the method is "temperature"), so
+    a predictor that only knows temperatures stays correct for "none" and "temperature"; "vector" adds
+    ``vector_w``/``vector_b`` and needs :func:`apply_calibration`. Before/after numbers are measured on the
+    data the calibration was fitted on, so they show the fit, not generalisation; report test ECE from the
+    evaluation. The threshold is chosen on the calibrated probabilities, which are what the predictor outputs.
     """
     x, y = _check(val_logits, val_targets, "validation logits")
-    t = fit_temperature(x, y)
-    before, after = apply_temperature(x, 1.0), apply_temperature(x, t)
+    chosen, scores, how = choose_calibration(x, y, methods, n_bins)
+    fit = _fit(chosen, x, y)
+    before, after = softmax(x, axis=1), softmax(_calibrated_logits(x, fit), axis=1)
     choice = choose_abstain_threshold(after, y, target_accuracy, min_coverage)
+    rows = np.arange(len(y))
     return {
-        "method": "temperature",
-        "temperature": t,
+        **fit,
         "ece_before": expected_calibration_error(before, y, n_bins),
         "ece_after": expected_calibration_error(after, y, n_bins),
         "nll_before": nll(x, y, 1.0),
-        "nll_after": nll(x, y, t),
+        "nll_after": float(-np.log(np.clip(after[rows, y], 1e-300, None)).mean()),
         "ece_bins": n_bins,
         "accuracy": float((x.argmax(axis=1) == y).mean()),
+        "accuracy_after": float((after.argmax(axis=1) == y).mean()),
         "abstain_threshold": choice.threshold,
         "abstain_target_accuracy": choice.target_accuracy,
         "abstain_min_coverage": choice.min_coverage,
         "abstain_target_reached": choice.target_reached,
         "abstain_accuracy_kept": choice.accuracy_kept,
         "abstain_coverage": choice.coverage,
-        "fitted_on": "validation",
+        "candidates": scores,
+        "selected_by": how + ": lowest held-out NLL without a higher held-out ECE, simplest first",
+        "fitted_on": fitted_on,
         "n": len(y),
     }
+
+
+# ------------------------------------------------------------------ cross-validation: pooled validation
+def logits_from_probs(probs: Any, calibration: dict[str, Any] | None = None) -> np.ndarray:
+    """Logits equivalent to a run's raw logits, recovered from its saved probabilities (N, K).
+
+    ``log p`` equals the calibrated logits up to a per-row constant, which softmax ignores; multiplying by the
+    run's temperature undoes temperature scaling, so refitting a temperature on the result is exact (up to
+    the rounding of the saved probabilities). Vector-scaled probabilities cannot be inverted this way.
+    """
+    cal = calibration or {}
+    if cal.get("method") == "vector":
+        raise MpoxscopeError("cannot recover raw logits from vector-scaled probabilities; save the logits")
+    p = _as_numpy(probs)
+    return np.log(np.clip(p, 1e-6, None)) * float(cal.get("temperature", 1.0))
+
+
+def fit_pooled_calibration(parts: list[tuple[Any, Any, list[str]]], exclude: set[str] | frozenset[str] = frozenset(),
+                           methods: tuple[str, ...] = DEFAULT_METHODS, **kwargs: Any) -> dict[str, Any]:
+    """One calibration fitted on the validation logits of several folds pooled, for cross-validation.
+
+    ``parts``: per fold ``(logits (N, K), targets (N,), filenames)`` of its validation images (its own
+    model's raw logits, e.g. from :func:`logits_from_probs`). Images named in ``exclude`` (the test images of
+    the fold being calibrated) are left out, so no test image of that fold informs its calibration. A single
+    fold's validation part (~150 images on MSLD v2.0) gives a noisy temperature; pooling five gives ~750.
+    Returns a :func:`calibrate` block with ``fitted_on`` saying what was pooled.
+    """
+    xs, ys, used_parts = [], [], 0
+    for logits, targets, names in parts:
+        x, y = _check(logits, targets, "validation logits")
+        if len(names) != len(y):
+            raise MpoxscopeError(f"pooled calibration: {len(names)} file names for {len(y)} logits")
+        keep = np.array([n not in exclude for n in names], dtype=bool)
+        if keep.any():
+            xs.append(x[keep])
+            ys.append(y[keep])
+            used_parts += 1
+    if not xs:
+        raise MpoxscopeError("pooled calibration: no validation images left after excluding the test images")
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return calibrate(x, y, methods=methods, fitted_on=f"pooled validation of {used_parts} folds "
+                     f"({len(y)} predictions; this fold's test images excluded)", **kwargs)
