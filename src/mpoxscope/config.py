@@ -50,9 +50,13 @@ class TrainConfig:
     cache_views: int = 8
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "auto"  # "auto" (AMP on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
-    num_workers: int = 0
+    precision: str = "auto"  # "auto": bf16 on CUDA and bf16-capable CPUs, else fp32
+    num_workers: int = 2  # threads decoding images into the in-memory cache
     skip_bad_images: bool = False
+    layer_decay: float = 1.0  # backbone lr multiplier per stage, from the last stage down (1 = none)
+    tta: str = "auto"  # test-time views: "auto" (chosen on validation) | "none" | "flips" | "d4"
+    screen_class: str = "Mpox"  # the class the screening rule must catch
+    screen_sensitivity: float = 0.90  # its target sensitivity, met on validation
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

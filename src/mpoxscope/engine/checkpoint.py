@@ -80,3 +80,36 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", device: str | to
         raise MpoxscopeError(f"{weights}: cannot load weights ({type(e).__name__}: {e})") from None
     model.pretrained_source = meta.get("pretrained_source", "unknown")
     return model.to(device).eval(), meta
+
+
+def load_inference_model(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu",
+                         ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model exactly as the run predicts, in eval mode: a single network wrapped in its test-time views
+    (``model.json`` → ``tta``), or an ensemble of member runs (``kind: ensemble``), each member with its own
+    views and temperature. Its output is treated as logits by every consumer."""
+    from mpoxscope.models.tta import TTAModel
+
+    meta = read_meta(run_dir)
+    if meta.get("kind") == "ensemble":
+        return _load_ensemble(Path(run_dir), meta, which, device), meta
+    model, meta = load_model(run_dir, which=which, device=device)
+    views = (meta.get("tta") or {}).get("views") or ["id"]
+    return (TTAModel(model, tuple(views)).eval() if list(views) != ["id"] else model), meta
+
+
+def _load_ensemble(run_dir: Path, meta: dict[str, Any], which: str, device) -> torch.nn.Module:
+    from mpoxscope.models.ensemble import EnsembleNet
+
+    members, temps = [], []
+    for entry in meta.get("members") or []:
+        member_dir = (run_dir / str(entry.get("dir", ""))).resolve()
+        if run_dir.resolve() not in member_dir.parents:  # model.json must not point outside its own run
+            raise MpoxscopeError(f"{run_dir / META_FILE}: member {entry.get('dir')!r} is outside the run directory")
+        model, member_meta = load_inference_model(member_dir, which=which, device=device)
+        if member_meta["classes"] != meta["classes"] or member_meta["image_size"] != meta["image_size"]:
+            raise MpoxscopeError(f"{member_dir}: classes or image size differ from the ensemble's")
+        members.append(model)
+        temps.append(float((member_meta.get("calibration") or {}).get("temperature", 1.0)))
+    if not members:
+        raise MpoxscopeError(f"{run_dir / META_FILE}: an ensemble without members")
+    return EnsembleNet(members, temps).to(device).eval()

@@ -1,4 +1,4 @@
-"""CLI commands of the engine: train, evaluate, predict, demo."""
+"""CLI commands of the engine: train, cv, evaluate, predict, screen, demo."""
 
 from __future__ import annotations
 
@@ -32,9 +32,42 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto | cpu | cuda[:N]")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: AMP on CUDA, fp32 on CPU)")
+                   help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 kernels, else fp32)")
+    g.add_argument("--workers", dest="num_workers", type=int, help="threads decoding images (default 2)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--layer-decay", type=float,
+                   help="backbone learning-rate factor per stage, from the last stage down (default 1: none)")
+    g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
+                   help="test-time views stored with the model: auto (default) picks none, flips (identity + "
+                        "h + v) or d4 (the 8 symmetries of the square) on validation")
+    g.add_argument("--ensemble", nargs="+", metavar="BACKBONE[:SEED]",
+                   help="train one member per entry (same recipe, this backbone and seed) and average their "
+                        "calibrated probabilities; e.g. --ensemble tf_efficientnet_lite0 tf_efficientnet_lite1:1")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (listed in the run) instead of stopping")
+
+
+def _sensitivity(text: str) -> float:
+    """argparse type: a sensitivity in (0, 1] (a clear usage error otherwise)."""
+    from mpoxscope.engine.screening import check_sensitivity
+    from mpoxscope.errors import MpoxscopeError
+
+    try:
+        return check_sensitivity(text, "sensitivity")
+    except MpoxscopeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_screening_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``train`` and ``cv``: which class to catch first, at what sensitivity (chosen on validation)."""
+    g = p.add_argument_group("screening (catch one class first; threshold chosen on validation)")
+    g.add_argument("--screen-class", dest="screen_class", metavar="CLASS",
+                   help="class to refer when P(class) reaches the screening threshold (default Mpox; aliases such "
+                        "as Monkeypox accepted)")
+    g.add_argument("--mpox-sensitivity", dest="screen_sensitivity", type=_sensitivity, metavar="S",
+                   help="target sensitivity for the screening class on validation, in (0, 1] (default 0.90)")
 
 
 def configs_from_args(args: argparse.Namespace):
@@ -68,7 +101,7 @@ def run_train(args: argparse.Namespace) -> int:
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, fold=args.fold, folds=args.folds,
                           groups_csv=args.groups_csv)
     result = train_fold(data_cfg, model_cfg, train_cfg, args.out, resume=not args.no_resume,
-                        progress=not args.quiet)
+                        progress=not args.quiet, ensemble=tuple(args.ensemble or ()))
     v = result.validation
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
           f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
@@ -81,7 +114,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mpoxscope.engine.runner import evaluate_run
 
     m = evaluate_run(args.run, args.data, args.out, split=args.split, split_file=args.split_file,
-                     fold=args.fold, tta=args.tta, device=args.device, runtime=args.runtime)
+                     fold=args.fold, device=args.device, runtime=args.runtime)
     print(summary_line(m, m["protocol"]))
     for f in m.get("failed_files", []):
         print(f"unreadable, excluded: {f}", file=sys.stderr)
@@ -102,11 +135,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
     else:
         w = csv.writer(sys.stdout)
-        w.writerow(["source", "label", "confidence", *predictor.classes, "error"])
+        w.writerow(["source", "label", "confidence", *predictor.classes, "decision", "decision_text", "error"])
         for r in results:
             probs = [f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in predictor.classes]
+            d = r.decision
             w.writerow([r.source, r.label or "", f"{r.confidence:.4f}" if r.confidence is not None else "",
-                        *probs, r.error or ""])
+                        *probs, d.kind if d else "", d.text if d else "", r.error or ""])
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"mpoxscope predict: error: {r.source}: {r.error}", file=sys.stderr)
@@ -119,7 +153,7 @@ def run_cv(args: argparse.Namespace) -> int:
 
     model_cfg, train_cfg = configs_from_args(args)
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
-    cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks, tta=args.tta,
+    cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks, ensemble=tuple(args.ensemble or ()),
                   folds=tuple(f"fold{f}" if f.isdigit() else f for f in args.only_folds) if args.only_folds else None)
     leak_filter = audit_leak_filter(args.near_dup_threshold) if args.exclude_leaks else None
     summary = cross_validate(data_cfg, model_cfg, train_cfg, cv, leak_filter=leak_filter, progress=not args.quiet)
@@ -130,7 +164,34 @@ def run_cv(args: argparse.Namespace) -> int:
         lf = summary["leak_free"]["summary"]
         print(f"[leak-free variant] accuracy {100 * lf['accuracy']['mean']:.2f} ± {100 * lf['accuracy']['std']:.2f} %, "
               f"macro-F1 {100 * lf['f1_macro']['mean']:.2f} ± {100 * lf['f1_macro']['std']:.2f} %")
-    print(f"wrote {args.out}/cv_report.md, cv_summary.json, per_fold.png, confusion_matrix_pooled.png")
+    sc = summary.get("screening") or {}
+    if "sensitivity" in sc:
+        from mpoxscope.engine.screening import pct, with_ci
+
+        print(f"[{summary['protocol']}; screening threshold per fold from pooled out-of-fold validation] "
+              f"{sc['target_class']} sensitivity {with_ci(sc['sensitivity'])} (target "
+              f"{pct(sc['target_sensitivity'])}), specificity {with_ci(sc['specificity'])}, referral rate "
+              f"{pct(sc['referral_rate'])}")
+    print(f"wrote {args.out}/cv_report.md, cv_summary.json, per_fold.png, confusion_matrix_pooled.png"
+          + (", screening.md, screening.json, screening_roc_pr.png" if "sensitivity" in sc else ""))
+    return 0
+
+
+def run_screen(args: argparse.Namespace) -> int:
+    from mpoxscope.engine.screening import pct, screen_cv_output, with_ci
+
+    r = screen_cv_output(args.cv_out, target_class=args.screen_class, sensitivity=args.sensitivity, out=args.out)
+    p, target = r["pooled"], r["target_class"]
+    print(f"[{r['protocol']}] target {pct(r['target_sensitivity'])} {target} sensitivity: pooled test "
+          f"sensitivity {with_ci(p['sensitivity'])}, specificity {with_ci(p['specificity'])}, referral rate "
+          f"{pct(p['referral_rate'])} (with uncertain {pct(p['total_referral_rate'])})")
+    written = "screening.json, screening.md, screening_roc_pr.png"
+    if args.out is None:
+        from mpoxscope.engine.cv import refresh_screening
+
+        if refresh_screening(Path(args.cv_out), r):
+            written += " (and updated cv_summary.json, cv_report.md)"
+    print(f"wrote {args.out or args.cv_out}/{written}")
     return 0
 
 
@@ -150,6 +211,7 @@ def register(sub) -> None:
     p.add_argument("--fold", default="fold1", help="fold name or number (default fold1)")
     add_data_options(p)
     add_model_options(p)
+    add_screening_options(p)
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds an unfinished run")
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -166,8 +228,8 @@ def register(sub) -> None:
                    help="also report the score without test images linked to training images by patient or "
                         "near-duplicate (from the audit)")
     p.add_argument("--near-dup-threshold", type=int, help="perceptual-hash distance for --exclude-leaks")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
     add_model_options(p)
+    add_screening_options(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run_cv)
 
@@ -180,20 +242,34 @@ def register(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--split-file", help="split file (default: the same protocol as training)")
     p.add_argument("--fold", help="fold (default: the run's fold)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
     p.set_defaults(handler=run_evaluate)
 
     p = sub.add_parser("predict", help="classify images", description=(
-        "Print the top class and every class probability for each image (files or folders). A file that cannot "
-        "be read gets an error line; the others still get results; the exit code is 1 if any failed."))
+        "Print the decision (possible Mpox - refer / uncertain - refer to a clinician / the class), the top "
+        "class and every class probability for each image (files or folders). A file that cannot be read gets "
+        "an error line; the others still get results; the exit code is 1 if any failed."))
     p.add_argument("run", help="run directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--format", choices=["json", "csv"], default="json")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
     p.set_defaults(handler=run_predict)
+
+    p = sub.add_parser("screen", help="screening results of a finished cv for a new target (no retraining)",
+                       description=(
+        "Recompute screening.json, screening.md and screening_roc_pr.png of a cross-validation output from its "
+        "prediction files alone (each fold's validation/predictions.csv and evaluation/predictions.csv; no model "
+        "is loaded). Each fold's threshold is chosen on the pooled validation predictions of all folds without "
+        "that fold's test images. Takes about a second."))
+    p.add_argument("cv_out", metavar="CV_OUT", help="output folder of 'mpoxscope cv'")
+    p.add_argument("--sensitivity", type=_sensitivity, default=0.90,
+                   help="target sensitivity for the screening class, in (0, 1] (default 0.90)")
+    p.add_argument("--screen-class", dest="screen_class", default="Mpox", metavar="CLASS",
+                   help="class to catch first (default Mpox)")
+    p.add_argument("--out", help="where to write (default CV_OUT)")
+    p.set_defaults(handler=run_screen)
 
     p = sub.add_parser("demo", help="end-to-end demo on generated SYNTHETIC images (no data, no network)",
                        description=("Generate a small SYNTHETIC six-class image set, train AGFN on it with the "

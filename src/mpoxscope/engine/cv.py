@@ -20,8 +20,10 @@ from mpoxscope.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from mpoxscope.data.splits import Fold
 from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.device import resolve_device
+from mpoxscope.engine.ensemble import train_ensemble
 from mpoxscope.engine.evaluate import confusion_png, evaluate
 from mpoxscope.engine.features import FeatureBank, build_feature_bank
+from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import Predictor
 from mpoxscope.engine.runner import PreparedData, prepare
 from mpoxscope.engine.train import seed_everything, train
@@ -38,8 +40,8 @@ LeakFilter = Callable[[PreparedData, Fold], set]
 class CVConfig:
     out: str
     exclude_leaks: bool = False
-    tta: bool = False
     folds: tuple[str, ...] | None = None  # run only these folds (names), default all
+    ensemble: tuple[str, ...] = ()  # member specs BACKBONE[:SEED]; empty: one model per fold
 
 
 def audit_leak_filter(threshold: int | None = None) -> LeakFilter:
@@ -95,6 +97,14 @@ def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfi
                               train_cfg.augment, device, progress=progress, desc="caching features (all folds)")
 
 
+def shared_images(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                  progress: bool = True) -> ImageCache:
+    """Every image any fold trains or validates on, decoded once for all folds (and all ensemble members)."""
+    needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
+    return build_image_cache(prepared.data, needed, model_cfg.image_size, workers=train_cfg.num_workers,
+                             progress_bar=progress)
+
+
 def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, cv: CVConfig,
                    leak_filter: LeakFilter | None = None, progress: bool = True, log=print) -> dict:
     """Run every fold; returns the summary dict that is also written to ``OUT/cv_summary.json``."""
@@ -107,6 +117,7 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
         f"{', '.join(f.name for f in folds)}")
     todo = [f for f in folds if not (out / f.name / "evaluation" / "metrics.json").is_file()]
     bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress) if len(todo) > 1 else None
+    images = shared_images(prepared, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
     per_fold, leak_free, timings = [], [], {}
     for fold in folds:
         fold_dir = out / fold.name
@@ -117,10 +128,16 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
             m = read_json(done)
         else:
             tf = time.perf_counter()
-            train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
-                  progress=progress, log=log)
+            if cv.ensemble:
+                train_ensemble(data, fold, model_cfg, train_cfg, cv.ensemble, fold_dir / "run",
+                               prepared.info(fold), images=images, progress=progress, log=log)
+            else:
+                train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
+                      images=images, progress=progress, log=log)
             predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
-            m = evaluate(predictor, data, fold.test, fold_dir / "evaluation", protocol, tta=cv.tta)
+            # Validation predictions (what screening and pooled calibration are fitted on), then test, once.
+            evaluate(predictor, data, fold.validation, fold_dir / "validation", protocol[:-len("test")] + "validation")
+            m = evaluate(predictor, data, fold.test, fold_dir / "evaluation", protocol)
             timings[fold.name] = round(time.perf_counter() - tf, 1)
             m["wall_time_s"] = timings[fold.name]
             write_json(done, {**m, "fold": fold.name})
@@ -138,15 +155,15 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
             else:
                 predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
                 lm = evaluate(predictor, data, keep, fold_dir / "evaluation_leak_free",
-                              protocol + f", leak-free ({len(leaked)} linked test images dropped)", tta=cv.tta)
+                              protocol + f", leak-free ({len(leaked)} linked test images dropped)")
                 lm["n_dropped"] = len(leaked)
                 write_json(lf_done, {**lm, "fold": fold.name})
             lm["fold"] = fold.name
             leak_free.append(lm)
     summary = {
         "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
-                    f"{len(folds)} folds, test parts; model selection on each fold's validation part only"
-                    + (", test-time augmentation (flips)" if cv.tta else ""),
+                    f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "
+                    f"fold's validation part only",
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
         "summary": summarize(per_fold, data.classes),
         "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s")} for m in per_fold],
@@ -157,6 +174,7 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
         summary["leak_free"] = {"summary": summarize(leak_free, data.classes),
                                 "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "n_dropped")}
                                              for m in leak_free]}
+    summary["screening"] = cv_screening(out, [f.name for f in folds], train_cfg, summary["protocol"], log)
     write_json(out / "cv_summary.json", summary)
     write_bytes(out / "per_fold.png", per_fold_png(summary))
     write_bytes(out / "confusion_matrix_pooled.png",
@@ -235,4 +253,64 @@ def cv_report(summary: dict) -> str:
               "| true \\ pred | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for c, row in zip(classes, s["pooled_confusion_matrix"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    lines += screening_report_lines(summary.get("screening"))
     return "\n".join(lines) + "\n"
+
+
+def cv_screening(out: Path, folds: list[str], train_cfg: TrainConfig, protocol: str, log=print) -> dict | None:
+    """Screening results over the folds (screening.json/.md, screening_roc_pr.png), from the folds' validation
+    and test predictions; a short summary for cv_summary.json, or the reason it was skipped."""
+    from mpoxscope.engine.screening import pct, screen_cv_output, with_ci
+    from mpoxscope.errors import MpoxscopeError
+
+    target = getattr(train_cfg, "screen_class", None) or "Mpox"
+    sensitivity = getattr(train_cfg, "screen_sensitivity", None) or 0.90
+    try:
+        r = screen_cv_output(out, target, sensitivity, folds=folds, protocol=protocol)
+    except MpoxscopeError as e:
+        log(f"screening: skipped ({e})")
+        return {"skipped": str(e)}
+    p = r["pooled"]
+    log(f"screening [{r['protocol']}]: {r['target_class']} sensitivity {with_ci(p['sensitivity'])} "
+        f"(target {pct(sensitivity)}), specificity {with_ci(p['specificity'])}, referral rate "
+        f"{pct(p['referral_rate'])}")
+    return screening_summary(r)
+
+
+def screening_summary(r: dict) -> dict:
+    """The part of a :func:`~mpoxscope.engine.screening.screen_cv_output` result kept in cv_summary.json."""
+    p = r["pooled"]
+    return {"target_class": r["target_class"], "target_sensitivity": r["target_sensitivity"],
+            "report": "screening.md", **{k: p[k] for k in ("sensitivity", "specificity", "referral_rate",
+                                                           "total_referral_rate", "n_target_missed")}}
+
+
+def refresh_screening(cv_out: Path, r: dict) -> bool:
+    """After ``mpoxscope screen``: put the new screening result into cv_summary.json and cv_report.md (False when
+    there is no cv_summary.json to update)."""
+    summary_file = cv_out / "cv_summary.json"
+    if not summary_file.is_file():
+        return False
+    summary = read_json(summary_file)
+    summary["screening"] = screening_summary(r)
+    write_json(summary_file, summary)
+    write_text(cv_out / "cv_report.md", cv_report(summary))
+    return True
+
+
+def screening_report_lines(sc: dict | None) -> list[str]:
+    """The screening section of cv_report.md: the pooled result and a link to screening.md."""
+    if not sc:
+        return []
+    if "skipped" in sc:
+        return ["", "## Screening", "", f"Not computed: {sc['skipped']}"]
+    from mpoxscope.engine.screening import pct, with_ci
+
+    t = sc["target_class"]
+    return ["", f"## Screening: catch {t} first", "",
+            f"Threshold per fold chosen on pooled out-of-fold validation predictions (never the fold's test images) "
+            f"for {pct(sc['target_sensitivity'])} {t} sensitivity. Pooled test: sensitivity "
+            f"{with_ci(sc['sensitivity'])}, specificity {with_ci(sc['specificity'])}, referral rate "
+            f"{pct(sc['referral_rate'])} (with uncertain {pct(sc['total_referral_rate'])}). "
+            "Per fold, confusion matrix of the decisions and curves: [screening.md](screening.md).", "",
+            "![screening ROC and precision-recall](screening_roc_pr.png)"]

@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import SampleSet
@@ -17,7 +16,7 @@ from mpoxscope.errors import ImageError, MpoxscopeError
 from mpoxscope.fileio import write_bytes, write_json, write_text
 
 
-def predict_split(predictor: Predictor, data: SampleSet, indices, tta: bool = False, batch_size: int = 16,
+def predict_split(predictor: Predictor, data: SampleSet, indices, batch_size: int = 16,
                   ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Probabilities (N, K) and targets (N,) for ``indices``; unreadable files are returned separately."""
     index = {c: i for i, c in enumerate(predictor.classes)}
@@ -38,20 +37,22 @@ def predict_split(predictor: Predictor, data: SampleSet, indices, tta: bool = Fa
             ys.append(index[sample.label])
             names.append(sample.filename)
         if images:
-            probs.append(predict_with_tta(predictor, images) if tta else predictor.predict_images(images))
+            probs.append(predictor.predict_images(images))
             targets.extend(ys)
     k = len(predictor.classes)
     return (np.concatenate(probs) if probs else np.zeros((0, k))), np.asarray(targets, dtype=int), names, failed
 
 
-def predict_with_tta(predictor: Predictor, images) -> np.ndarray:
-    """Mean probability over the identity, horizontal and vertical flips (lesions have no orientation)."""
-    batch = predictor.preprocess(images)
-    outs = []
-    for dims in ((), (3,), (2,)):
-        x = torch.flip(batch, dims) if dims else batch
-        outs.append(torch.softmax(predictor.logits(x) / predictor.temperature, 1).numpy())
-    return np.mean(outs, axis=0)
+def model_protocol(meta: dict) -> str:
+    """What the scored model is, for the protocol string: ensemble size and test-time views (both chosen on
+    validation)."""
+    parts = []
+    if meta.get("kind") == "ensemble":
+        parts.append(f"ensemble of {len(meta.get('members') or [])} ({meta.get('model', {}).get('backbone', '?')})")
+    views = (meta.get("tta") or {}).get("views")
+    if views and list(views) != ["id"]:
+        parts.append(f"test-time views {'+'.join(views)}")
+    return "".join(f", {p}" for p in parts)
 
 
 def confusion_png(cm: list[list[int]], classes: list[str], title: str) -> bytes:
@@ -124,9 +125,37 @@ def markdown_report(m: dict, protocol: str, meta: dict) -> str:
               "", "| true \\ pred | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for c, row in zip(classes, m["confusion_matrix"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    lines += _screening_report(m.get("screening"))
     if m.get("failed_files"):
         lines += ["", "## Unreadable files (excluded)", ""] + [f"- {f}" for f in m["failed_files"]]
     return "\n".join(lines) + "\n"
+
+
+def _screening_metrics(predictor: Predictor, probs: np.ndarray, targets: np.ndarray, data: SampleSet,
+                       names: list[str], out: Path, protocol: str) -> dict | None:
+    """Screening results at the run's validation-chosen threshold (None when the run has no screening block);
+    writes screening_roc_pr.png."""
+    from mpoxscope.engine.screening import curves_png, screening_metrics
+
+    screening = predictor.meta.get("screening")
+    if not screening:
+        return None
+    index = data.by_filename()
+    groups = [data.samples[index[n]].group for n in names]  # patient-level bootstrap
+    sm = screening_metrics(probs, targets, predictor.classes, screening, predictor.meta.get("calibration"), groups)
+    sm["protocol"] = protocol + "; threshold chosen on the run's validation part"
+    target = predictor.classes.index(sm["target_class"])
+    write_bytes(out / "screening_roc_pr.png", curves_png(probs[:, target], targets == target, sm, protocol))
+    return sm
+
+
+def _screening_report(sm: dict | None) -> list[str]:
+    if not sm:
+        return []
+    from mpoxscope.engine.screening import metrics_markdown, rule_markdown
+
+    return ["", f"## Screening: catch {sm['target_class']} first", "", rule_markdown(sm), "",
+            *metrics_markdown(sm, "screening_roc_pr.png")]
 
 
 def _fmt(v) -> str:
@@ -142,20 +171,20 @@ def _ci(m: dict, key: str, cls: str | None = None) -> str:
     return "" if ci.get("low") is None else f" [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
 
 
-def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path, protocol: str,
-             tta: bool = False) -> dict:
+def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path, protocol: str) -> dict:
     """Predict ``indices`` of ``data``, write metrics.json, report.md, confusion_matrix.png and predictions.csv
     to ``out_dir``; return the metrics dict (which carries its ``protocol``)."""
     out = Path(out_dir)
-    probs, targets, names, failed = predict_split(predictor, data, indices, tta=tta)
+    probs, targets, names, failed = predict_split(predictor, data, indices)
     if len(targets) == 0:
         raise MpoxscopeError(f"no readable images to evaluate ({protocol})")
     m = classification_metrics(targets, probs, predictor.classes)
-    m["protocol"] = protocol + (", test-time augmentation (flips)" if tta else "")
+    m["protocol"] = protocol + model_protocol(predictor.meta)
     m["failed_files"] = failed
     m["calibration"] = _calibration_metrics(predictor, probs, targets)
     m.update(uncertainty_metrics(probs, targets, predictor.classes, _groups_of(data, names), m["calibration"]))
     write_uncertainty_plots(out, probs, targets, m, m["protocol"])
+    m["screening"] = _screening_metrics(predictor, probs, targets, data, names, out, m["protocol"])
     write_json(out / "metrics.json", m)
     write_text(out / "report.md", markdown_report(m, m["protocol"], predictor.meta))
     write_bytes(out / "confusion_matrix.png", confusion_png(m["confusion_matrix"], predictor.classes, m["protocol"]))

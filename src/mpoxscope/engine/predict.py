@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mpoxscope.data.images import IMAGE_EXTENSIONS, load_image
+from mpoxscope.data.images import is_image_file, load_image
 from mpoxscope.data.transforms import eval_transform
-from mpoxscope.engine.checkpoint import load_model
+from mpoxscope.engine.checkpoint import load_inference_model
 from mpoxscope.engine.device import resolve_device
+from mpoxscope.engine.screening import Decision, decide
 from mpoxscope.errors import ImageError, MpoxscopeError
 
 
@@ -27,6 +28,8 @@ class Prediction:
     confidence: float | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    #: What the user is told (screening referral, uncertain, or the class): the same rule as the API and page.
+    decision: Decision | None = None
 
 
 class Predictor:
@@ -49,9 +52,26 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str = "auto", which: str = "best") -> Predictor:
+        """The run as it predicts: its test-time views, or its ensemble members (see ``load_inference_model``)."""
         dev = resolve_device(device)
-        model, meta = load_model(run_dir, which=which, device=dev)
-        return cls(model, meta, dev)
+        model, meta = load_inference_model(run_dir, which=which, device=dev)
+        predictor = cls(model, meta, dev)
+        predictor.run_dir, predictor.which = Path(run_dir), which
+        return predictor
+
+    @property
+    def explain_model(self) -> torch.nn.Module:
+        """The single-view network that explanation methods hook into (its stages and attention head): the
+        trained network without its test-time views. An ensemble is explained member by member."""
+        if self.meta.get("kind") == "ensemble":
+            raise MpoxscopeError(f"{getattr(self, 'run_dir', 'this run')}: an ensemble is explained one member at a "
+                                 f"time: pass one of its members/<name> run folders")
+        inner = getattr(self.model, "model", None)
+        return inner if isinstance(inner, torch.nn.Module) else self.model
+
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """(N, K) calibrated probabilities from the model's (N, K) outputs."""
+        return calibrated_softmax(logits, self.meta.get("calibration") or {})
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> (N, 3, S, S) normalised batch."""
@@ -65,14 +85,14 @@ class Predictor:
         """(N, K) calibrated class probabilities for RGB images."""
         out = []
         for i in range(0, len(images), batch_size):
-            logits = self.logits(self.preprocess(images[i:i + batch_size]))
-            out.append(torch.softmax(logits / self.temperature, dim=1).numpy())
+            out.append(self.probabilities(self.logits(self.preprocess(images[i:i + batch_size]))))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def to_prediction(self, source: str, probs: np.ndarray) -> Prediction:
         k = int(np.argmax(probs))
+        decision = decide(probs, self.classes, self.meta.get("calibration"), self.meta.get("screening"))
         return Prediction(source, self.classes[k], float(probs[k]),
-                          {c: float(p) for c, p in zip(self.classes, probs)})
+                          {c: float(p) for c, p in zip(self.classes, probs)}, decision=decision)
 
     def predict_paths(self, paths: list[str | os.PathLike], batch_size: int = 16) -> list[Prediction]:
         """Predictions in input order; an unreadable file gets an ``error`` and the others still run."""
@@ -91,13 +111,27 @@ class Predictor:
         return [r for r in results if r is not None]
 
 
+def calibrated_softmax(logits: torch.Tensor, calibration: dict) -> np.ndarray:
+    """softmax of calibrated logits: the run's calibration block (temperature, or what
+    ``engine.calibration.apply_calibration`` knows) applied to (N, K) logits."""
+    try:
+        from mpoxscope.engine.calibration import apply_calibration
+    except ImportError:  # an older calibration module: temperature only
+        return torch.softmax(logits / float(calibration.get("temperature", 1.0)), dim=1).numpy()
+    return torch.softmax(apply_calibration(logits, calibration), dim=1).numpy()
+
+
 def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to the images inside them (recursively, sorted)."""
+    """Files as given, folders expanded to the images inside them (recursively, sorted).
+
+    Hidden files and folders (``._x.jpg`` from macOS, ``.thumbnails/``) and anything that is not a regular file
+    are left out of a folder's expansion; a file named explicitly is always kept (and reported if unreadable)."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise MpoxscopeError(f"{p}: no images in folder")
             paths.extend(found)

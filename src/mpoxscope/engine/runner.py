@@ -35,19 +35,25 @@ def prepare(cfg: DataConfig, seed: int = 0) -> PreparedData:
 
 
 def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path,
-               resume: bool = True, progress: bool = True, log=print) -> TrainResult:
-    """Train on one fold of a dataset folder (official split file when there is one)."""
+               resume: bool = True, progress: bool = True, log=print, ensemble: tuple[str, ...] = ()) -> TrainResult:
+    """Train on one fold of a dataset folder (official split file when there is one); with ``ensemble`` member
+    specs (``BACKBONE[:SEED]``), one run per member under ``run_dir/members`` and the averaged model."""
     prepared = prepare(data_cfg, train_cfg.seed)
     fold = select_fold(prepared.folds, data_cfg.fold)
     info = prepared.info(fold)
     log(f"data: {info['dataset']} ({len(prepared.data)} images, {len(prepared.data.classes)} classes), "
         f"{prepared.split_source}, {fold.name}: train {info['n_train']} / validation {info['n_validation']} / "
         f"test {info['n_test']} (test not used for training or selection)")
+    if ensemble:
+        from mpoxscope.engine.ensemble import train_ensemble
+
+        return train_ensemble(prepared.data, fold, model_cfg, train_cfg, ensemble, run_dir, info, progress=progress,
+                              log=log)
     return train(prepared.data, fold, model_cfg, train_cfg, run_dir, info, resume=resume, progress=progress, log=log)
 
 
 def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str | Path, split: str = "test",
-                 split_file: str | None = None, fold: str | None = None, tta: bool = False,
+                 split_file: str | None = None, fold: str | None = None,
                  device: str = "auto", runtime: str = "torch") -> dict:
     """Evaluate a run on ``split`` of the fold it was trained on (or another fold / split file on request)."""
     meta = read_meta(run_dir)
@@ -59,7 +65,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str
     f = select_fold(prepared.folds, cfg.fold)
     predictor = load_predictor(run_dir, device, runtime)
     protocol = f"{dataset_name(prepared.data)}, {prepared.split_source}, {f.name}, {split}"
-    return evaluate(predictor, prepared.data, f.indices(split), out_dir, protocol, tta=tta)
+    return evaluate(predictor, prepared.data, f.indices(split), out_dir, protocol)
 
 
 def load_predictor(run_dir: str | Path, device: str = "auto", runtime: str = "torch"):

@@ -1,0 +1,106 @@
+"""Ensembles as a first-class run: ``RUN/members/<name>/`` are ordinary runs (one per backbone and seed, the
+same recipe otherwise); ``RUN/model.json`` (``kind: ensemble``) lists them, and its validation metrics,
+calibration and screening threshold are those of the averaged model, fitted on the validation part only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpoxscope.config import ModelConfig, TrainConfig, to_dict
+from mpoxscope.data.batch_augment import normalise
+from mpoxscope.data.samples import SampleSet
+from mpoxscope.data.splits import Fold
+from mpoxscope.engine import rundir
+from mpoxscope.engine.checkpoint import load_inference_model, read_meta, write_meta
+from mpoxscope.engine.device import resolve_device
+from mpoxscope.engine.finish import _screening, brief, calibrated_probs, logits_of, protocol
+from mpoxscope.engine.imagecache import ImageCache, build_image_cache
+from mpoxscope.engine.metrics import classification_metrics
+from mpoxscope.engine.train import TrainResult, train
+from mpoxscope.errors import MpoxscopeError
+from mpoxscope.fileio import write_json
+
+
+def parse_member(spec: str, default_seed: int) -> tuple[str, int]:
+    """``"tf_efficientnet_lite1:3"`` -> (backbone, seed); no seed -> ``default_seed``."""
+    backbone, _, seed = spec.partition(":")
+    if not backbone:
+        raise MpoxscopeError(f"--ensemble: empty backbone in {spec!r}")
+    try:
+        return backbone, int(seed) if seed else default_seed
+    except ValueError:
+        raise MpoxscopeError(f"--ensemble: seed of {spec!r} is not an integer") from None
+
+
+def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   ) -> list[tuple[str, ModelConfig, TrainConfig]]:
+    """(member folder name, model config, train config) per spec: the shared recipe with its backbone/seed."""
+    out, seen = [], set()
+    for spec in specs:
+        backbone, seed = parse_member(spec, train_cfg.seed)
+        name = f"{backbone}-seed{seed}"
+        if name in seen:
+            raise MpoxscopeError(f"--ensemble: member {spec!r} given twice")
+        seen.add(name)
+        out.append((name, dataclasses.replace(model_cfg, backbone=backbone),
+                    dataclasses.replace(train_cfg, seed=seed)))
+    return out
+
+
+def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   specs: tuple[str, ...], run_dir: str | Path, data_info: dict | None = None,
+                   images: ImageCache | None = None, progress: bool = True, log=print) -> TrainResult:
+    """Train every member (each resumable on its own), then fit the ensemble's calibration and screening
+    threshold on the validation part and write ``RUN/model.json``."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    members = member_configs(specs, model_cfg, train_cfg)
+    data_info = {**(data_info or {}), "fold": fold.name}
+    if images is None:
+        images = build_image_cache(data, sorted(set(fold.train) | set(fold.validation)), model_cfg.image_size,
+                                   workers=train_cfg.num_workers, progress_bar=progress)
+    results = []
+    for name, mc, tc in members:
+        log(f"{fold.name}: ensemble member {name}")
+        results.append(train(data, fold, mc, tc, run_dir / rundir.MEMBERS / name, data_info, images=images,
+                             progress=progress, log=log))
+    meta = combine(run_dir, [n for n, _, _ in members], data, fold, images, train_cfg, data_info, specs)
+    return TrainResult(run_dir, 0, max(r.epochs_run for r in results), meta["validation"],
+                       time.perf_counter() - t0, results[0].skipped_files, all(r.resumed for r in results))
+
+
+def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images: ImageCache,
+            train_cfg: TrainConfig, data_info: dict, specs: tuple[str, ...]) -> dict:
+    """Write the ensemble's ``model.json`` from trained members (no test data involved)."""
+    from mpoxscope.engine.calibration import calibrate
+
+    first = read_meta(run_dir / rundir.MEMBERS / names[0])
+    meta = {k: first[k] for k in ("format_version", "mpoxscope_version", "classes", "image_size", "normalization")}
+    meta.update(kind="ensemble", model={**first["model"], "backbone": "+".join(names)},
+                members=[{"dir": f"{rundir.MEMBERS}/{n}"} for n in names], data=data_info,
+                train={**to_dict(train_cfg), "ensemble": list(specs)}, pretrained_source=first.get("pretrained_source"))
+    write_meta(run_dir, meta)  # members are readable from here on; calibration follows
+    device = resolve_device(train_cfg.device)
+    model, _ = load_inference_model(run_dir, device=device)
+    norm = meta["normalization"]
+    x = normalise(images.clean.index_select(0, images.index(fold.validation)), norm["mean"], norm["std"])
+    targets = np.array([data.targets[i] for i in fold.validation])
+    logits = logits_of(model, x, device)
+    probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
+    val = classification_metrics(targets, probs, data.classes)
+    val["loss"] = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1)).mean())
+    member_val = {n: read_meta(run_dir / rundir.MEMBERS / n).get("validation", {}) for n in names}
+    meta["validation"] = {**brief(val), "protocol": protocol(data_info, "validation"),
+                          "members": {n: brief(v) for n, v in member_val.items()}}
+    meta["calibration"] = calibrate(logits, targets)
+    meta["screening"] = _screening(calibrated_probs(logits, meta["calibration"]), targets, data.classes, train_cfg,
+                                   protocol(data_info, "validation"))
+    write_meta(run_dir, meta)
+    write_json(run_dir / rundir.STATE, {"status": "finished", "members": names})
+    return meta

@@ -1,0 +1,119 @@
+"""The end of a training run, on the validation part only: test-time augmentation, calibration, screening.
+
+The selected weights are scored on the validation images through the full model exactly as the Predictor will
+run it (fp32, the evaluation transform), once per candidate view set; the chosen views go into ``model.json``
+(``"tta"``), then calibration and the screening threshold are fitted to the chosen model's validation outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from mpoxscope.config import TrainConfig
+from mpoxscope.data.batch_augment import normalise
+from mpoxscope.data.samples import SampleSet
+from mpoxscope.data.splits import Fold
+from mpoxscope.engine import rundir
+from mpoxscope.engine.imagecache import build_image_cache
+from mpoxscope.engine.metrics import classification_metrics
+from mpoxscope.models.tta import TTA_SETS, TTAModel, resolve_views
+
+BRIEF_KEYS = ("n_images", "accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc_ovr_macro", "loss")
+
+
+def brief(m: dict) -> dict:
+    return {k: m[k] for k in BRIEF_KEYS if k in m}
+
+
+def protocol(data_info: dict, split: str) -> str:
+    return f"{data_info.get('dataset', '?')}, {data_info.get('split_source', '?')}, {data_info.get('fold', '?')}, " \
+           f"{split}"
+
+
+def validation_images(batches, data: SampleSet, fold: Fold, image_size: int, mean, std, workers: int,
+                      progress: bool) -> torch.Tensor:
+    """Normalised validation images (N, 3, S, S) as the Predictor would see them."""
+    if hasattr(batches, "val_images"):
+        return normalise(batches.val_images, mean, std)
+    cache = build_image_cache(data, fold.validation, image_size, workers=workers, progress_bar=progress)
+    return normalise(cache.clean.index_select(0, cache.index(fold.validation)), mean, std)
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(x[s:s + batch_size].to(device)).float().cpu()
+                      for s in range(0, len(x), batch_size)]).numpy()
+
+
+def choose_tta(model: torch.nn.Module, x: torch.Tensor, targets: np.ndarray, classes: list[str], spec: str,
+               device: torch.device) -> tuple[str, dict, np.ndarray]:
+    """The view set with the best validation (macro-F1, -loss) among ``TTA_SETS`` when ``spec`` is "auto"
+    (fewer views win ties), else ``spec``; returns (name, scores of every candidate, its validation logits)."""
+    names = list(TTA_SETS) if spec == "auto" else [spec]
+    scored, best = {}, None
+    for name in names:
+        logits = logits_of(TTAModel(model, resolve_views(name)), x, device)
+        m = classification_metrics(targets, _softmax(logits), classes)
+        m["loss"] = float(-np.log(np.clip(_softmax(logits)[np.arange(len(targets)), targets], 1e-12, 1)).mean())
+        scored[name] = {"f1_macro": m["f1_macro"], "accuracy": m["accuracy"], "loss": m["loss"]}
+        key = (round(m["f1_macro"], 10), -m["loss"])
+        if best is None or key > best[0]:
+            best = (key, name, logits)
+    return best[1], scored, best[2]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def calibrated_probs(logits: np.ndarray, calibration: dict) -> np.ndarray:
+    try:
+        from mpoxscope.engine.calibration import apply_calibration
+    except ImportError:
+        return _softmax(logits / float(calibration.get("temperature", 1.0)))
+    return torch.softmax(apply_calibration(torch.as_tensor(logits), calibration), 1).numpy()
+
+
+def finish_run(run_dir: Path, model, batches, stop: int, data: SampleSet, fold: Fold, cfg: TrainConfig,
+               device: torch.device, precision: str, meta: dict, best_epoch: int, progress: bool) -> dict:
+    """Load the best weights, then choose TTA views, calibration and the screening threshold on validation."""
+    from mpoxscope.engine.calibration import calibrate
+
+    model.load_state_dict(load_file(str(rundir.require_weights(run_dir))))
+    model.eval()
+    x = validation_images(batches, data, fold, model.config.image_size, model.mean, model.std,
+                          cfg.num_workers, progress)
+    targets = np.array([data.targets[i] for i in fold.validation])
+    name, scored, logits = choose_tta(model, x, targets, data.classes, cfg.tta, device)
+    meta["tta"] = {"set": name, "views": list(resolve_views(name)), "chosen_on": "validation",
+                   "candidates": scored}
+    val = classification_metrics(targets, _softmax(logits), data.classes)
+    val["loss"] = scored[name]["loss"]
+    meta["validation"] = {**brief(val), "epoch": best_epoch, "tta": name,
+                          "protocol": protocol(meta.get("data", {}), "validation")}
+    meta["calibration"] = calibrate(logits, targets)
+    meta["screening"] = _screening(calibrated_probs(logits, meta["calibration"]), targets, data.classes, cfg,
+                                   protocol(meta.get("data", {}), "validation"))
+    return meta
+
+
+def _screening(probs: np.ndarray, targets: np.ndarray, classes: list[str], cfg: TrainConfig,
+               source: str) -> dict | None:
+    """The sensitivity-first threshold for ``cfg.screen_class``; None when that class is not in the data or
+    has no validation cases (the run then has no screening rule)."""
+    from mpoxscope.engine.screening import fit_screening, resolve_target_class
+    from mpoxscope.errors import MpoxscopeError
+
+    try:
+        idx = resolve_target_class(cfg.screen_class, classes)
+    except MpoxscopeError:
+        return None
+    if not (targets == idx).any():
+        return None
+    return fit_screening(probs, targets, classes, cfg.screen_class, cfg.screen_sensitivity, source)

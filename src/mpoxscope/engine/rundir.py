@@ -1,0 +1,98 @@
+"""What a training run directory holds, and the one atomic commit that ends each epoch.
+
+Files (names defined here only):
+
+* ``model.json`` (META): classes, configurations, normalisation, data protocol, validation metrics, TTA views,
+  calibration, screening threshold; ``best.safetensors`` (BEST) and ``last.safetensors`` (LAST): weights;
+* ``resume.pt`` (RESUME): the whole state after the last finished epoch — weights, optimiser, scheduler, RNG
+  state, best-so-far and the per-epoch history — written in one atomic replace, so a kill at any moment leaves
+  either the previous epoch's state or this one's, never a mix; tensors and plain values only (loaded with
+  ``weights_only=True``);
+* ``metrics.jsonl`` (METRICS): one line per epoch, rewritten from the committed history (never appended twice);
+* ``train_state.json`` (STATE): running/finished, for humans and for skipping finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mpoxscope.engine.checkpoint import META_FILE, save_weights, write_meta
+from mpoxscope.errors import MpoxscopeError
+from mpoxscope.fileio import atomic_path, write_json, write_text
+
+META = META_FILE
+BEST = "best.safetensors"
+LAST = "last.safetensors"
+RESUME = "resume.pt"
+METRICS = "metrics.jsonl"
+STATE = "train_state.json"
+#: Ensemble runs keep their members' run directories here.
+MEMBERS = "members"
+
+
+def start(run_dir: Path, meta: dict) -> None:
+    """A fresh run: drop what an earlier, different attempt at this run left, then write ``model.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (METRICS, BEST, LAST, RESUME):
+        (run_dir / stale).unlink(missing_ok=True)
+    for tmp in run_dir.glob(".*.tmp"):  # temporary files of a write that a kill interrupted
+        tmp.unlink(missing_ok=True)
+    write_meta(run_dir, meta)
+    write_json(run_dir / STATE, {"status": "running", "epochs_run": 0, "best_epoch": 0})
+
+
+def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state) -> None:
+    """Make the epoch that just ended durable: one atomic replace of ``resume.pt``, then the derived files."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "rng": rng, "epoch": state.epoch,
+               "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
+               "best_score": list(state.best_score), "history": json.dumps(state.history)}
+    with atomic_path(run_dir / RESUME) as tmp:
+        torch.save(payload, tmp)
+    write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
+    save_weights(model, run_dir / LAST)
+    write_json(run_dir / STATE, {"status": "running", "epochs_run": state.epoch, "best_epoch": state.best_epoch})
+
+
+def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler):
+    """Restore the last committed epoch into ``model``/``optimizer``/``scheduler`` and the RNG; returns the
+    progress record (see ``train._Progress``). A file that is not what :func:`commit_epoch` writes is refused
+    with one line."""
+    from mpoxscope.engine.train import _Progress
+
+    path = run_dir / RESUME
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        history = json.loads(ckpt["history"])
+        state = _Progress(int(ckpt["epoch"]), int(ckpt["best_epoch"]), int(ckpt["bad_epochs"]),
+                          tuple(float(v) for v in ckpt["best_score"]), history)
+    except Exception as e:  # not ours, truncated, another architecture: never a traceback
+        raise MpoxscopeError(f"{path}: not a resumable mpoxscope checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --no-resume to start "
+                             f"over") from None
+    write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
+    return state
+
+
+def member_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (Path(run_dir) / MEMBERS).iterdir() if p.is_dir()) \
+        if (Path(run_dir) / MEMBERS).is_dir() else []
+
+
+def require_weights(run_dir: Path, which: str = "best") -> Path:
+    path = Path(run_dir) / f"{which}.safetensors"
+    if not path.is_file():
+        raise MpoxscopeError(f"{path}: weights file not found")
+    return path
