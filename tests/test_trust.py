@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,64 @@ def _png_bytes(size=(8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (1, 2, 3)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# --- items 6, 14, 15 (explain) -------------------------------------------------------------------------------
+
+def _png(path, colour=(180, 90, 70), size=(96, 96)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format="PNG")
+    return path
+
+
+def test_explain_output_names_stay_inside_out_and_never_collide(tiny_run, tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    dots = _png(tmp_path / "in" / "...png")          # stem ".."
+    a = _png(tmp_path / "in" / "a" / "x.png")
+    b = _png(tmp_path / "in" / "b" / "X.png", (60, 160, 90))  # same stem up to case
+    out = tmp_path / "deep" / "out"
+    rc = main(["explain", str(tiny_run), str(dots), str(a), str(b), "--out", str(out), "--method", "gradcam",
+               "--no-attention", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert not (tmp_path / "deep" / "panel.png").exists() and not (tmp_path / "deep" / "gradcam.npy").exists()
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 3 and len({f.casefold() for f in folders}) == 3
+    assert all((out / f / "panel.png").is_file() for f in folders)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len({e["panel"] for e in summary["images"]}) == 3
+
+
+def test_explain_all_leaves_out_scorecam_and_says_so(tiny_run, tmp_path, capsys):
+    from mpoxscope.cli import main
+    from mpoxscope.explain.methods import parse_methods
+
+    assert "scorecam" not in parse_methods("all") and "gradcam" in parse_methods("all")
+    assert parse_methods("all,scorecam")[-1] == "scorecam"
+    img = _png(tmp_path / "one.png")
+    rc = main(["explain", str(tiny_run), str(img), "--out", str(tmp_path / "o"), "--method", "all",
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "--method all leaves out scorecam" in err
+    panel = Image.open(tmp_path / "o" / "one" / "panel.png")
+    # 1 + 7 pictures wrap into rows: the panel is not a thin strip of thumbnails
+    assert panel.height / panel.width > 0.4
+
+
+def test_target_class_accepts_aliases():
+    from mpoxscope.explain.pipeline import resolve_class
+
+    classes = ["Mpox", "Chickenpox", "Measles"]
+    assert resolve_class("Monkeypox", classes) == 0 and resolve_class("varicella", classes) == 1
+    with pytest.raises(MpoxscopeError, match="unknown class 'Flu'"):
+        resolve_class("Flu", classes)
+
+
+def test_explain_refuses_foreign_out_before_loading_anything(tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("x")
+    rc = main(["explain", str(tmp_path / "no_run"), str(tmp_path / "none.png"), "--out", str(victim)])
+    assert rc == 2 and "did not write (thesis.txt)" in capsys.readouterr().err

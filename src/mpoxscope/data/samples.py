@@ -117,7 +117,8 @@ def _scan_class_folders(root: Path, groups: dict[str, str] | None) -> list[Sampl
     for d in _class_dirs(root):
         label = canonical_class(d.name)
         for f in sorted(d.rglob("*")):
-            if f.is_file() and is_image_file(f):
+            # hidden files and folders (._x.jpg, .thumbnails/) are never samples
+            if f.is_file() and is_image_file(f) and not any(part.startswith(".") for part in f.relative_to(d).parts):
                 samples.append(Sample(f, label, _group_for(f, groups)))
     return samples
 

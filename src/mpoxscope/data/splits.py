@@ -78,11 +78,19 @@ def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def find_split_file(root: str | os.PathLike) -> Path | None:
-    """The split file shipped beside a dataset (``folds.csv`` or ``datalog.xlsx``), if any."""
+    """The split file shipped beside a dataset (``folds.csv`` or ``datalog.xlsx``), if any.
+
+    Given the ``images`` folder of the ``DATA/images/<class>/`` layout, the split file one level up (in ``DATA``)
+    is found too, so pointing at either folder gives the same official split."""
+    root = Path(root)
     for name in ("folds.csv", "datalog.xlsx"):
-        for candidate in (Path(root) / name, *Path(root).glob(f"*/{name}")):
+        for candidate in (root / name, *root.glob(f"*/{name}")):
             if candidate.is_file():
                 return candidate
+    if root.name.lower() == "images":
+        for name in ("folds.csv", "datalog.xlsx"):
+            if (root.parent / name).is_file():
+                return root.parent / name
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", default="gradcam",
                    help="comma-separated: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, "
-                        "scorecam, attention, or 'all' (default: gradcam; an AGFN head's attention is always "
+                        "scorecam, attention, or 'all' (every method but the slow scorecam; 'all,scorecam' adds it) "
+                        "(default: gradcam; an AGFN head's attention is always "
                         "added to the panel unless --no-attention)")
     p.add_argument("--target-class", default=None,
                    help="class to explain, by name (default: the predicted one)")
@@ -72,11 +74,21 @@ def _slug(method: str) -> str:
     return method.replace("+", "p")
 
 
+def _safe_stem(path: Path, limit: int = 80) -> str:
+    """``path``'s stem as a plain folder name: no separators, no leading dots (``..`` cannot climb out of
+    ``--out``), no characters a file system or a URL would choke on, not too long."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).lstrip(".")[:limit].rstrip(".")
+    return stem or "image"
+
+
 def _unique_key(path: Path, used: set[str]) -> str:
-    key, n = path.stem, 2
-    while key in used:
-        key, n = f"{path.stem}-{n}", n + 1
-    used.add(key)
+    """A folder name under ``--out`` for ``path``, distinct from every earlier one even on a case-insensitive
+    file system (``a/x.jpg`` and ``b/X.jpg`` -> ``x`` and ``X-2``)."""
+    base = _safe_stem(path)
+    key, n = base, 2
+    while key.casefold() in used:
+        key, n = f"{base}-{n}", n + 1
+    used.add(key.casefold())
     return key
 
 
@@ -95,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from mpoxscope.engine.predict import Predictor, expand_inputs
     from mpoxscope.errors import ImageError, MpoxscopeError
     from mpoxscope.explain.gallery import GalleryEntry, write_gallery
-    from mpoxscope.explain.methods import parse_methods
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
+    from mpoxscope.explain.methods import SLOW_METHODS, parse_methods
     from mpoxscope.explain.pipeline import explain_images, panel_methods, resolve_class
 
     if args.batch_size < 1:
@@ -107,13 +120,18 @@ def run(args: argparse.Namespace) -> int:
             raise MpoxscopeError("--threads: must be at least 1")
         torch.set_num_threads(args.threads)
     percentiles = _percentiles(args.road_percentiles) if args.faithfulness else ()
+    out = check_output_dir(args.out, "explain")
+    chosen = parse_methods(args.method)
+    paths = expand_inputs(args.inputs)
     predictor = Predictor.from_run(args.run, args.device, which=args.which)
-    methods = panel_methods(parse_methods(args.method), predictor.model, with_attention=not args.no_attention)
+    methods = panel_methods(chosen, predictor.model, with_attention=not args.no_attention)
     if args.target_class is not None:
         resolve_class(args.target_class, predictor.classes)  # fail before any work
-    paths = expand_inputs(args.inputs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    left_out = [m for m in SLOW_METHODS if m not in chosen]
+    if "all" in [m.strip().lower() for m in args.method.split(",")] and left_out:
+        print(f"note: --method all leaves out {', '.join(left_out)} (minutes per image on a CPU); "
+              f"name it to include it: --method all,{','.join(left_out)}", file=sys.stderr)
+    mark_output_dir(out, "explain")
 
     entries: list[GalleryEntry] = []
     done: list[_Done] = []

@@ -44,7 +44,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h2{border-bottom:1px solid #ccc;padding-bottom:.2em}
 .grid{display:flex;flex-wrap:wrap;gap:14px}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px;max-width:720px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;max-width:980px}
 .card img{max-width:100%;height:auto;display:block}
 .cap{font-size:13px;margin-top:4px}.cap a{margin-right:.6em}
 .err{color:#a00}.note{color:#555;font-size:13px}

@@ -114,16 +114,20 @@ def get_method(name: str) -> MethodSpec:
     return spec
 
 
+#: Left out of ``all`` unless named as well (``all,scorecam``): Score-CAM takes minutes per image on a CPU.
+SLOW_METHODS: tuple[str, ...] = ("scorecam",)
+
+
 def parse_methods(text: str) -> list[str]:
-    """``"gradcam,scorecam"`` or ``"all"`` -> canonical method names, without duplicates."""
-    if text.strip().lower() == "all":
-        return list(METHODS)
+    """``"gradcam,scorecam"``, ``"all"`` (every method except :data:`SLOW_METHODS`) or ``"all,scorecam"`` ->
+    canonical method names, without duplicates."""
     names: list[str] = []
     for part in text.split(","):
-        if part.strip():
-            name = get_method(part).name
-            if name not in names:
-                names.append(name)
+        if not part.strip():
+            continue
+        chosen = [m for m in METHODS if m not in SLOW_METHODS] if part.strip().lower() == "all" \
+            else [get_method(part).name]
+        names += [n for n in chosen if n not in names]
     if not names:
         raise MpoxscopeError("--method: no method given")
     return names

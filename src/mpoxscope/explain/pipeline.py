@@ -42,12 +42,14 @@ class Explanation:
 
 
 def resolve_class(name: str, classes: Sequence[str]) -> int:
-    """Index of class ``name`` (case-insensitive)."""
+    """Index of class ``name`` (case-insensitive; the aliases data folders accept, e.g. Monkeypox -> Mpox)."""
+    from mpoxscope.data.classes import canonical_class
+
     lowered = [c.lower() for c in classes]
-    if name.strip().lower() not in lowered:
-        raise MpoxscopeError(f"--target-class: unknown class {name!r}; the run's classes are "
-                             f"{', '.join(classes)}")
-    return lowered.index(name.strip().lower())
+    for candidate in (name.strip(), canonical_class(name)):
+        if candidate.lower() in lowered:
+            return lowered.index(candidate.lower())
+    raise MpoxscopeError(f"--target-class: unknown class {name!r}; the run's classes are {', '.join(classes)}")
 
 
 def panel_methods(methods: Sequence[str], model: torch.nn.Module, with_attention: bool = True) -> list[str]:

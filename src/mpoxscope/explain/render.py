@@ -85,22 +85,30 @@ def save_overlay_png(image: Image.Image, cam: np.ndarray, path: str | os.PathLik
     return _save(fig, path)
 
 
+#: Panels wrap after this many pictures, so a panel with many maps stays readable in the gallery.
+PANEL_COLUMNS = 4
+
+
 def save_panel_png(image: Image.Image, maps: dict[str, np.ndarray], path: str | os.PathLike, title: str,
-                   cmap: str = CMAP) -> Path:
-    """original | one overlay per entry of ``maps`` (in order), one row, shared colour bar and ``title``."""
+                   cmap: str = CMAP, columns: int = PANEL_COLUMNS) -> Path:
+    """original | one overlay per entry of ``maps`` (in order), at most ``columns`` per row, shared colour bar
+    and ``title``."""
     img = display_copy(image)
     n = 1 + len(maps)
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
     aspect = img.width / img.height
-    fig = Figure(figsize=(n * 2.6 * aspect + 0.8, 3.1))
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    fig = Figure(figsize=(cols * 2.6 * aspect + 0.8, rows * 2.7 + 0.4))
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
     axes[0].imshow(img)
     axes[0].set_title("original", fontsize=9)
-    for ax, (name, cam) in zip(axes[1:], maps.items(), strict=True):
+    for ax, (name, cam) in zip(axes[1:n], maps.items(), strict=True):
         ax.imshow(overlay(img, cam, cmap=cmap))
         ax.set_title(name, fontsize=9)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     if maps:
-        _colorbar(fig, list(axes), cmap)
+        _colorbar(fig, axes[:n], cmap)
     return _save(fig, path)
