@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from mpoxscope.engine.predict import Predictor, expand_inputs
     from mpoxscope.errors import ImageError, MpoxscopeError
     from mpoxscope.explain.gallery import GalleryEntry, write_gallery
-    from mpoxscope.fileio import check_output_dir, mark_output_dir
     from mpoxscope.explain.methods import SLOW_METHODS, parse_methods
     from mpoxscope.explain.pipeline import explain_images, panel_methods, resolve_class
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
 
     if args.batch_size < 1:
         raise MpoxscopeError("--batch-size: must be at least 1")
