@@ -86,7 +86,8 @@ def test_from_file_uses_embedded_metadata(exported, predictors):
 def test_from_run_exports_when_missing_and_when_stale(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("MPOXSCOPE_MSLD", str(tmp_path / "absent"))  # parity on synthetic images
     default = export_onnx_module.default_parity_images
-    monkeypatch.setattr(export_onnx_module, "default_parity_images", lambda size, n=8: default(size, 2))
+    monkeypatch.setattr(export_onnx_module, "default_parity_images",
+                        lambda size, n=8, data_root=None: default(size, 2, data_root))
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     first = OnnxPredictor.from_run(run)
     assert first.onnx_file == run / ONNX_FILE and first.onnx_file.is_file()

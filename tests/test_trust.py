@@ -213,3 +213,90 @@ def test_explain_refuses_foreign_out_before_loading_anything(tmp_path, capsys):
     (victim / "thesis.txt").write_text("x")
     rc = main(["explain", str(tmp_path / "no_run"), str(tmp_path / "none.png"), "--out", str(victim)])
     assert rc == 2 and "did not write (thesis.txt)" in capsys.readouterr().err
+
+
+# --- items 1 and 2 through the CLI ----------------------------------------------------------------------------
+
+def test_overwrite_with_a_bad_data_path_deletes_nothing(tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("years of work")
+    rc = main(["train", str(tmp_path / "no" / "such" / "path"), "--out", str(victim), "--overwrite"])
+    assert rc == 2 and (victim / "thesis.txt").read_text() == "years of work"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not write (thesis.txt)" in err
+
+
+def test_overwrite_of_a_run_checks_data_before_deleting(tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    run = mark_output_dir(tmp_path / "run", "train")
+    (run / "model.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    rc = main(["train", str(tmp_path / "missing_data"), "--out", str(run), "--overwrite"])
+    assert rc == 2 and "data folder not found" in capsys.readouterr().err
+    assert (run / "model.json").is_file() and (run / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "cv", "audit", "explain"])
+def test_out_naming_an_existing_file_is_refused_up_front(command, tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    existing = tmp_path / "results.txt"
+    existing.write_text("x")
+    data = str(tmp_path / "no_data")  # never reached: --out is checked first
+    argv = {"train": ["train", data], "evaluate": ["evaluate", str(tmp_path / "no_run"), data],
+            "cv": ["cv", data], "audit": ["audit", data],
+            "explain": ["explain", str(tmp_path / "no_run"), data]}[command]
+    assert main([*argv, "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "existing file, not a folder" in err and err.count("\n") == 1
+
+
+def test_export_and_card_refuse_a_folder_or_foreign_file(tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    other = tmp_path / "thesis.docx"
+    other.write_text("x")
+    assert main(["export", str(tmp_path / "run"), "--out", str(other)]) == 2
+    assert "not .onnx" in capsys.readouterr().err
+    assert main(["card", str(tmp_path / "run"), "--out", str(tmp_path)]) == 2
+    assert "names a folder" in capsys.readouterr().err
+    assert other.read_text() == "x"
+
+
+# --- item 15: argparse abbreviations --------------------------------------------------------------------------
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--epoch", "1"])
+    assert e.value.code == 2 and "--epoch" in capsys.readouterr().err
+
+
+# --- item 15: the official split one level above DATA/images --------------------------------------------------
+
+def test_split_file_found_above_the_images_folder(tmp_path):
+    import csv
+
+    from mpoxscope.data.protocol import resolve_folds
+    from mpoxscope.data.samples import load_samples
+
+    rows = []
+    for cls, code in (("Mpox", "MKP"), ("Measles", "MSL")):
+        for p in range(1, 5):
+            name = f"{code}_{p:02d}_01.png"
+            _png(tmp_path / "DATA" / "images" / cls / name, (p * 40, 90, 70), (16, 16))
+            split = {1: "train", 2: "train", 3: "validation", 4: "test"}[p]
+            rows.append({"fold": "fold1", "split": split, "filename": name})
+    with open(tmp_path / "DATA" / "folds.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["fold", "split", "filename"])
+        w.writeheader()
+        w.writerows(rows)
+    for root in (tmp_path / "DATA", tmp_path / "DATA" / "images"):
+        folds, source = resolve_folds(load_samples(root))
+        assert source == "split file folds.csv" and [f.name for f in folds] == ["fold1"]
+        assert len(folds[0].test) == 2

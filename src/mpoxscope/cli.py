@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpoxscope",
         description="Tell Mpox apart from look-alike skin diseases (AGFN), evaluate honestly, explain, serve.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"mpoxscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,7 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        _no_abbreviations(command)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Options must be spelled out: with abbreviations, ``--epoch 1`` would silently mean ``--epochs 1``."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: list[str] | None = None) -> int:

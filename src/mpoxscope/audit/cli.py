@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from mpoxscope.audit.report import audit_dataset
     from mpoxscope.data.samples import load_samples
     from mpoxscope.data.splits import find_split_file, read_split_file
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
 
+    check_output_dir(args.out, "audit")  # before minutes of hashing
     config = AuditConfig(threshold=args.threshold, min_correlation=args.min_correlation,
                          html_pairs=args.html_pairs)
     data = load_samples(args.data, args.groups_csv)
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             table, source = data.folder_splits, f"FOLDS folders in {args.data}"
     report = audit_dataset(data, table, config, source)
     paths = write_audit(report, args.out)
+    mark_output_dir(args.out, "audit")
 
     s = report.summary()
     print(f"audit: {args.data} ({s['images']} images, {s['patients']} patients, {s['classes']} classes, "

@@ -406,19 +406,38 @@ def _read_json_file(path: Path, what: str) -> Any:
         raise MpoxscopeError(f"{path}: not valid JSON ({e})") from None
 
 
+def _is_test_evaluation(path: Path) -> bool:
+    try:
+        protocol = read_json(path).get("protocol", "")
+    except (ValueError, UnicodeDecodeError, OSError, AttributeError):
+        return False
+    return "test" in [part.strip() for part in str(protocol).split(",")]
+
+
+def find_test_metrics(run_dir: str | os.PathLike) -> Path | None:
+    """The test evaluation of a run: ``RUN/evaluation/metrics.json``, ``RUN/eval/metrics.json`` (the README's
+    ``evaluate RUN --out RUN/eval``), else the newest ``RUN/*/metrics.json`` whose protocol names the test
+    split. A validation evaluation is never taken for the test metrics."""
+    run_dir = Path(run_dir)
+    preferred = [run_dir / DEFAULT_METRICS, run_dir / "eval" / "metrics.json"]
+    others = sorted((p for p in run_dir.glob("*/metrics.json") if p not in preferred),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((p for p in (*preferred, *others) if p.is_file() and _is_test_evaluation(p)), None)
+
+
 def write_card(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                metrics_file: str | os.PathLike | None = None,
                audit_file: str | os.PathLike | None = None) -> Path:
     """Write the card for ``run_dir`` to ``out`` (default ``RUN/MODEL_CARD.md``).
 
-    Metrics come from ``metrics_file`` or, when it exists, ``RUN/evaluation/metrics.json``; ``audit_file``
+    Metrics come from ``metrics_file`` or the run's test evaluation (:func:`find_test_metrics`); ``audit_file``
     is an optional JSON data audit whose findings are listed under Limitations.
     """
     from mpoxscope.engine.checkpoint import read_meta  # imports torch: keep `mpoxscope --help` fast
 
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    metrics_path = Path(metrics_file) if metrics_file else run_dir / DEFAULT_METRICS
+    metrics_path = Path(metrics_file) if metrics_file else find_test_metrics(run_dir) or run_dir / DEFAULT_METRICS
     metrics = None
     if metrics_file or metrics_path.is_file():
         metrics = _read_json_file(metrics_path, "metrics")

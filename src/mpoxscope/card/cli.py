@@ -10,12 +10,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "card", help="write a Markdown model card for a run",
         description="Write a model card (model details, data and split, test metrics with their protocol, "
                     "calibration, intended use, limitations, data licence) from RUN/model.json and "
-                    "RUN/evaluation/metrics.json. Fields that were not recorded say so.",
+                    "the run's test evaluation (RUN/evaluation/ or RUN/eval/metrics.json, else the newest "
+                    "RUN/*/metrics.json of the test split). Fields that were not recorded say so.",
     )
     p.add_argument("run", metavar="RUN", help="run directory (model.json)")
     p.add_argument("--out", metavar="FILE", help="output file (default: RUN/MODEL_CARD.md)")
     p.add_argument("--metrics", metavar="FILE",
-                   help="metrics JSON to report (default: RUN/evaluation/metrics.json when it exists)")
+                   help="metrics JSON to report (default: the run's test evaluation, found as described above)")
     p.add_argument("--audit", metavar="FILE",
                    help="data-audit JSON whose findings are listed under Limitations")
     p.set_defaults(handler=run_card)
@@ -23,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_card(args: argparse.Namespace) -> int:
     from mpoxscope.card.card import write_card
+    from mpoxscope.fileio import check_output_file
 
+    if args.out:
+        check_output_file(args.out, (".md", ".markdown"))
     path = write_card(args.run, args.out, metrics_file=args.metrics, audit_file=args.audit)
     print(f"wrote {path}")
     return 0

@@ -6,6 +6,7 @@ validation macro-F1) and ``last.safetensors``, plus ``resume.pt`` (optimiser sta
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,121 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise MpoxscopeError(f"{run_dir}: not a trained run (no {META_FILE}); train one with 'mpoxscope train'")
     try:
         meta = read_json(path)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise MpoxscopeError(f"{path}: not valid JSON ({e})") from None
+    validate_meta(meta, path)
+    return meta
+
+
+# --- model.json schema: every field a predictor relies on is checked at load, with one line naming it ---------
+
+def _bad(where: str | os.PathLike, field: str, rule: str, value: Any) -> MpoxscopeError:
+    shown = repr(value)
+    return MpoxscopeError(f"{where}: field {field!r} must be {rule} (got {shown[:60]})")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_numbers(where, field: str, values: Any, n: int | None, positive: bool = False) -> None:
+    rule = f"a list of {n or 'K'} finite numbers" + (" > 0" if positive else "")
+    if not isinstance(values, list) or (n is not None and len(values) != n) \
+            or not all(_is_finite(v) and (not positive or v > 0) for v in values):
+        raise _bad(where, field, rule, values)
+
+
+def validate_meta(meta: Any, where: str | os.PathLike = META_FILE) -> None:
+    """Refuse a ``model.json`` whose fields have the wrong type or an unusable value (raises
+    :class:`MpoxscopeError` naming the field): a hand-edited or damaged file must fail here, in one line, not
+    as a traceback deep in a predictor or as nonsense probabilities."""
+    if not isinstance(meta, dict):
+        raise MpoxscopeError(f"{where}: not a JSON object")
     for key in ("classes", "model"):
         if key not in meta:
-            raise MpoxscopeError(f"{path}: missing field {key!r}")
-    return meta
+            raise MpoxscopeError(f"{where}: missing field {key!r}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c.strip()
+                                                                    for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise _bad(where, "classes", "a list of at least two distinct class names", classes)
+    model = meta["model"]
+    if not isinstance(model, dict):
+        raise _bad(where, "model", "an object (the model configuration)", model)
+    size = meta.get("image_size", model.get("image_size"))
+    if not _is_int(size) or not 16 <= size <= 4096:
+        raise _bad(where, "image_size", "an integer from 16 to 4096", size)
+    _check_model_config(where, model)
+    norm = meta.get("normalization")
+    if norm is not None:
+        if not isinstance(norm, dict):
+            raise _bad(where, "normalization", "an object with mean and std", norm)
+        _check_numbers(where, "normalization.mean", norm.get("mean"), 3)
+        _check_numbers(where, "normalization.std", norm.get("std"), 3, positive=True)
+    cal = meta.get("calibration")
+    if cal is not None:
+        _check_calibration(where, cal, len(classes))
+
+
+def _check_model_config(where, model: dict) -> None:
+    for key in ("backbone", "head", "fusion", "pretrained"):
+        if key in model and not isinstance(model[key], str):
+            raise _bad(where, f"model.{key}", "a string", model[key])
+    if model.get("head", "agfn") not in ("agfn", "linear"):
+        raise _bad(where, "model.head", "'agfn' or 'linear'", model.get("head"))
+    if model.get("fusion", "concat") not in ("concat", "gate"):
+        raise _bad(where, "model.fusion", "'concat' or 'gate'", model.get("fusion"))
+    for key in ("image_size", "d_model", "num_heads", "ff_mult"):
+        if key in model and (not _is_int(model[key]) or model[key] < 1):
+            raise _bad(where, f"model.{key}", "a positive integer", model[key])
+    heads, width = model.get("num_heads", 8), model.get("d_model", 256)
+    if model.get("head", "agfn") == "agfn" and width % heads:
+        raise _bad(where, "model.num_heads", f"a divisor of model.d_model ({width})", heads)
+    for key in ("dropout", "attn_dropout"):
+        if key in model and not (_is_finite(model[key]) and 0 <= model[key] < 1):
+            raise _bad(where, f"model.{key}", "a number in [0, 1)", model[key])
+
+
+def _check_calibration(where, cal: Any, k: int) -> None:
+    if not isinstance(cal, dict):
+        raise _bad(where, "calibration", "an object", cal)
+    if "temperature" in cal and not (_is_finite(cal["temperature"]) and cal["temperature"] > 0):
+        raise _bad(where, "calibration.temperature", "a finite number > 0", cal["temperature"])
+    if cal.get("method") == "vector":
+        _check_numbers(where, "calibration.vector_w", cal.get("vector_w"), k)
+        _check_numbers(where, "calibration.vector_b", cal.get("vector_b"), k)
+
+
+def load_resume(path: str | os.PathLike) -> dict[str, Any]:
+    """Read ``resume.pt`` (optimiser/scheduler/RNG state) without executing code: ``weights_only`` unpickling,
+    then a check that it holds only tensors, numbers, strings and containers of them. Anything else (a pickle
+    with objects, a truncated file, another program's file) is one line naming the file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        raise MpoxscopeError(f"{path}: not a resume file mpoxscope can read ({type(e).__name__}); "
+                             "rerun with --no-resume to start over") from None
+    if not isinstance(state, dict) or not _plain(state):
+        raise MpoxscopeError(f"{path}: not a resume file mpoxscope wrote (unexpected content); "
+                             "rerun with --no-resume to start over")
+    return state
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    if depth > 12:
+        return False
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
+        return True
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, int)) and _plain(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in obj)
+    return False
 
 
 def load_model(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu",
@@ -78,6 +188,9 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", device: str | to
         model.load_state_dict(state)
     except Exception as e:  # corrupt file or another architecture
         raise MpoxscopeError(f"{weights}: cannot load weights ({type(e).__name__}: {e})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # NaN/inf weights would give NaN probabilities, reported as some class
+        raise MpoxscopeError(f"{weights}: weight {bad!r} holds NaN or infinite values; the file is damaged")
     model.pretrained_source = meta.get("pretrained_source", "unknown")
     return model.to(device).eval(), meta
 

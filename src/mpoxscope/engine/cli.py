@@ -89,19 +89,54 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups-csv", help="CSV filename,group giving the patient of each image (non-MSLD data)")
 
 
+def check_train_options(model_cfg, train_cfg) -> None:
+    """Refuse option values that could only fail later (after minutes of caching), in one line each."""
+    from mpoxscope.errors import MpoxscopeError
+
+    for name in ("epochs", "batch_size"):
+        if getattr(train_cfg, name) < 1:
+            raise MpoxscopeError(f"--{name.replace('_', '-')}: must be at least 1")
+    if train_cfg.cache_views < 0:
+        raise MpoxscopeError("--cache-views: must be 0 (no cache) or more")
+    if model_cfg.image_size < 32:
+        raise MpoxscopeError("--image-size: must be at least 32")
+    if model_cfg.d_model % model_cfg.num_heads:
+        raise MpoxscopeError(f"--heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
+    source = model_cfg.pretrained
+    if source not in ("auto", "imagenet", "none") and not Path(source).is_file():
+        raise MpoxscopeError(f"--pretrained: {source}: file not found")
+
+
+def _prepare_output(out: str, kind: str, overwrite: bool = False) -> Path:
+    """After every input is validated: empty a run folder for ``--overwrite`` (only what mpoxscope wrote), then
+    mark the folder as mpoxscope's."""
+    from mpoxscope.fileio import clear_output_dir, mark_output_dir
+
+    if overwrite:
+        kept = clear_output_dir(out, kind)
+        if kept:
+            print(f"--overwrite: kept {len(kept)} file(s) mpoxscope did not write: {', '.join(kept[:5])}",
+                  file=sys.stderr)
+    return mark_output_dir(out, kind)
+
+
 def run_train(args: argparse.Namespace) -> int:
-    import shutil
-
     from mpoxscope.config import DataConfig
-    from mpoxscope.engine.runner import train_fold
+    from mpoxscope.data.splits import select_fold
+    from mpoxscope.engine.runner import prepare, train_fold
+    from mpoxscope.fileio import check_output_dir
 
+    # Everything is checked before anything is written or deleted: options, --out, data, split file and fold.
     model_cfg, train_cfg = configs_from_args(args)
-    if args.overwrite and Path(args.out).exists():
-        shutil.rmtree(args.out)
+    check_train_options(model_cfg, train_cfg)
+    check_output_dir(args.out, "train")
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, fold=args.fold, folds=args.folds,
                           groups_csv=args.groups_csv)
+    prepared = prepare(data_cfg, train_cfg.seed)
+    select_fold(prepared.folds, data_cfg.fold)
+    _prepare_output(args.out, "train", overwrite=args.overwrite)
     result = train_fold(data_cfg, model_cfg, train_cfg, args.out, resume=not args.no_resume,
-                        progress=not args.quiet, ensemble=tuple(args.ensemble or ()))
+                        progress=not args.quiet, ensemble=tuple(args.ensemble or ()), prepared=prepared)
     v = result.validation
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
           f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
@@ -112,9 +147,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from mpoxscope.engine.metrics import summary_line
     from mpoxscope.engine.runner import evaluate_run
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
 
+    check_output_dir(args.out, "evaluate")
+    runtime = "onnx" if args.onnx else args.runtime
     m = evaluate_run(args.run, args.data, args.out, split=args.split, split_file=args.split_file,
-                     fold=args.fold, device=args.device, runtime=args.runtime)
+                     fold=args.fold, device=args.device, runtime=runtime, onnx_file=args.onnx)
+    mark_output_dir(args.out, "evaluate")
     print(summary_line(m, m["protocol"]))
     for f in m.get("failed_files", []):
         print(f"unreadable, excluded: {f}", file=sys.stderr)
@@ -129,8 +168,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from mpoxscope.engine.predict import expand_inputs
     from mpoxscope.engine.runner import load_predictor
 
-    predictor = load_predictor(args.run, args.device, args.runtime)
-    results = predictor.predict_paths(expand_inputs(args.inputs))
+    paths = expand_inputs(args.inputs)
+    predictor = load_predictor(args.run, args.device, "onnx" if args.onnx else args.runtime, onnx_file=args.onnx)
+    results = [_refuse_non_finite(r) for r in predictor.predict_paths(paths)]
     if args.format == "json":
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
     else:
@@ -147,16 +187,30 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _refuse_non_finite(r):
+    """A prediction whose probabilities are not all finite numbers names no class: it becomes an error."""
+    import math
+
+    if r.error is None and not all(math.isfinite(p) for p in r.probabilities.values()):
+        return dataclasses.replace(r, label=None, confidence=None, probabilities={}, decision=None,
+                                   error="the model gave non-finite probabilities (NaN/inf); no class reported")
+    return r
+
+
 def run_cv(args: argparse.Namespace) -> int:
     from mpoxscope.config import DataConfig
     from mpoxscope.engine.cv import CVConfig, audit_leak_filter, cross_validate
+    from mpoxscope.fileio import check_output_dir
 
     model_cfg, train_cfg = configs_from_args(args)
+    check_train_options(model_cfg, train_cfg)
+    check_output_dir(args.out, "cv")
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
     cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks, ensemble=tuple(args.ensemble or ()),
                   folds=tuple(f"fold{f}" if f.isdigit() else f for f in args.only_folds) if args.only_folds else None)
     leak_filter = audit_leak_filter(args.near_dup_threshold) if args.exclude_leaks else None
     summary = cross_validate(data_cfg, model_cfg, train_cfg, cv, leak_filter=leak_filter, progress=not args.quiet)
+    _prepare_output(args.out, "cv")
     s = summary["summary"]
     print(f"[{summary['protocol']}] accuracy {100 * s['accuracy']['mean']:.2f} ± {100 * s['accuracy']['std']:.2f} %, "
           f"macro-F1 {100 * s['f1_macro']['mean']:.2f} ± {100 * s['f1_macro']['std']:.2f} %")
@@ -197,7 +251,10 @@ def run_screen(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from mpoxscope.engine.demo import run_demo as demo
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
 
+    check_output_dir(args.out, "demo")
+    mark_output_dir(args.out, "demo")
     demo(args.out, images_per_class=args.images_per_class, seed=args.seed)
     return 0
 
@@ -213,7 +270,9 @@ def register(sub) -> None:
     add_model_options(p)
     add_screening_options(p)
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds an unfinished run")
-    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: after every input is checked, delete the files mpoxscope wrote in --out "
+                        "(nothing else; a folder mpoxscope did not write is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=run_train)
 
@@ -244,6 +303,8 @@ def register(sub) -> None:
     p.add_argument("--fold", help="fold (default: the run's fold)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--onnx", metavar="FILE", help="ONNX file written by 'mpoxscope export --out FILE' (implies "
+                                                  "--runtime onnx; default RUN/model.onnx)")
     p.set_defaults(handler=run_evaluate)
 
     p = sub.add_parser("predict", help="classify images", description=(
@@ -255,6 +316,8 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["json", "csv"], default="json")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--onnx", metavar="FILE", help="ONNX file written by 'mpoxscope export --out FILE' (implies "
+                                                  "--runtime onnx; default RUN/model.onnx)")
     p.set_defaults(handler=run_predict)
 
     p = sub.add_parser("screen", help="screening results of a finished cv for a new target (no retraining)",

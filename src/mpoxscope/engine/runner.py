@@ -35,10 +35,12 @@ def prepare(cfg: DataConfig, seed: int = 0) -> PreparedData:
 
 
 def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path,
-               resume: bool = True, progress: bool = True, log=print, ensemble: tuple[str, ...] = ()) -> TrainResult:
+               resume: bool = True, progress: bool = True, log=print, ensemble: tuple[str, ...] = (),
+               prepared: PreparedData | None = None) -> TrainResult:
     """Train on one fold of a dataset folder (official split file when there is one); with ``ensemble`` member
-    specs (``BACKBONE[:SEED]``), one run per member under ``run_dir/members`` and the averaged model."""
-    prepared = prepare(data_cfg, train_cfg.seed)
+    specs (``BACKBONE[:SEED]``), one run per member under ``run_dir/members`` and the averaged model.
+    ``prepared``: the data already loaded by :func:`prepare` (the CLI checks it before touching ``run_dir``)."""
+    prepared = prepared or prepare(data_cfg, train_cfg.seed)
     fold = select_fold(prepared.folds, data_cfg.fold)
     info = prepared.info(fold)
     log(f"data: {info['dataset']} ({len(prepared.data)} images, {len(prepared.data.classes)} classes), "
@@ -54,7 +56,7 @@ def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainCon
 
 def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str | Path, split: str = "test",
                  split_file: str | None = None, fold: str | None = None,
-                 device: str = "auto", runtime: str = "torch") -> dict:
+                 device: str = "auto", runtime: str = "torch", onnx_file: str | Path | None = None) -> dict:
     """Evaluate a run on ``split`` of the fold it was trained on (or another fold / split file on request)."""
     meta = read_meta(run_dir)
     recorded = meta.get("data", {})
@@ -63,15 +65,17 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str
                      folds=5)
     prepared = prepare(cfg, int(meta.get("train", {}).get("seed", 0)))
     f = select_fold(prepared.folds, cfg.fold)
-    predictor = load_predictor(run_dir, device, runtime)
+    predictor = load_predictor(run_dir, device, runtime, onnx_file=onnx_file)
     protocol = f"{dataset_name(prepared.data)}, {prepared.split_source}, {f.name}, {split}"
     return evaluate(predictor, prepared.data, f.indices(split), out_dir, protocol)
 
 
-def load_predictor(run_dir: str | Path, device: str = "auto", runtime: str = "torch"):
-    """A :class:`Predictor` (PyTorch) or an ONNX Runtime predictor with the same interface."""
-    if runtime == "onnx":
+def load_predictor(run_dir: str | Path, device: str = "auto", runtime: str = "torch",
+                   onnx_file: str | Path | None = None):
+    """A :class:`Predictor` (PyTorch) or an ONNX Runtime predictor with the same interface (``onnx_file``: the
+    file ``export --out`` wrote; default ``run_dir/model.onnx``)."""
+    if runtime == "onnx" or onnx_file is not None:
         from mpoxscope.export.onnx import OnnxPredictor
 
-        return OnnxPredictor.from_run(run_dir)
+        return OnnxPredictor.from_run(run_dir, onnx_file=onnx_file)
     return Predictor.from_run(run_dir, device=device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,23 +259,9 @@ def pooled_thresholds(fold_val_predictions: Mapping[str, FoldPredictions], fold_
 
 # ----- metrics ---------------------------------------------------------------------------------------------------
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = 0, level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` cases resampled with replacement;
-    resamples where the statistic is undefined (NaN: no target case drawn) are skipped."""
-    if n == 0:
-        return None, None
-    rng = np.random.default_rng(seed)
-    vals = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)], dtype=np.float64)
-    vals = vals[np.isfinite(vals)]
-    if len(vals) == 0:
-        return None, None
-    a = (1.0 - level) / 2
-    return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))
-
-
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float | None, float | None]:
-    """Wilson score 95 % interval of a proportion k/n (stays sensible at 0/n and n/n, unlike the bootstrap)."""
+    """Wilson score 95 % interval of a proportion k/n (stays sensible at 0/n and n/n, where a bootstrap interval
+    collapses to a point)."""
     if n == 0:
         return None, None
     p = k / n
@@ -285,27 +271,41 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float | None, 
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def _proportion(hit: np.ndarray, mask: np.ndarray, seed: int) -> dict:
-    """A proportion ``mean(hit[mask])`` with its bootstrap (over all cases) and Wilson intervals."""
-    k, n = int((hit & mask).sum()), int(mask.sum())
+def _rates(flagged: np.ndarray, referred: np.ndarray, is_t: np.ndarray) -> np.ndarray:
+    """[sensitivity, specificity, target referred either way]; NaN where a side has no cases."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.array([(flagged & is_t).sum() / is_t.sum(), (~flagged & ~is_t).sum() / (~is_t).sum(),
+                         (referred & is_t).sum() / is_t.sum()], dtype=np.float64)
 
-    def stat(ix: np.ndarray) -> float:
-        m = mask[ix]
-        return float(hit[ix][m].mean()) if m.any() else float("nan")
 
-    lo, hi = bootstrap_ci(stat, len(hit), seed=seed)
-    wlo, whi = wilson_interval(k, n)
-    return {"value": k / n if n else None, "ci_low": lo, "ci_high": hi, "k": k, "n": n,
-            "wilson_low": wlo, "wilson_high": whi}
+def _proportions(flagged: np.ndarray, referred: np.ndarray, is_t: np.ndarray, groups: Sequence | None,
+                 seed: int) -> dict[str, dict]:
+    """Sensitivity, specificity and target-referred-either-way, each with its 95 % percentile bootstrap
+    interval (resampling patients when ``groups`` are known, else images) and its Wilson interval."""
+    from mpoxscope.engine.uncertainty import bootstrap_ci
+
+    if groups is not None and len(set(groups)) == len(flagged):
+        groups = None  # one image per patient: the plain image bootstrap
+    res = bootstrap_ci(_rates, flagged, referred, is_t, groups=groups, n=BOOTSTRAP_RESAMPLES, seed=seed)
+    out = {}
+    for i, (name, hit, mask) in enumerate((("sensitivity", flagged, is_t), ("specificity", ~flagged, ~is_t),
+                                           ("target_referred_any", referred, is_t))):
+        k, n = int((hit & mask).sum()), int(mask.sum())
+        lo, hi = (float(res["low"][i]), float(res["high"][i])) if n else (None, None)
+        wlo, whi = wilson_interval(k, n)
+        out[name] = {"value": k / n if n else None, "low": lo, "high": hi, "k": k, "n": n,
+                     "wilson_low": wlo, "wilson_high": whi, "resampled": res["resampled"]}
+    return out
 
 
 def decision_metrics(decisions: Sequence[Decision], targets: np.ndarray, classes: Sequence[str], target_idx: int,
-                     seed: int = 0) -> dict:
+                     groups: Sequence | None = None, seed: int = 0) -> dict:
     """Screening metrics of final decisions against true classes ``targets`` (N,).
 
     sensitivity: target cases referred as the target; specificity: other cases not referred as the target;
     referral_rate: all cases referred as the target; total_referral_rate: referred as the target or uncertain
     (every photo a clinician must see); target_referred_any: target cases sent to a clinician either way.
+    ``groups`` (N,): the patient of each image, for a patient-level bootstrap.
     """
     y = np.asarray(targets, dtype=np.int64)
     kinds = np.array([d.kind for d in decisions])
@@ -321,11 +321,9 @@ def decision_metrics(decisions: Sequence[Decision], targets: np.ndarray, classes
     n = len(y)
     return {
         "n": n, "n_target": int(is_t.sum()),
-        "sensitivity": _proportion(flagged, is_t, seed),
-        "specificity": _proportion(~flagged, ~is_t, seed + 1),
+        **_proportions(flagged, referred, is_t, groups, seed),
         "referral_rate": float(flagged.mean()) if n else None,
         "total_referral_rate": float(referred.mean()) if n else None,
-        "target_referred_any": _proportion(referred, is_t, seed + 2),
         "ppv": float((flagged & is_t).sum() / flagged.sum()) if flagged.any() else None,
         "n_referred_target": int(flagged.sum()), "n_uncertain": int((kinds == "uncertain").sum()),
         "n_target_missed": int((is_t & ~referred).sum()),
@@ -345,11 +343,12 @@ def curve_metrics(scores: np.ndarray, is_target: np.ndarray) -> dict:
 
 
 def screening_metrics(test_probs: np.ndarray, test_targets: np.ndarray, classes: list[str], screening: dict,
-                      calibration: dict | None = None, seed: int = 0) -> dict:
+                      calibration: dict | None = None, groups: Sequence | None = None, seed: int = 0) -> dict:
     """Screening results of a run on test data: the final decisions of :func:`decide` (with the run's abstain
-    threshold from ``calibration``), sensitivity and specificity with 95 % bootstrap intervals (2000 resamples;
-    Wilson intervals beside them), referral rates, the decision confusion matrix, ROC-AUC and average precision.
-    The threshold comes from ``screening`` (validation); the test data never changes it."""
+    threshold from ``calibration``), sensitivity and specificity with 95 % bootstrap intervals (2000 resamples, of
+    patients when ``groups`` (N,) are given; Wilson intervals beside them), referral rates, the decision confusion
+    matrix, ROC-AUC and average precision. The threshold comes from ``screening`` (validation); the test data
+    never changes it."""
     p, y = _check_probs(test_probs, test_targets, classes, "test probabilities")
     checked = check_screening(screening, classes)
     if checked is None:
@@ -358,7 +357,7 @@ def screening_metrics(test_probs: np.ndarray, test_targets: np.ndarray, classes:
     out = {"target_class": str(classes[idx]), "threshold": t,
            "target_sensitivity": screening.get("target_sensitivity"),
            "abstain_threshold": abstain_threshold_of(calibration),
-           **decision_metrics(decide_all(p, classes, calibration, screening), y, classes, idx, seed)}
+           **decision_metrics(decide_all(p, classes, calibration, screening), y, classes, idx, groups, seed)}
     out.update(curve_metrics(p[:, idx], y == idx))
     return out
 
@@ -414,7 +413,7 @@ def with_ci(d: dict) -> str:
     """``92.0 % [84.1, 97.5]`` (bootstrap) with k/n."""
     if d.get("value") is None:
         return "n/a (no cases)"
-    ci = "" if d.get("ci_low") is None else f" [{100 * d['ci_low']:.1f}, {100 * d['ci_high']:.1f}]"
+    ci = "" if d.get("low") is None else f" [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
     return f"{100 * d['value']:.1f} %{ci} ({d['k']}/{d['n']})"
 
 
@@ -488,6 +487,13 @@ def read_predictions_csv(path: str | Path, classes: Sequence[str] | None = None)
     return FoldPredictions(names, p, np.asarray(targets, dtype=np.int64)), list(header)
 
 
+def patient_groups(names: Sequence[str]) -> list[str]:
+    """The patient of each file name (``MKP_17_01.jpg`` -> ``MKP_17``); a name without one is its own group."""
+    from mpoxscope.data.samples import patient_group
+
+    return [patient_group(n) or n for n in names]
+
+
 def _fold_dirs(cv_out: Path) -> list[Path]:
     """Fold folders in the order of ``cv_summary.json`` when there is one, else every folder with a test
     ``evaluation/predictions.csv``, sorted."""
@@ -518,20 +524,21 @@ def _calibration_of(fold_dir: Path) -> dict | None:
 
 def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLASS,
                      sensitivity: float = DEFAULT_SENSITIVITY, out: str | Path | None = None,
-                     protocol: str | None = None) -> dict:
+                     protocol: str | None = None, folds: Sequence[str] | None = None) -> dict:
     """Screening results of a finished cross-validation from its prediction files alone (no model needed).
 
     Reads ``<fold>/validation/predictions.csv`` and ``<fold>/evaluation/predictions.csv`` of every fold (and the
     abstain threshold from ``<fold>/run/model.json``); chooses each fold's threshold on the pooled out-of-fold
     validation predictions without that fold's test images (:func:`pooled_thresholds`), with the threshold chosen
     on the fold's own validation part reported beside it; writes ``screening.json``, ``screening.md`` and
-    ``screening_roc_pr.png`` to ``out`` (default ``cv_out``) and returns the JSON dict.
+    ``screening_roc_pr.png`` to ``out`` (default ``cv_out``) and returns the JSON dict. ``folds``: fold folder
+    names (default: those of ``cv_summary.json``, else every fold folder with test predictions).
     """
     cv_out = Path(cv_out)
     if not cv_out.is_dir():
         raise MpoxscopeError(f"{cv_out}: not a folder")
     sensitivity = check_sensitivity(sensitivity, "--sensitivity")
-    dirs = _fold_dirs(cv_out)
+    dirs = [cv_out / f for f in folds] if folds is not None else _fold_dirs(cv_out)
     if not dirs:
         raise MpoxscopeError(f"{cv_out}: no fold folders with evaluation/predictions.csv (is this a cv output?)")
     val, test, cal, classes = {}, {}, {}, None
@@ -549,38 +556,49 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
     target = classes[idx]
     test_sets = {f: set(p.names) for f, p in test.items()}
     pooled = pooled_thresholds(val, test_sets, classes, target, sensitivity)
-    per_fold, all_dec, all_own, all_y, all_scores = [], [], [], [], []
+    per_fold, all_dec, all_own, all_y, all_scores, all_groups = [], [], [], [], [], []
+    own_missing: list[str] = []
     for f in test:
-        own = fit_screening(val[f].probs, val[f].targets, classes, target, sensitivity, source=f"{f} validation")
-        pooled_block = {**own, "threshold": pooled[f]["threshold"], "source": THRESHOLD_SELECTION_POOLED}
+        groups = patient_groups(test[f].names)
+        pooled_block = {"target_class": target, "target_sensitivity": sensitivity,
+                        "threshold": pooled[f]["threshold"], "source": THRESHOLD_SELECTION_POOLED}
         dec = decide_all(test[f].probs, classes, cal[f], pooled_block)
-        dec_own = decide_all(test[f].probs, classes, cal[f], own)
         m = {"target_class": target, "threshold": pooled[f]["threshold"], "target_sensitivity": sensitivity,
              "abstain_threshold": abstain_threshold_of(cal[f]),
-             **decision_metrics(dec, test[f].targets, classes, idx),
+             **decision_metrics(dec, test[f].targets, classes, idx, groups),
              **curve_metrics(test[f].probs[:, idx], test[f].targets == idx)}
-        m_own = decision_metrics(dec_own, test[f].targets, classes, idx)
-        per_fold.append({"fold": f, **pooled[f], "own_threshold": own["threshold"],
-                         "own_validation_n_target": own["n_validation_target"], "test": m,
-                         "test_own_threshold": {k: m_own[k] for k in ("sensitivity", "specificity", "referral_rate",
-                                                                      "total_referral_rate")}})
+        own_n = int((val[f].targets == idx).sum())
+        own_entry, own_t = None, None
+        if own_n:  # a fold's own validation part may hold no target case at all: no own threshold then
+            own = fit_screening(val[f].probs, val[f].targets, classes, target, sensitivity, f"{f} validation")
+            dec_own = decide_all(test[f].probs, classes, cal[f], own)
+            m_own = decision_metrics(dec_own, test[f].targets, classes, idx, groups)
+            own_entry = {k: m_own[k] for k in ("sensitivity", "specificity", "referral_rate", "total_referral_rate")}
+            own_t = own["threshold"]
+            all_own += dec_own
+        else:
+            own_missing.append(f)
+        per_fold.append({"fold": f, **pooled[f], "own_threshold": own_t, "own_validation_n_target": own_n,
+                         "test": m, "test_own_threshold": own_entry})
         all_dec += dec
-        all_own += dec_own
         all_y.append(test[f].targets)
         all_scores.append(test[f].probs[:, idx])
+        all_groups += groups
     y, scores = np.concatenate(all_y), np.concatenate(all_scores)
     pooled_m = {"target_class": target, "target_sensitivity": sensitivity,
-                **decision_metrics(all_dec, y, classes, idx), **curve_metrics(scores, y == idx)}
-    own_m = decision_metrics(all_own, y, classes, idx)
+                **decision_metrics(all_dec, y, classes, idx, all_groups), **curve_metrics(scores, y == idx)}
+    own_m = decision_metrics(all_own, y, classes, idx, all_groups) if not own_missing else None
     result = {
         "protocol": (protocol or "cross-validation outputs in " + cv_out.name) +
         f"; test parts pooled over {len(per_fold)} folds; threshold per fold from " + THRESHOLD_SELECTION_POOLED,
         "target_class": target, "target_sensitivity": sensitivity, "classes": classes,
         "threshold_selection": THRESHOLD_SELECTION_POOLED,
-        "ci": f"95 % percentile bootstrap over test images, {BOOTSTRAP_RESAMPLES} resamples (Wilson beside it)",
+        "ci": f"95 % percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples of {pooled_m['sensitivity']['resampled']} "
+              f"(patients from MSLD file names; Wilson score intervals beside it in the JSON)",
         "per_fold": per_fold, "pooled": pooled_m,
         "pooled_own_threshold": {k: own_m[k] for k in ("sensitivity", "specificity", "referral_rate",
-                                                       "total_referral_rate", "n_target_missed")},
+                                                       "total_referral_rate", "n_target_missed")} if own_m else
+        {"unavailable": f"no {target} case in the validation part of {', '.join(own_missing)}"},
     }
     dest = Path(out) if out is not None else cv_out
     from mpoxscope.fileio import write_bytes, write_json, write_text
@@ -611,13 +629,16 @@ def cv_screening_markdown(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for f in r["per_fold"]:
         m, o = f["test"], f["test_own_threshold"]
+        own = (f"{f['own_threshold']:.4f} ({f['own_validation_n_target']}) | {pct(o['sensitivity']['value'])} | "
+               f"{pct(o['specificity']['value'])}") if o else f"n/a (no {target} in validation) | | "
         lines.append(f"| {f['fold']} | {m['n']} | {m['n_target']} | {f['threshold']:.4f} ({f['n_pooled']}, "
                      f"{f['n_excluded']}) | {with_ci(m['sensitivity'])} | {with_ci(m['specificity'])} | "
-                     f"{pct(m['referral_rate'])} | {f['own_threshold']:.4f} ({f['own_validation_n_target']}) | "
-                     f"{pct(o['sensitivity']['value'])} | {pct(o['specificity']['value'])} |")
+                     f"{pct(m['referral_rate'])} | {own} |")
     o = r["pooled_own_threshold"]
     lines += ["", f"With each fold's own-validation threshold instead, pooled: sensitivity "
               f"{with_ci(o['sensitivity'])}, specificity {with_ci(o['specificity'])}, referral rate "
-              f"{pct(o['referral_rate'])}.", "", "## Pooled over folds (pooled thresholds)", ""]
+              f"{pct(o['referral_rate'])}." if "unavailable" not in o else
+              f"Own-validation thresholds, pooled: not available ({o['unavailable']}).",
+              "", "## Pooled over folds (pooled thresholds)", ""]
     lines += metrics_markdown(p, "screening_roc_pr.png")
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from mpoxscope.data.images import IMAGE_EXTENSIONS, load_image
+from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import msld_root
 from mpoxscope.engine.checkpoint import load_model, read_meta
 from mpoxscope.engine.predict import Predictor, expand_inputs
@@ -234,28 +234,41 @@ def _add_metadata(path: Path, meta: dict[str, Any], which: str, sha: str) -> Non
     onnx.save(proto, str(path))
 
 
-def default_parity_images(image_size: int, n: int = 8) -> tuple[list[Image.Image], str]:
-    """``n`` real MSLD images (round-robin over the class folders, in file order) when ``msld_root()`` exists,
-    else ``n`` generated synthetic ones; returns (images, description)."""
-    images_dir = msld_root() / "images"
-    if images_dir.is_dir():
-        per_class = [sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-                     for d in sorted(images_dir.iterdir()) if d.is_dir()]
-        picked = [files[i] for i in range(n) for files in per_class if i < len(files)][:n]
-        if picked:
-            return [load_image(p) for p in picked], f"real MSLD v2.0 images from {images_dir}"
+def _real_images(root: Path, n: int) -> list[Path]:
+    """``n`` images of a dataset folder, round-robin over its classes in file order (empty if unreadable)."""
+    from mpoxscope.data.samples import load_samples
+
+    try:
+        data = load_samples(root)
+    except MpoxscopeError:
+        return []
+    per_class = [[s.path for s in data.samples if s.label == c] for c in data.classes]
+    return [files[i] for i in range(n) for files in per_class if i < len(files)][:n]
+
+
+def default_parity_images(image_size: int, n: int = 8, data_root: str | os.PathLike | None = None,
+                          ) -> tuple[list[Image.Image], str]:
+    """``n`` real images: from ``data_root`` (the data location ``model.json`` records) when it exists, else from
+    MSLD v2.0 (``msld_root()``), round-robin over the classes; else ``n`` generated synthetic ones. Returns
+    (images, description)."""
+    for root, what in ((data_root, "images of the run's training data"), (msld_root(), "MSLD v2.0 images")):
+        if root is not None and Path(root).is_dir():
+            picked = _real_images(Path(root), n)
+            if picked:
+                return [load_image(p) for p in picked], f"real {what} from {root}"
     from mpoxscope.data.classes import CANONICAL_CLASSES
     from mpoxscope.data.synthetic import draw_lesion_image
 
     rng = np.random.default_rng(0)
     size = max(image_size, 160)
     images = [draw_lesion_image(CANONICAL_CLASSES[i % len(CANONICAL_CLASSES)], rng, size) for i in range(n)]
-    return images, "generated synthetic images (MSLD v2.0 not found)"
+    return images, "generated synthetic images (neither the run's data nor MSLD v2.0 found)"
 
 
-def _parity_images(paths: list[str | os.PathLike] | None, image_size: int) -> tuple[list[Image.Image], str]:
+def _parity_images(paths: list[str | os.PathLike] | None, image_size: int,
+                   data_root: str | os.PathLike | None = None) -> tuple[list[Image.Image], str]:
     if not paths:
-        return default_parity_images(image_size)
+        return default_parity_images(image_size, data_root=data_root)
     files = expand_inputs(paths)
     return [load_image(p) for p in files], "given images"
 
@@ -304,7 +317,7 @@ def export_onnx(run_dir: str | os.PathLike, out_file: str | os.PathLike | None =
     sha = weights_sha256(run_dir / f"{which}.safetensors")
     size = int(meta.get("image_size") or model.config.image_size)
     meta = {**meta, "image_size": size}
-    images, source = _parity_images(parity_images, size)
+    images, source = _parity_images(parity_images, size, (meta.get("data") or {}).get("root"))
     try:
         with atomic_path(out) as tmp:  # the file appears only once it has passed every check
             used, opset_used = _export_graph(model, tmp, size, opset, dynamic_batch, exporter)

@@ -82,7 +82,24 @@ class TimingBody(BaseModel):
     total: float
 
 
+class DecisionBody(BaseModel):
+    kind: Literal["refer_target", "uncertain", "class"] = Field(
+        description="refer_target: P(screened class) reached the screening threshold, or it is the top class; "
+                    "uncertain: top probability below the abstain threshold; class: the top class")
+    label: str = Field(description="'possible Mpox', 'uncertain' or the class name")
+    text: str = Field(description="What to show: the same text as `mpoxscope predict` prints")
+
+
+class ScreeningBody(BaseModel):
+    target_class: str
+    threshold: float = Field(description="Refer when P(target_class) >= threshold (chosen on validation)")
+    target_sensitivity: float | None
+    source: str | None
+
+
 class PredictBody(BaseModel):
+    decision: DecisionBody
+    screening: ScreeningBody | None = Field(description="The run's screening rule; null when it has none")
     top_class: str
     top_probability: float
     probabilities: dict[str, float] = Field(description="Every class, in the model's class order")

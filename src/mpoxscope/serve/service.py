@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from mpoxscope.data.images import MAX_PIXELS
+from mpoxscope.engine.screening import Decision, check_screening, decide
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.serve.upload import UploadError, decode_upload
 
@@ -137,6 +138,8 @@ class InferenceService:
         self.meta = predictor.meta
         self.threshold, self.threshold_source = abstain_threshold(self.meta,
                                                                   self.config.default_abstain_threshold)
+        self.screening = self.meta.get("screening")
+        check_screening(self.screening, self.classes)  # a malformed block fails at start-up, not per request
         self._explain_loader = explain_model_loader
         self._explain_model: Any = None
         self._explain_transform: Any = None
@@ -224,7 +227,10 @@ class InferenceService:
         inference_ms = _ms(t0)
         k = int(np.argmax(probs))
         top = float(probs[k])
-        abstain = top < self.threshold
+        abstain = not top >= self.threshold  # NaN: abstain
+        # The same rule as `mpoxscope predict` and the reports (engine.screening.decide).
+        decision = decide(probs, self.classes, self.meta.get("calibration"), self.screening,
+                          self.config.default_abstain_threshold)
 
         explanation = None
         explain_ms = None
@@ -246,7 +252,9 @@ class InferenceService:
             "abstain": abstain,
             "abstain_threshold": self.threshold,
             "threshold_source": self.threshold_source,
-            "message": self.message(self.classes[k], top, abstain),
+            "decision": dataclasses.asdict(decision),
+            "screening": self.screening_info(),
+            "message": self.message(self.classes[k], top, abstain, decision, probs),
             "disclaimer": DISCLAIMER,
             "model": dataclasses.asdict(self.identity),
             "image": {"format": decoded.format, "width": decoded.size[0], "height": decoded.size[1]},
@@ -255,7 +263,28 @@ class InferenceService:
                           "explain": explain_ms, "total": round(queued_ms + _ms(t_start), 2)},
         }
 
-    def message(self, label: str, p: float, abstain: bool) -> str:
+    def screening_info(self) -> dict[str, Any] | None:
+        """The screening rule in a response: target class, threshold, the sensitivity it was chosen for."""
+        if self.screening is None:
+            return None
+        s = self.screening
+        idx, t = check_screening(s, self.classes) or (0, 0.0)
+        return {"target_class": self.classes[idx], "threshold": t,
+                "target_sensitivity": s.get("target_sensitivity"), "source": s.get("source")}
+
+    def message(self, label: str, p: float, abstain: bool, decision: Decision | None = None,
+                probs: np.ndarray | None = None) -> str:
+        if decision is not None and decision.kind == "refer_target" and probs is not None:
+            info = self.screening_info() or {}
+            target = str(info.get("target_class"))
+            p_t = float(probs[self.classes.index(target)])
+            sens = info.get("target_sensitivity")
+            chosen = f", chosen on validation for {float(sens):.0%} {target} sensitivity" if sens else ""
+            why = (f"its probability ({p_t:.0%}) reaches the screening threshold ({float(info['threshold']):.0%}"
+                   f"{chosen})" if p_t >= float(info["threshold"]) else f"it is the model's best guess ({p_t:.0%})")
+            return f"Possible {target}: {why}. Please refer to a clinician."
+        if decision is not None and decision.kind == "uncertain" and not np.isfinite(p):
+            return "Uncertain: the model gave no valid probabilities for this photo. Please refer to a clinician."
         if abstain:
             return (f"Uncertain: the model's best guess ({label}, {p:.0%}) is below its confidence threshold "
                     f"({self.threshold:.0%}). Please refer to a clinician.")
@@ -276,6 +305,7 @@ class InferenceService:
             "data": m.get("data"),
             "metrics": m.get("validation"),
             "calibration": m.get("calibration"),
+            "screening": self.screening_info(),
             "abstain_threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "explain_methods": self.explain_methods(),

@@ -52,6 +52,10 @@
       }
       fact(dl, "Says \u201cuncertain\u201d below", pct(m.abstain_threshold) +
         (m.threshold_source === "calibration" ? " (calibrated)" : " (default, not calibrated)"));
+      if (m.screening) {
+        fact(dl, "Says \u201cpossible " + m.screening.target_class + " \u2014 refer\u201d",
+          window.mpoxDecision.screeningFact(m));
+      }
     } catch (e) {
       setStatus("Could not reach the model service: " + e.message, true);
     }
@@ -127,12 +131,15 @@
 
   function render(result, explainNote, resizeNote) {
     $("result").hidden = false;
+    // The server's decision, word for word (the same text as `mpoxscope predict`); see decision.js.
+    const view = window.mpoxDecision.view(result);
+    const decision = $("decision");
+    decision.textContent = view.headline;
+    decision.dataset.kind = view.kind;
     const abstain = $("abstain");
-    abstain.hidden = !result.abstain;
-    abstain.textContent = result.abstain ? result.message : "";
-    $("summary").textContent = result.abstain
-      ? "Top class: " + result.top_class + " (" + pct(result.top_probability) + "), not confident enough."
-      : result.message;
+    abstain.hidden = !view.alert;
+    abstain.textContent = view.alert ? view.detail : "";
+    $("summary").textContent = view.alert ? view.topLine : view.detail;
     renderBars(result);
     const fig = $("heatmap-figure");
     if (result.explanation) {
