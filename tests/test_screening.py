@@ -417,3 +417,21 @@ def test_evaluate_reports_screening(tiny_run, synthetic_root, tmp_path, capsys):
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "## Screening: catch Mpox first" in report and "Mpox sensitivity" in report
     assert (tmp_path / "ev" / "screening_roc_pr.png").stat().st_size > 5000
+
+
+def test_card_screening_section():
+    from mpoxscope.card.card import build_card
+
+    pv, yv = _probs(150, seed=4)
+    block = fit_screening(pv, yv, CLASSES, source="MSLD v2.0, fold1, validation")
+    pt, yt = _probs(60, seed=5)
+    metrics = {"protocol": "MSLD v2.0, fold1, test", "accuracy": 0.5,
+               "screening": {**screening_metrics(pt, yt, CLASSES, block), "protocol": "MSLD v2.0, fold1, test"}}
+    card = build_card({"classes": CLASSES, "screening": block}, metrics, screening_png="eval/screening_roc_pr.png")
+    section = card[card.index("## Screening: catch Mpox first"):]
+    assert f"{block['threshold']:.4f}"[:5] in section and "MSLD v2.0, fold1, validation" in section
+    assert "Mpox sensitivity (referred as possible Mpox)" in section and "fold1, test" in section
+    assert "![Mpox vs rest ROC and precision-recall](eval/screening_roc_pr.png)" in section
+    assert "| true \\ decision |" in section
+    assert "Screening rule: not recorded" in build_card({"classes": CLASSES}, None)
+    assert "Test screening results: not recorded" in build_card({"classes": CLASSES, "screening": block}, None)

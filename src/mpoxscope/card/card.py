@@ -269,7 +269,8 @@ def _evaluation_section(meta: dict, metrics: dict | None, metrics_source: str | 
     classes = meta.get("classes") or []
     if metrics:
         parts.append(f"Source: `{metrics_source or 'metrics file'}`.")
-        parts += _metrics_block(_merge_cis(metrics), classes)
+        # screening has its own section (its decision rule needs words, not a generic table)
+        parts += _metrics_block(_merge_cis({k: v for k, v in metrics.items() if k != "screening"}), classes)
         if figures:
             parts.append(" ".join(f"![{alt}]({path})" for alt, path in figures))
     else:
@@ -311,6 +312,40 @@ def _calibration_section(meta: dict) -> str:
             "\"uncertain\". These numbers are measured on the validation data the temperature and threshold "
             "were fitted on; test-set calibration, if evaluated, is in the Evaluation section.")
     return "## Calibration\n\n" + _bullets(rows) + "\n\n" + note
+
+
+def _screening_section(meta: dict, metrics: dict | None, screening_png: str | None = None) -> str:
+    """The screening rule stored in the run (chosen on validation) and, when evaluated, its test results."""
+    scr = _section_dict(meta, "screening")
+    if not scr:
+        return ("## Screening\n\nScreening rule: not recorded (runs trained with `--screen-class`/"
+                "`--mpox-sensitivity` store one; without it the model only names a class or says uncertain).")
+    target = scr.get("target_class", "?")
+    rows = [
+        ("Rule", f"\"possible {target} — refer\" when P({target}) ≥ {_fmt(scr.get('threshold'))}; else "
+                 "\"uncertain — refer to a clinician\" below the abstain threshold; else the top class "
+                 f"({target} as the top class is referred too)"),
+        ("Target sensitivity", scr.get("target_sensitivity")),
+        ("Chosen on", f"{scr.get('source') or NOT_RECORDED} ({_fmt(scr.get('n_validation_target'))} {target} "
+                      "images)"),
+        ("Validation sensitivity / specificity / referral rate (fit, optimistic)",
+         f"{_fmt(scr.get('validation_sensitivity'))} / {_fmt(scr.get('validation_specificity'))} / "
+         f"{_fmt(scr.get('validation_referral_rate'))}"),
+    ]
+    parts = ["## Screening: catch " + str(target) + " first", _bullets(rows)]
+    sm = (metrics or {}).get("screening")
+    if isinstance(sm, dict) and isinstance(sm.get("sensitivity"), dict):
+        from mpoxscope.engine.screening import metrics_markdown
+
+        try:
+            lines = metrics_markdown(sm, screening_png)
+        except (KeyError, TypeError, ValueError):
+            lines = ["Test screening results: present but not in the expected format."]
+        parts.append(f"Held-out test ({sm.get('protocol') or metrics.get('protocol') or NOT_RECORDED}):\n\n"
+                     + "\n".join(lines))
+    else:
+        parts.append(f"Test screening results: {NOT_RECORDED} (run `mpoxscope evaluate RUN`).")
+    return "\n\n".join(parts)
 
 
 def _intended_use_section() -> str:
@@ -378,7 +413,7 @@ def _licence_section() -> str:
 def build_card(meta: dict[str, Any], metrics: dict[str, Any] | None = None,
                audit: dict | list | None = None, run_name: str | None = None,
                parameters: int | None = None, metrics_source: str | None = None,
-               figures: list[tuple[str, str]] | None = None) -> str:
+               figures: list[tuple[str, str]] | None = None, screening_png: str | None = None) -> str:
     """The model card as Markdown text; any field missing from the inputs reads "not recorded"."""
     model = _section_dict(meta, "model") or {}
     name = run_name or (f"{model['backbone']} + {model.get('head', '?')}" if model.get("backbone")
@@ -393,6 +428,7 @@ def build_card(meta: dict[str, Any], metrics: dict[str, Any] | None = None,
     ])
     sections = [header, _model_section(meta, parameters), _data_section(meta),
                 _evaluation_section(meta, metrics, metrics_source, figures), _calibration_section(meta),
+                _screening_section(meta, metrics, screening_png),
                 _intended_use_section(), _limitations_section(meta, audit), _licence_section()]
     return "\n\n".join(sections) + "\n"
 
@@ -450,7 +486,10 @@ def write_card(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                for alt, name in (("test reliability diagram", "reliability.png"),
                                  ("test risk-coverage curve", "risk_coverage.png"))
                if metrics is not None and (metrics_path.parent / name).is_file()]
+    png = metrics_path.parent / "screening_roc_pr.png"
+    screening_png = os.path.relpath(png, out_path.parent) if metrics is not None and png.is_file() else None
     text = build_card(meta, metrics, audit, run_name=run_dir.resolve().name,
                       parameters=count_parameters(run_dir / "best.safetensors"),
-                      metrics_source=str(metrics_path) if metrics is not None else None, figures=figures)
+                      metrics_source=str(metrics_path) if metrics is not None else None, figures=figures,
+                      screening_png=screening_png)
     return write_text(out_path, text)
