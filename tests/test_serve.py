@@ -576,9 +576,9 @@ def test_concurrent_clients_queue(tiny_run):
 
 
 def test_concurrency_limit_is_used():
-    """With two slots and slow inference, two run at once but not more."""
+    """With two slots and slow inference, two run at once but not more (batches of one photo here)."""
     fake = FakePredictor(delay=0.2)
-    with TestClient(create_app_from_predictor(fake, ServeConfig(max_concurrency=2))) as c:
+    with TestClient(create_app_from_predictor(fake, ServeConfig(max_concurrency=2, max_batch=1))) as c:
         codes = post_from_threads(c, 6, encode(photo(), "PNG"))
     assert codes == [200] * 6 and fake.calls == 6 and fake.peak == 2
 

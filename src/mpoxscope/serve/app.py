@@ -1,12 +1,19 @@
 """The FastAPI application: a JSON API around :class:`InferenceService` and a single offline web page.
 
-Inference runs in worker threads behind a capacity limiter of ``max_concurrency``: the event loop stays free
-to accept uploads, and surplus requests wait their turn instead of failing.
+A request to /api/predict is first admitted (at most ``queue_size`` requests and ``max_buffered_bytes`` of
+declared upload held at once; otherwise 503 with Retry-After before any of the body is read), then its body is
+read within ``body_timeout_s`` (else 408), decoded in a worker thread, and handed to a
+:class:`~mpoxscope.serve.batching.MicroBatcher`, which groups photos from concurrent requests into one forward
+pass (at most ``max_batch``, waiting at most ``batch_wait_ms`` for company). The event loop stays free to
+accept uploads throughout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import html
+import ipaddress
 import logging
 import os
 import time
@@ -17,11 +24,13 @@ from typing import Any, Literal
 
 import anyio
 from fastapi import FastAPI, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from mpoxscope import __version__
+from mpoxscope.serve.batching import Admission, MicroBatcher, QueueFull, retry_after_seconds
 from mpoxscope.serve.service import (
     DISCLAIMER,
     INTENDED_USE,
@@ -33,7 +42,7 @@ from mpoxscope.serve.service import (
     load_service,
     torch_copy_loader,
 )
-from mpoxscope.serve.upload import UploadError, read_upload
+from mpoxscope.serve.upload import MULTIPART_OVERHEAD, UploadError, read_upload
 
 log = logging.getLogger("mpoxscope.serve")
 
@@ -75,9 +84,10 @@ class ImageBody(BaseModel):
 
 
 class TimingBody(BaseModel):
-    queued: float = Field(description="Waiting for a free inference slot")
+    queued: float = Field(description="Waiting for the photo's micro-batch to start")
     decode: float
-    inference: float
+    inference: float = Field(description="The forward pass of the whole micro-batch")
+    batch_size: int | None = Field(None, description="Photos in the micro-batch this one was classified in")
     explain: float | None
     total: float
 
@@ -128,9 +138,11 @@ class ExplainMethodsBody(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Malformed form, no 'file' field, empty file, bad explain"},
+    408: {"model": ErrorBody, "description": "The upload did not arrive within the body timeout"},
     413: {"model": ErrorBody, "description": "Upload over the byte limit or image over the pixel limit"},
     415: {"model": ErrorBody, "description": "Not multipart/form-data, or not a supported image"},
     422: {"model": ErrorBody, "description": "A recognised image format that cannot be decoded (truncated)"},
+    503: {"model": ErrorBody, "description": "Queue full: retry after the Retry-After header's seconds"},
 }
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -147,17 +159,121 @@ def _safe_name(name: str) -> str:
     return (cleaned[:80] or "upload")
 
 
+# ----- Host header check (DNS rebinding) --------------------------------------------------------------------
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::")
+
+
+def host_of(header: str) -> str:
+    """The host part of a Host header, lower-case, without port or IPv6 brackets."""
+    value = header.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``host`` (from :func:`host_of`) is one ``allowed`` names. Entries: exact names, ``*.domain``
+    (any sub-domain), ``*`` (anything). When the server listens on every interface (0.0.0.0 or ::), any IP
+    address is accepted: a DNS-rebinding page reaches the server through a *name*, never an IP literal."""
+    if not host:
+        return False
+    for entry in allowed:
+        entry = entry.lower()
+        if entry == "*" or host == entry or (entry.startswith("*.") and host.endswith(entry[1:])):
+            return True
+    return any(a in ANY_ADDRESS for a in allowed) and _is_ip(host)
+
+
+def default_allowed_hosts(bound: str, extra: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The bound host, the local names, and ``extra`` (``--allowed-hosts``)."""
+    names = [host_of(bound) if bound.startswith("[") else bound.lower(), *LOCAL_NAMES]
+    names += [e.strip().lower() for e in extra if e.strip()]
+    return tuple(dict.fromkeys(names))
+
+
+# ----- the local API documentation page ---------------------------------------------------------------------
+
+DOCS_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'"
+
+
+def docs_page(spec: dict[str, Any]) -> str:
+    """A self-contained HTML page describing every endpoint of ``spec`` (OpenAPI), with no scripts and nothing
+    loaded from elsewhere (FastAPI's Swagger UI fetches its code from a CDN and is blank offline)."""
+    e = html.escape
+    info = spec.get("info", {})
+    parts = [f"<h1>{e(info.get('title', 'API'))} {e(str(info.get('version', '')))}</h1>",
+             f"<p>{e(info.get('summary', ''))}</p><p>{e(info.get('description', ''))}</p>",
+             "<p>Machine-readable schema: <a href='/openapi.json'>/openapi.json</a>. Example: "
+             "<code>curl -F file=@photo.jpg 'http://127.0.0.1:8000/api/predict?explain=gradcam'</code></p>"]
+    for path, methods in spec.get("paths", {}).items():
+        for verb, op in methods.items():
+            parts.append(f"<h2><code>{e(verb.upper())} {e(path)}</code></h2><p>{e(op.get('summary', ''))}</p>")
+            params = op.get("parameters", [])
+            if params:
+                rows = "".join(f"<li><code>{e(q['name'])}</code> ({e(q.get('in', ''))}): "
+                               f"{e(q.get('description', ''))}</li>" for q in params)
+                parts.append(f"<p>Parameters:</p><ul>{rows}</ul>")
+            if "requestBody" in op:
+                kinds = ", ".join(op["requestBody"].get("content", {}))
+                parts.append(f"<p>Body: <code>{e(kinds)}</code></p>")
+            rows = "".join(f"<li><b>{e(code)}</b>: {e(r.get('description', ''))}</li>"
+                           for code, r in op.get("responses", {}).items())
+            parts.append(f"<p>Responses:</p><ul>{rows}</ul>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;"
+             "line-height:1.45}code{background:#f2f2f2;padding:0 .2em}h2{font-size:1.05rem;margin-top:1.6rem}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(info.get('title', 'API'))} "
+            f"API</title><meta name='viewport' content='width=device-width,initial-scale=1'><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")
+
+
+# ----- the application ------------------------------------------------------------------------------------
+
+class _Pipeline:
+    """Per-application state built on first use: the admission counter, the micro-batcher and the decode
+    limiter (an app served without its lifespan, e.g. Starlette's TestClient outside ``with``, still works)."""
+
+    def __init__(self, service: InferenceService) -> None:
+        config = service.config
+        self.admission = Admission(config.queue_size, config.max_buffered_bytes,
+                                   config.max_upload_bytes + MULTIPART_OVERHEAD)
+        self.batcher: MicroBatcher = MicroBatcher(service.predict_batch, max_batch=config.max_batch,
+                                                  max_wait_s=config.batch_wait_ms / 1000.0,
+                                                  workers=config.max_concurrency, name="mpoxscope-batch")
+        # Decoding a large photo takes tens of MB: a few at a time, whatever the queue holds.
+        self.decode_threads = max(2, min(4, os.cpu_count() or 2))
+        self._decode_limiter: anyio.CapacityLimiter | None = None
+
+    def decode_limiter(self) -> anyio.CapacityLimiter:
+        if self._decode_limiter is None:
+            self._decode_limiter = anyio.CapacityLimiter(self.decode_threads)
+        return self._decode_limiter
+
+    def retry_after(self, waiting: int) -> int:
+        return retry_after_seconds(waiting, self.batcher.seconds_per_item)
+
+
 def create_app_from_service(service: InferenceService) -> FastAPI:
     """The application around an already loaded service."""
     config = service.config
+    pipeline = _Pipeline(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.limiter = anyio.CapacityLimiter(config.max_concurrency)
         # Import the explanation stack (grad-cam, matplotlib: seconds) now, not on the event loop at the
         # first ?explain= request.
         await anyio.to_thread.run_sync(explain_module)
         yield
+        pipeline.batcher.close()
 
     app = FastAPI(
         title="mpoxscope",
@@ -165,12 +281,28 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
         summary="Mpox vs. look-alike skin diseases from a photo (AGFN). " + DISCLAIMER,
         description=INTENDED_USE,
         lifespan=lifespan,
+        docs_url=None,  # replaced by a local page below: Swagger UI loads its code from a CDN
+        redoc_url=None,
     )
     app.state.service = service
+    app.state.pipeline = pipeline
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        log.info("503 for %s: %s", request.url.path, exc.reason)
+        return JSONResponse({"detail": exc.reason}, status_code=503,
+                            headers={"Retry-After": str(exc.retry_after), "Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Not a server error: the client closed the connection mid-upload. One line, no traceback.
+        client = f"{request.client.host}:{request.client.port}" if request.client else "client"
+        log.info("%s disconnected during %s %s", client, request.method, request.url.path)
+        return Response(status_code=400)  # nobody is listening any more; keeps the ASGI contract
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -180,25 +312,33 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if config.allowed_hosts is not None:
+            host = host_of(request.headers.get("host", ""))
+            if not host_allowed(host, config.allowed_hosts):
+                shown = "".join(ch if ch.isprintable() else "?" for ch in host)[:80]
+                log.info("400 for Host %r (not in the allowed hosts)", shown)
+                return JSONResponse({"detail": f"Host {shown!r} is not served here; start the server with "
+                                               f"--allowed-hosts {shown or 'NAME'} to allow it"},
+                                    status_code=400, headers={"Connection": "close"})
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         path = request.url.path
         if path == "/" or path.startswith("/static/"):
             response.headers["Content-Security-Policy"] = PAGE_CSP
+        elif path == "/docs":
+            response.headers["Content-Security-Policy"] = DOCS_CSP
         if path.startswith("/api/predict"):
             response.headers["Cache-Control"] = "no-store"  # results about someone's skin stay out of caches
         return response
 
-    def limiter() -> anyio.CapacityLimiter:
-        # TestClient used without "with" skips the lifespan; one limiter per app all the same.
-        if not hasattr(app.state, "limiter"):
-            app.state.limiter = anyio.CapacityLimiter(config.max_concurrency)
-        return app.state.limiter
-
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page(app.openapi()))
 
     @app.get("/api/health", response_model=HealthBody, summary="Liveness: the model is loaded")
     async def health() -> dict[str, Any]:
@@ -223,26 +363,64 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
             max_length=40)) -> dict[str, Any]:
         method = service.check_method(explain) if explain else None  # refuse before reading the upload
         head = request.headers
-        upload = await read_upload(request.stream(), head.get("content-type"), head.get("content-length"),
-                                   UPLOAD_FIELD, config.max_upload_bytes)
-        name = _safe_name(upload.filename)
+        admission = pipeline.admission
+        cost = admission.charge(head.get("content-length"))
+        admission.enter(cost, pipeline.retry_after)  # 503 before a byte of the body is read
+        try:
+            try:
+                with anyio.fail_after(config.body_timeout_s):
+                    upload = await read_upload(request.stream(), head.get("content-type"),
+                                               head.get("content-length"), UPLOAD_FIELD, config.max_upload_bytes)
+            except TimeoutError:
+                raise UploadError(408, f"the upload did not arrive within {config.body_timeout_s:g} s") from None
+            return await classify(upload.data, _safe_name(upload.filename), method)
+        finally:
+            admission.leave(cost)
+
+    async def classify(data: bytes, name: str, method: str | None) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        decoded, decode_ms = await anyio.to_thread.run_sync(service.decode, data, name,
+                                                            limiter=pipeline.decode_limiter())
+        del data  # the decoded photo is all that is needed from here on
         submitted = time.perf_counter()
-
-        def work() -> dict[str, Any]:
-            queued_ms = (time.perf_counter() - submitted) * 1000.0
-            return service.run(upload.data, name, method, queued_ms=queued_ms)
-
-        return await anyio.to_thread.run_sync(work, limiter=limiter())
+        probs, info = await asyncio.wrap_future(pipeline.batcher.submit(decoded.image))
+        timing = {"queued": round(max(0.0, info.started - submitted) * 1000.0, 2), "decode": decode_ms,
+                  "inference": round(info.seconds * 1000.0, 2), "batch_size": info.size}
+        if method:  # a heat-map is seconds of work: off the event loop
+            return await anyio.to_thread.run_sync(service.respond, decoded, probs, method, timing, t_start)
+        return service.respond(decoded, probs, None, timing, t_start)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
 def create_app(run_dir: str | os.PathLike, runtime: str = "torch", device: str = "auto",
-               max_concurrency: int = 2, max_upload_bytes: int = 20_000_000) -> FastAPI:
-    """Load the run in ``run_dir`` with ``runtime`` ("torch" or "onnx") and build the application."""
-    config = ServeConfig(max_concurrency=max_concurrency, max_upload_bytes=max_upload_bytes)
-    return create_app_from_service(load_service(run_dir, runtime=runtime, device=device, config=config))
+               max_concurrency: int = 1, max_upload_bytes: int = 20_000_000,
+               onnx_file: str | os.PathLike | None = None, **limits: Any) -> FastAPI:
+    """Load the run in ``run_dir`` with ``runtime`` ("torch" or "onnx", optionally from ``onnx_file``) and
+    build the application; ``limits`` are further :class:`ServeConfig` fields (max_batch, queue_size, ...)."""
+    config = ServeConfig(max_concurrency=max_concurrency, max_upload_bytes=max_upload_bytes, **limits)
+    return create_app_from_service(load_service(run_dir, runtime=runtime, device=device, config=config,
+                                                onnx_file=onnx_file))
+
+
+#: Environment variable through which ``mpoxscope serve --workers N`` hands its settings to each worker.
+APP_ENV = "MPOXSCOPE_SERVE_APP"
+
+
+def app_from_environment() -> FastAPI:
+    """The application described by ``$MPOXSCOPE_SERVE_APP`` (JSON of create_app's arguments): the uvicorn
+    factory each worker process calls to load its own copy of the model."""
+    import json
+
+    settings = json.loads(os.environ[APP_ENV])
+    threads = settings.pop("torch_threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    allowed = settings.pop("allowed_hosts", None)
+    return create_app(**settings, allowed_hosts=tuple(allowed) if allowed is not None else None)
 
 
 def create_app_from_predictor(predictor: PredictorLike, config: ServeConfig | None = None, *,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import sys
 
@@ -26,10 +28,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="inference engine: torch (default) or onnx (ONNX Runtime, RUN/model.onnx, exported "
                         "when missing; heat-maps still use the torch model)")
     p.add_argument("--device", default="auto", help="torch device: auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--max-concurrency", type=int, default=2, metavar="N",
-                   help="photos classified at once (default 2); further requests wait in line")
+    p.add_argument("--onnx-file", metavar="FILE",
+                   help="with --runtime onnx: this exported file instead of RUN/model.onnx (e.g. the int8 "
+                        "model.int8.onnx written by 'mpoxscope export --quantize int8')")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes, each with its own copy of the model, sharing the port (default 1); "
+                        "torch/ONNX threads per process = CPU cores / N unless OMP_NUM_THREADS is set")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="photos from concurrent requests classified in one forward pass (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a batch waits for more photos once it has one (default 5 ms); under load "
+                        "batches fill from the queue without waiting")
+    p.add_argument("--max-concurrency", type=int, default=1, metavar="N",
+                   help="forward passes (batches) run at once per process (default 1)")
+    p.add_argument("--queue-size", type=int, default=64, metavar="N",
+                   help="requests held at once per process (uploading, decoding, waiting); beyond it the "
+                        "server answers 503 with Retry-After before reading the upload (default 64)")
+    p.add_argument("--max-buffered-mb", type=float, default=256.0, metavar="MB",
+                   help="upload bytes held at once per process, by Content-Length; beyond it 503 (default 256)")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                   help="an upload must arrive within S seconds, else 408 (default 60)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
                    help="largest accepted upload in megabytes (default 20)")
+    p.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                   help="further Host header names to answer (e.g. a DNS name or reverse proxy); by default "
+                        "only the --host address and localhost names are answered, others get 400 (DNS "
+                        "rebinding). '*.example.org' allows sub-domains, '*' disables the check")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=run_serve)
 
@@ -55,29 +79,65 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """create_app's arguments from the command line (JSON-serialisable: handed to worker processes)."""
+    from mpoxscope.serve.app import default_allowed_hosts
+    from mpoxscope.serve.service import ServeConfig
+
+    if args.workers < 1:
+        raise MpoxscopeError(f"--workers: must be at least 1, got {args.workers}")
+    if args.onnx_file and args.runtime != "onnx":
+        raise MpoxscopeError("--onnx-file: needs --runtime onnx")
+    if args.onnx_file and not os.path.isfile(args.onnx_file):
+        raise MpoxscopeError(f"--onnx-file: {args.onnx_file}: file not found")
+    settings = {"run_dir": str(args.run), "runtime": args.runtime, "device": args.device,
+                "onnx_file": args.onnx_file, "max_concurrency": args.max_concurrency,
+                "max_upload_bytes": int(args.max_upload_mb * 1_000_000), "max_batch": args.max_batch,
+                "batch_wait_ms": args.batch_wait_ms, "queue_size": args.queue_size,
+                "max_buffered_bytes": int(args.max_buffered_mb * 1_000_000), "body_timeout_s": args.body_timeout,
+                "allowed_hosts": list(default_allowed_hosts(args.host, args.allowed_hosts))}
+    ServeConfig(**{k: settings[k] for k in ("max_concurrency", "max_upload_bytes", "max_batch", "batch_wait_ms",
+                                             "queue_size", "max_buffered_bytes", "body_timeout_s")})  # validate
+    return settings
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from mpoxscope.engine.checkpoint import read_meta
 
     read_meta(args.run)  # a wrong folder is reported before anything else happens
+    settings = _settings(args)
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     try:
         import uvicorn
 
-        from mpoxscope.serve.app import create_app
-
-        app = create_app(args.run, runtime=args.runtime, device=args.device,
-                         max_concurrency=args.max_concurrency,
-                         max_upload_bytes=int(args.max_upload_mb * 1_000_000))
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        print(f"mpoxscope serve: http://{shown}:{port}/  (API docs: /docs; stop with Ctrl+C)",
-              file=sys.stderr)
+        if args.workers == 1:
+            from mpoxscope.serve.app import create_app
+
+            app = create_app(**{**settings, "allowed_hosts": tuple(settings["allowed_hosts"])})
+            config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        else:
+            from mpoxscope.serve.app import APP_ENV
+
+            # Each worker builds its own app (and model) from these settings; the cores are shared out.
+            if "OMP_NUM_THREADS" not in os.environ:
+                settings["torch_threads"] = max(1, (os.cpu_count() or 1) // args.workers)
+            os.environ[APP_ENV] = json.dumps(settings)
+            config = uvicorn.Config("mpoxscope.serve.app:app_from_environment", factory=True,
+                                    workers=args.workers, log_level=args.log_level, timeout_graceful_shutdown=5)
+        print(f"mpoxscope serve: http://{shown}:{port}/  (API docs: /docs; {args.workers} worker process"
+              f"{'es' if args.workers > 1 else ''}; stop with Ctrl+C)", file=sys.stderr)
         if args.host not in LOCAL_HOSTS:
             print("mpoxscope serve: warning: listening on every network interface without authentication or "
                   "HTTPS; anyone who can reach this computer can upload photos. Use only on a network you "
                   "trust.", file=sys.stderr)
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        if args.workers == 1:
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: a normal way to stop
         pass
     finally:
