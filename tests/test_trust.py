@@ -300,3 +300,132 @@ def test_split_file_found_above_the_images_folder(tmp_path):
         folds, source = resolve_folds(load_samples(root))
         assert source == "split file folds.csv" and [f.name for f in folds] == ["fold1"]
         assert len(folds[0].test) == 2
+
+
+# --- item 9: model.json schema, damaged weights, resume.pt -----------------------------------------------------
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.onnx"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("classes", 6, "field 'classes' must be a list of at least two distinct class names"),
+    ("classes", ["Mpox", "Mpox"], "field 'classes'"),
+    ("image_size", "big", "field 'image_size' must be an integer"),
+    ("model.num_heads", 3, "field 'model.num_heads' must be a divisor of model.d_model"),
+    ("model.d_model", -8, "field 'model.d_model' must be a positive integer"),
+    ("normalization.std", [0.2, 0.0, 0.2], "field 'normalization.std' must be a list of 3 finite numbers > 0"),
+    ("normalization.mean", [0.5, "x", 0.5], "field 'normalization.mean'"),
+    ("calibration.temperature", 0, "field 'calibration.temperature' must be a finite number > 0"),
+    ("calibration.temperature", -1.0, "field 'calibration.temperature'"),
+    ("calibration.temperature", float("nan"), "field 'calibration.temperature'"),
+])
+def test_model_json_fields_are_validated_at_load(run_copy, capsys, field, value, message):
+    from mpoxscope.cli import main
+
+    meta = json.loads((run_copy / "model.json").read_text())
+    target = meta
+    *parents, leaf = field.split(".")
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[leaf] = value
+    (run_copy / "model.json").write_text(json.dumps(meta))  # NaN is written as the JSON extension NaN
+    img = _png(run_copy.parent / "x.png")
+    assert main(["predict", str(run_copy), str(img), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_nan_weights_are_refused_never_reported_as_a_class(run_copy, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from mpoxscope.cli import main
+
+    state = load_file(str(run_copy / "best.safetensors"))
+    name = next(k for k in state if k.startswith("head.") and state[k].is_floating_point())
+    state[name] = state[name] * float("nan")
+    save_file(state, str(run_copy / "best.safetensors"))
+    img = _png(run_copy.parent / "x.png")
+    assert main(["predict", str(run_copy), str(img), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert "NaN or infinite" in err and name in err and "Mpox" not in out
+
+
+def test_non_finite_probabilities_name_no_class():
+    from mpoxscope.engine.cli import _refuse_non_finite
+    from mpoxscope.engine.predict import Prediction
+
+    bad = _refuse_non_finite(Prediction("x.png", "Mpox", float("nan"), {"Mpox": float("nan"), "HFMD": 0.1}))
+    assert bad.label is None and bad.error and "non-finite" in bad.error
+    good = Prediction("y.png", "Mpox", 0.9, {"Mpox": 0.9, "HFMD": 0.1})
+    assert _refuse_non_finite(good) is good
+
+
+def test_resume_file_with_objects_is_one_line(tmp_path):
+    import pickle
+
+    import torch
+
+    from mpoxscope.engine.checkpoint import load_resume
+
+    good = tmp_path / "resume.pt"
+    torch.save({"epoch": 2, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}}, "rng": torch.zeros(4)},
+               good)
+    assert load_resume(good)["epoch"] == 2
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"epoch": 1, "hook": print}))
+    with pytest.raises(MpoxscopeError, match="evil.pt: not a resume file mpoxscope can read"):
+        load_resume(evil)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listed)
+    with pytest.raises(MpoxscopeError, match="list.pt: not a resume file mpoxscope wrote"):
+        load_resume(listed)
+
+
+# --- item 15: card finds the README's evaluation folder ---------------------------------------------------------
+
+def test_card_finds_metrics_in_run_eval(run_copy, tmp_path):
+    from mpoxscope.card import write_card
+
+    (run_copy / "val").mkdir()
+    (run_copy / "val" / "metrics.json").write_text(json.dumps(
+        {"protocol": "MSLD v2.0, split file folds.csv, fold1, validation", "accuracy": 0.5, "n_images": 10}))
+    text = write_card(run_copy, tmp_path / "card.md").read_text()
+    assert "Held-out test metrics: not recorded" in text  # a validation evaluation is never called "test"
+    (run_copy / "eval").mkdir()
+    (run_copy / "eval" / "metrics.json").write_text(json.dumps(
+        {"protocol": "MSLD v2.0, split file folds.csv, fold1, test", "accuracy": 0.8123, "n_images": 74}))
+    text = write_card(run_copy, tmp_path / "card.md").read_text()
+    assert "Held-out test metrics: not recorded" not in text
+    assert "eval/metrics.json" in text and ("81.2" in text or "0.812" in text)
+
+
+# --- item 15: predict --onnx FILE; item 10: --cache-views 0 on a frozen backbone --------------------------------
+
+@pytest.mark.slow
+def test_predict_uses_the_onnx_file_export_wrote(run_copy, tmp_path, capsys):
+    from mpoxscope.cli import main
+    from mpoxscope.export.onnx import ONNX_FILE
+
+    img = _png(tmp_path / "x.png")
+    onnx_file = tmp_path / "exports" / "fold1.onnx"
+    assert main(["export", str(run_copy), "--out", str(onnx_file), "--parity-images", str(img)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run_copy), str(img), "--onnx", str(onnx_file), "--format", "csv"]) == 0
+    assert str(img) in capsys.readouterr().out
+    assert not (run_copy / ONNX_FILE).exists()  # the given file was used; nothing was re-exported
+
+
+@pytest.mark.slow
+def test_cache_views_zero_with_a_frozen_backbone_trains(synthetic_root, tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    rc = main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), "--preset", "tiny", "--epochs", "1",
+               "--cache-views", "0", "--freeze", "--image-size", "64", "--split-file", "none", "--quiet",
+               "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert (tmp_path / "r" / "best.safetensors").is_file()
