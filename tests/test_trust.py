@@ -429,3 +429,61 @@ def test_cache_views_zero_with_a_frozen_backbone_trains(synthetic_root, tmp_path
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert (tmp_path / "r" / "best.safetensors").is_file()
+
+
+# --- item 13: progress outside a terminal -----------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_plain_progress_prints_count_rate_and_eta_every_interval():
+    from mpoxscope.progress import PlainProgress
+
+    out, clock = io.StringIO(), _Clock()
+    bar = PlainProgress(total=100, desc="caching features", unit="img", stream=out, interval=10, clock=clock)
+    for _ in range(20):  # 20 images in 8 s: under the interval, nothing printed yet
+        clock.t += 0.4
+        bar.update(1)
+    assert out.getvalue() == ""
+    clock.t = 10.0
+    bar.update(5)  # 25 images in 10 s
+    bar.set_postfix(loss=0.5)
+    line = out.getvalue().strip()
+    assert line == "caching features: 25/100 (25%), 2.5 img/s, elapsed 0:10, ETA 0:30"
+    bar.close()
+    assert out.getvalue().strip().splitlines()[-1].startswith("caching features: done 25/100 img in 0:10")
+
+
+def test_progress_is_plain_when_not_a_tty_and_silent_when_disabled():
+    from mpoxscope.progress import PlainProgress, progress
+
+    out = io.StringIO()  # not a terminal
+    bar = progress(range(3), desc="x", stream=out, interval=0)
+    assert isinstance(bar, PlainProgress) and list(bar) == [0, 1, 2]
+    assert "x: done 3/3" in out.getvalue() and out.getvalue().count("\n") == 4
+    quiet = io.StringIO()
+    silent = progress(total=5, stream=quiet, disable=True, interval=0)
+    silent.update(5)
+    silent.set_postfix(acc=1.0)
+    silent.close()
+    assert quiet.getvalue() == ""
+
+
+def test_progress_is_tqdm_on_a_terminal():
+    from tqdm.auto import tqdm
+
+    from mpoxscope.progress import progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bar = progress(total=2, desc="y", stream=Tty())
+    assert isinstance(bar, tqdm)
+    bar.update(2)
+    bar.close()

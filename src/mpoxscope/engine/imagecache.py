@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import v2 as T
-from tqdm.auto import tqdm
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import SampleSet
+from mpoxscope.progress import progress
 
 
 @dataclass
@@ -48,8 +48,7 @@ def build_image_cache(data: SampleSet, indices, image_size: int, margin: float =
     """Decode ``indices`` of ``data`` with ``workers`` threads (Pillow releases the GIL while decoding)."""
     indices = sorted(set(indices))
     train_size = math.ceil(image_size * margin)
-    bar = tqdm(total=len(indices), desc="decoding images", unit="img", disable=None if progress_bar else True,
-               leave=False)
+    bar = progress(total=len(indices), desc="decoding images", unit="img", disable=not progress_bar)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for pair in pool.map(lambda i: _decode(data.samples[i].path, train_size, image_size), indices):
