@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import io
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from PIL import Image
 from mpoxscope.data.images import MAX_PIXELS
 from mpoxscope.engine.screening import Decision, check_screening, decide
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.serve.upload import UploadError, decode_upload
+from mpoxscope.serve.upload import DecodedImage, UploadError, decode_upload
 
 #: Used when the run has no fitted calibration: with six classes a top probability under one half means the
 #: model spreads its belief over several diagnoses, so it says "uncertain" rather than naming one.
@@ -55,8 +56,15 @@ class PredictorLike(Protocol):
 class ServeConfig:
     """Limits and policy of the service."""
 
-    max_concurrency: int = 2  # images classified at once; further requests wait their turn
+    max_concurrency: int = 1  # forward passes (micro-batches) at once; further requests wait their turn
     max_upload_bytes: int = 20_000_000
+    max_batch: int = 16  # photos grouped into one forward pass
+    batch_wait_ms: float = 5.0  # how long a batch waits for more photos once it has one
+    queue_size: int = 64  # requests held at once (uploading, decoding, waiting, running); more get 503
+    max_buffered_bytes: int = 256_000_000  # upload bytes held at once (by Content-Length); more get 503
+    body_timeout_s: float = 60.0  # a request body must arrive within this many seconds, else 408
+    #: Host header values answered (DNS rebinding); None: no check (library use; the CLI always sets it).
+    allowed_hosts: tuple[str, ...] | None = None
     max_pixels: int = MAX_PIXELS
     default_abstain_threshold: float = DEFAULT_ABSTAIN_THRESHOLD
     overlay_max_side: int = 512  # heat-map PNG size: enough for a phone screen, small over the network
@@ -68,6 +76,16 @@ class ServeConfig:
             raise MpoxscopeError(f"--max-concurrency: must be at least 1, got {self.max_concurrency}")
         if self.max_upload_bytes < 1:
             raise MpoxscopeError(f"--max-upload-mb: must be positive, got {self.max_upload_bytes} bytes")
+        if self.max_batch < 1:
+            raise MpoxscopeError(f"--max-batch: must be at least 1, got {self.max_batch}")
+        if not 0.0 <= self.batch_wait_ms <= 1000.0:
+            raise MpoxscopeError(f"--batch-wait-ms: must be in [0, 1000], got {self.batch_wait_ms}")
+        if self.queue_size < 1:
+            raise MpoxscopeError(f"--queue-size: must be at least 1, got {self.queue_size}")
+        if self.max_buffered_bytes < 1:
+            raise MpoxscopeError(f"--max-buffered-mb: must be positive, got {self.max_buffered_bytes} bytes")
+        if not self.body_timeout_s > 0:
+            raise MpoxscopeError(f"--body-timeout: must be positive, got {self.body_timeout_s}")
         if not 0.0 <= self.default_abstain_threshold <= 1.0:
             raise MpoxscopeError(f"abstain threshold must be in [0, 1], got {self.default_abstain_threshold}")
 
@@ -215,16 +233,30 @@ class InferenceService:
 
     # ----- prediction -------------------------------------------------------------------------------------
 
+    def decode(self, data: bytes, filename: str) -> tuple[DecodedImage, float]:
+        """(decoded photo, milliseconds it took); raises UploadError for a bad file."""
+        t0 = time.perf_counter()
+        decoded = decode_upload(data, filename, self.config.max_pixels)
+        return decoded, _ms(t0)
+
+    def predict_batch(self, images: list[Image.Image]) -> np.ndarray:
+        """(N, K) probabilities for a micro-batch of decoded photos, in one forward pass."""
+        return np.asarray(self.predictor.predict_images(images), dtype=np.float64)
+
     def run(self, data: bytes, filename: str, method: str | None = None,
             queued_ms: float = 0.0) -> dict[str, Any]:
         """Decode, classify and (with ``method``) explain one uploaded photo: the /api/predict body."""
         t_start = time.perf_counter()
-        decoded = decode_upload(data, filename, self.config.max_pixels)
-        decode_ms = _ms(t_start)
-
+        decoded, decode_ms = self.decode(data, filename)
         t0 = time.perf_counter()
         probs = np.asarray(self.predictor.predict_images([decoded.image]), dtype=np.float64)[0]
-        inference_ms = _ms(t0)
+        timing = {"queued": round(queued_ms, 2), "decode": decode_ms, "inference": _ms(t0), "batch_size": 1}
+        return self.respond(decoded, probs, method, timing, t_start, extra_ms=queued_ms)
+
+    def respond(self, decoded: DecodedImage, probs: np.ndarray, method: str | None, timing: dict[str, Any],
+                t_start: float, extra_ms: float = 0.0) -> dict[str, Any]:
+        """The /api/predict body for one photo and its probabilities; explains it when ``method`` is set.
+        ``timing`` holds queued/decode/inference (ms); total = ``extra_ms`` + time since ``t_start``."""
         k = int(np.argmax(probs))
         top = float(probs[k])
         abstain = not top >= self.threshold  # NaN: abstain
@@ -259,8 +291,8 @@ class InferenceService:
             "model": dataclasses.asdict(self.identity),
             "image": {"format": decoded.format, "width": decoded.size[0], "height": decoded.size[1]},
             "explanation": explanation,
-            "timing_ms": {"queued": round(queued_ms, 2), "decode": decode_ms, "inference": inference_ms,
-                          "explain": explain_ms, "total": round(queued_ms + _ms(t_start), 2)},
+            "timing_ms": {**timing, "explain": explain_ms,
+                          "total": round(extra_ms + _ms(t_start), 2)},
         }
 
     def screening_info(self) -> dict[str, Any] | None:
@@ -270,7 +302,7 @@ class InferenceService:
         s = self.screening
         idx, t = check_screening(s, self.classes) or (0, 0.0)
         return {"target_class": self.classes[idx], "threshold": t,
-                "target_sensitivity": s.get("target_sensitivity"), "source": s.get("source")}
+                "target_sensitivity": s.get("target_sensitivity"), "source": public_view(s.get("source"))}
 
     def message(self, label: str, p: float, abstain: bool, decision: Decision | None = None,
                 probs: np.ndarray | None = None) -> str:
@@ -302,18 +334,36 @@ class InferenceService:
             "image_size": int(m.get("image_size", self.predictor.image_size)),
             "pretrained_source": m.get("pretrained_source"),
             "mpoxscope_version": m.get("mpoxscope_version"),
-            "data": m.get("data"),
-            "metrics": m.get("validation"),
+            "data": public_view(m.get("data")),
+            "metrics": public_view(m.get("validation")),
             "calibration": m.get("calibration"),
             "screening": self.screening_info(),
             "abstain_threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "explain_methods": self.explain_methods(),
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
-                       "max_concurrency": self.config.max_concurrency},
+                       "max_concurrency": self.config.max_concurrency, "max_batch": self.config.max_batch,
+                       "batch_wait_ms": self.config.batch_wait_ms, "queue_size": self.config.queue_size},
             "intended_use": INTENDED_USE,
             "disclaimer": DISCLAIMER,
         }
+
+
+#: Keys of model.json sections that hold local paths; left out of public responses.
+PATH_KEYS = frozenset({"root", "path", "split_file", "groups_csv", "cache_dir", "data_root"})
+_ABS_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/](?:[^\s\\/,;()]+[\\/])+([^\s\\/,;()]+)")
+
+
+def public_view(value: Any) -> Any:
+    """``value`` (a model.json section) without the training machine's file system: path-valued keys are
+    dropped and absolute paths inside strings are cut to their last component."""
+    if isinstance(value, dict):
+        return {k: public_view(v) for k, v in value.items() if k not in PATH_KEYS}
+    if isinstance(value, list):
+        return [public_view(v) for v in value]
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: m.group(1), value)
+    return value
 
 
 def torch_copy_loader(predictor: Any) -> Callable[[], Any] | None:
@@ -328,8 +378,10 @@ def torch_copy_loader(predictor: Any) -> Callable[[], Any] | None:
 
 
 def load_service(run_dir: str | os.PathLike, runtime: str = "torch", device: str = "auto",
-                 config: ServeConfig | None = None) -> InferenceService:
-    """Load a run directory with the chosen runtime ("torch" or "onnx")."""
+                 config: ServeConfig | None = None,
+                 onnx_file: str | os.PathLike | None = None) -> InferenceService:
+    """Load a run directory with the chosen runtime ("torch" or "onnx"; ``onnx_file``: an exported file other
+    than RUN/model.onnx, e.g. the int8 one)."""
     run_dir = Path(run_dir)
     from mpoxscope.engine.checkpoint import read_meta
 
@@ -347,7 +399,8 @@ def load_service(run_dir: str | os.PathLike, runtime: str = "torch", device: str
                 raise MpoxscopeError("--runtime onnx: the ONNX export module is not installed; "
                                      "use --runtime torch") from None
             raise
-        predictor = OnnxPredictor.from_run(run_dir)
+        predictor = OnnxPredictor.from_run(run_dir, onnx_file=onnx_file) if onnx_file else \
+            OnnxPredictor.from_run(run_dir)
 
         def loader() -> Any:  # heat-maps need gradients, which only the torch model has
             from mpoxscope.engine.checkpoint import load_model
