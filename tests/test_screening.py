@@ -184,6 +184,15 @@ def test_screening_metrics_counts():
     assert 0 <= m["roc_auc"] <= 1
 
 
+def test_degenerate_bootstrap_interval_is_replaced_by_wilson():
+    from mpoxscope.engine.screening import with_ci
+
+    assert with_ci({"value": 1.0, "low": 1.0, "high": 1.0, "k": 3, "n": 3, "wilson_low": 0.4385,
+                    "wilson_high": 1.0}) == "100.0 % [43.9, 100.0 Wilson] (3/3)"
+    assert with_ci({"value": 0.5, "low": 0.2, "high": 0.8, "k": 5, "n": 10, "wilson_low": 0.24,
+                    "wilson_high": 0.76}) == "50.0 % [20.0, 80.0] (5/10)"
+
+
 def test_test_data_never_moves_the_threshold():
     pv, yv = _probs(150, seed=1)
     block = fit_screening(pv, yv, CLASSES)

@@ -410,10 +410,14 @@ def pct(v: float | None) -> str:
 
 
 def with_ci(d: dict) -> str:
-    """``92.0 % [84.1, 97.5]`` (bootstrap) with k/n."""
+    """``92.0 % [84.1, 97.5]`` (bootstrap) with k/n. Where the bootstrap interval collapses to a point (3 of 3
+    cases: every resample gives 100 %), the Wilson interval is shown instead and marked."""
     if d.get("value") is None:
         return "n/a (no cases)"
-    ci = "" if d.get("low") is None else f" [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+    lo, hi, note = d.get("low"), d.get("high"), ""
+    if lo is not None and lo == hi and d.get("wilson_low") is not None:
+        lo, hi, note = d["wilson_low"], d["wilson_high"], " Wilson"
+    ci = "" if lo is None else f" [{100 * lo:.1f}, {100 * hi:.1f}{note}]"
     return f"{100 * d['value']:.1f} %{ci} ({d['k']}/{d['n']})"
 
 
