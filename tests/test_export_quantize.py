@@ -1,0 +1,116 @@
+"""int8 export: static QDQ per-channel quantisation, metadata kept, agreement gate, loadable by the runtimes."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from mpoxscope.errors import MpoxscopeError
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_run, tmp_path_factory, one_thread):
+    from mpoxscope.export.quantize import quantize_int8
+
+    run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("q") / "run"))
+    report = quantize_int8(run, calibration_count=8, min_agreement=0.0)
+    return run, report
+
+
+def test_int8_file_is_static_qdq_per_channel(quantized):
+    from mpoxscope.export.onnx import SHA_KEY
+    from mpoxscope.export.quantize import QUANT_KEY
+
+    run, report = quantized
+    assert report.onnx_file == run / "model.int8.onnx" and report.onnx_file.is_file()
+    assert "generated synthetic" in report.calibration_source and report.calibration_count == 8
+    assert 0.0 <= report.agreement <= 1.0 and "agreement" in report.summary()
+    model = onnx.load(str(report.onnx_file))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    # Per-channel: the weight DequantizeLinear feeding a Conv carries one scale per output channel.
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[1] in inits and n.input[0] in inits]
+    assert scales and max(len(s.dims) and s.dims[0] for s in scales) > 1
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta[QUANT_KEY].startswith("static QDQ int8") and len(meta[SHA_KEY]) == 64
+    # Smaller than fp32 (int8 weights)
+    assert report.onnx_file.stat().st_size < 0.5 * (run / "model.onnx").stat().st_size
+
+
+def test_int8_predictor_and_server_load_it(quantized):
+    from fastapi.testclient import TestClient
+
+    from mpoxscope.export.onnx import OnnxPredictor
+    from mpoxscope.serve import create_app
+
+    run, report = quantized
+    p = OnnxPredictor.from_run(run, onnx_file=report.onnx_file)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 120, 3), dtype=np.uint8))
+    probs = p.predict_images([img, img])
+    assert probs.shape == (2, 6) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    with TestClient(create_app(run, runtime="onnx", onnx_file=report.onnx_file)) as c:
+        r = c.post("/api/predict", files={"file": ("x.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(list(r.json()["probabilities"].values()), probs[0], atol=1e-4)
+
+
+def test_agreement_gate_writes_nothing(quantized, tmp_path, monkeypatch):
+    import mpoxscope.export.quantize as q
+
+    run, _ = quantized
+    monkeypatch.setattr(q, "agreement", lambda ref, got: (0.9712, 0.3))
+    out = tmp_path / "low.onnx"
+    with pytest.raises(MpoxscopeError, match=r"97\.12 %.*2\.38 points below the required 99\.5 %"):
+        q.quantize_int8(run, out_file=out, calibration_count=4, min_agreement=0.995)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_agreement_measure():
+    from mpoxscope.export.quantize import agreement
+
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    got = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    same, diff = agreement(ref, got)
+    assert same == pytest.approx(2 / 3) and diff == pytest.approx(0.2)
+
+
+def test_calibration_uses_the_runs_training_split(synthetic_root, tiny_run, tmp_path):
+    """A run whose model.json records its data calibrates on that data's training images only."""
+    import json
+
+    from mpoxscope.export.quantize import run_images
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    meta = json.loads((run / "model.json").read_text())
+    meta["data"] = {"root": str(synthetic_root), "fold": "fold1", "dataset": "synthetic"}
+    (run / "model.json").write_text(json.dumps(meta))
+    train, source = run_images(run, "train", 10)
+    val, _ = run_images(run, "validation", 1000)
+    assert len(train) == 10 and "train images of synthetic fold1" in source
+    assert not set(train) & set(val) and all(Path(p).is_file() for p in train)
+    meta["data"]["root"] = str(tmp_path / "gone")
+    (run / "model.json").write_text(json.dumps(meta))
+    assert run_images(run, "train", 10) == ([], f"the run's data folder ({tmp_path / 'gone'}) is not here")
+
+
+def test_cli_quantize(quantized, tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    run, _ = quantized
+    out = tmp_path / "cli.int8.onnx"
+    code = main(["export", str(run), "--quantize", "int8", "--out", str(out), "--calibration-count", "4",
+                 "--min-agreement", "0"])
+    text = capsys.readouterr().out
+    assert code == 0 and out.is_file() and "int8 (static QDQ" in text and "parity with PyTorch" in text
+    assert main(["export", str(run), "--calibration-count", "4", "--check-images", str(tmp_path)]) == 2
+    assert "--quantize" in capsys.readouterr().err
