@@ -47,6 +47,13 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     report = (tmp_path / "cv" / "cv_report.md").read_text()
     assert "Leak-free variant" in report and "| fold3 |" in report
     assert (tmp_path / "cv" / "per_fold.png").stat().st_size > 1000
+    # issue 9: pooled patient-bootstrap CIs and test ECE in the summary and the report
+    u = summary["uncertainty"]
+    assert u["pooled"]["n"] == summary["summary"]["n_test_images_total"]
+    assert "patients" in u["pooled"]["ci"]["method"] and 0 <= u["pooled"]["ece"] <= 1
+    acc = u["pooled"]["ci"]["accuracy"]
+    assert f"{100 * acc['value']:.1f} [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]" in report
+    assert (tmp_path / "cv" / "reliability.png").is_file() and "pooled_validation_temperature" in u
 
     # resume: fold1 and fold2 are skipped; fold3 is re-evaluated from its finished run without retraining
     (tmp_path / "cv" / "fold3" / "evaluation" / "metrics.json").unlink()
@@ -57,3 +64,4 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     assert again["per_fold"][2]["accuracy"] == summary["per_fold"][2]["accuracy"]
     saved = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
     assert saved["summary"]["accuracy"]["mean"] == pytest.approx(summary["summary"]["accuracy"]["mean"])
+

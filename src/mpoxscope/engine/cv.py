@@ -19,6 +19,7 @@ import numpy as np
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from mpoxscope.data.splits import Fold
 from mpoxscope.engine.checkpoint import read_meta
+from mpoxscope.engine.cv_uncertainty import cv_uncertainty, uncertainty_report_lines
 from mpoxscope.engine.device import resolve_device
 from mpoxscope.engine.ensemble import train_ensemble
 from mpoxscope.engine.evaluate import confusion_png, evaluate
@@ -175,6 +176,8 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
                                 "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "n_dropped")}
                                              for m in leak_free]}
     summary["screening"] = cv_screening(out, [f.name for f in folds], train_cfg, summary["protocol"], log)
+    # Bootstrap CIs (by patient), test ECE, reliability and risk-coverage, per fold and pooled (issue 9).
+    summary["uncertainty"] = cv_uncertainty(out, [f.name for f in folds], data, summary["protocol"], log)
     write_json(out / "cv_summary.json", summary)
     write_bytes(out / "per_fold.png", per_fold_png(summary))
     write_bytes(out / "confusion_matrix_pooled.png",
@@ -223,6 +226,7 @@ def cv_report(summary: dict) -> str:
              "| metric (test, %) | mean ± std over folds |", "|---|---|"]
     for key in SUMMARY_KEYS:
         lines.append(f"| {key} | {_ms(s[key])} |")
+    lines += uncertainty_report_lines(summary.get("uncertainty"))
     if "leak_free" in summary:
         lf = summary["leak_free"]["summary"]
         lines += ["", "Leak-free variant (test images linked by patient or near-duplicate to the fold's "

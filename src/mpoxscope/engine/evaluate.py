@@ -193,7 +193,7 @@ def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path
     w.writerow(["filename", "true", "predicted", "confidence", *predictor.classes])
     for name, t, p in zip(names, targets, probs):
         w.writerow([name, predictor.classes[t], predictor.classes[int(p.argmax())], f"{p.max():.4f}",
-                    *(f"{v:.4f}" for v in p)])
+                    *(f"{v:.6f}" for v in p)])  # 6 decimals: enough to refit a temperature later
     write_text(out / "predictions.csv", buf.getvalue())
     return m
 

@@ -180,15 +180,11 @@ def _plt():
     return plt
 
 
-def reliability_png(probs: Any, targets: Any, title: str, n_bins: int = 15) -> bytes:
-    """Reliability diagram of probs (N, K) against targets (N,): accuracy per confidence bin beside the
-    diagonal (perfect calibration), bin counts underneath, ECE in the title."""
+def _draw_reliability(ax, axc, probs: Any, targets: Any, title: str, n_bins: int) -> None:
     from mpoxscope.engine.calibration import expected_calibration_error, reliability_bins
 
     bins = reliability_bins(probs, targets, n_bins)
     ece = expected_calibration_error(probs, targets, n_bins)
-    plt = _plt()
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     width = bins.edges[1] - bins.edges[0]
     centres = bins.edges[:-1] + width / 2
     used = bins.count > 0
@@ -200,10 +196,31 @@ def reliability_png(probs: Any, targets: Any, title: str, n_bins: int = 15) -> b
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy in bin")
     ax.set_title(f"{title}\nECE ({n_bins} bins) = {ece:.3f}, n = {int(bins.count.sum())}", fontsize=8)
-    ax.legend(loc="upper left", fontsize=7)
     axc.bar(centres, bins.count, width * 0.95, color="0.5")
-    axc.set_xlabel("confidence (top-class probability)")
-    axc.set_ylabel("images")
+    axc.set_xlabel("confidence (top-class probability)", fontsize=8)
+    axc.set_ylabel("images", fontsize=8)
+
+
+def reliability_png(probs: Any, targets: Any, title: str, n_bins: int = 15) -> bytes:
+    """Reliability diagram of probs (N, K) against targets (N,): accuracy per confidence bin beside the
+    diagonal (perfect calibration), bin counts underneath, ECE in the title."""
+    plt = _plt()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.6, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    _draw_reliability(ax, axc, probs, targets, title, n_bins)
+    ax.legend(loc="upper left", fontsize=7)
+    return _png(fig)
+
+
+def reliability_grid_png(panels: dict[str, tuple[Any, Any]], title: str, n_bins: int = 15) -> bytes:
+    """One reliability diagram per entry (label -> (probs (N, K), targets (N,))), side by side."""
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(2, n, figsize=(3.0 * n, 4.4), gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
+                             squeeze=False)
+    for j, (label, (probs, targets)) in enumerate(panels.items()):
+        _draw_reliability(axes[0, j], axes[1, j], probs, targets, label, n_bins)
+    axes[0, 0].legend(loc="upper left", fontsize=6)
+    fig.suptitle(title, fontsize=8)
     return _png(fig)
 
 
