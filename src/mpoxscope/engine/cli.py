@@ -213,7 +213,14 @@ def run_cv(args: argparse.Namespace) -> int:
     _prepare_output(args.out, "cv")
     s = summary["summary"]
     print(f"[{summary['protocol']}] accuracy {100 * s['accuracy']['mean']:.2f} ± {100 * s['accuracy']['std']:.2f} %, "
-          f"macro-F1 {100 * s['f1_macro']['mean']:.2f} ± {100 * s['f1_macro']['std']:.2f} %")
+          f"macro-F1 {100 * s['f1_macro']['mean']:.2f} ± {100 * s['f1_macro']['std']:.2f} % (mean ± std over folds)")
+    pooled = (summary.get("uncertainty") or {}).get("pooled")
+    if pooled:
+        from mpoxscope.engine.uncertainty import fmt_ci
+
+        print(f"[pooled over {pooled['n']} test predictions, 95% CI by patient] accuracy "
+              f"{fmt_ci(pooled['ci']['accuracy'])} %, macro-F1 {fmt_ci(pooled['ci']['f1_macro'])} %, "
+              f"test ECE {pooled['ece']:.3f}, AURC {pooled['aurc']:.3f}")
     if "leak_free" in summary:
         lf = summary["leak_free"]["summary"]
         print(f"[leak-free variant] accuracy {100 * lf['accuracy']['mean']:.2f} ± {100 * lf['accuracy']['std']:.2f} %, "
@@ -241,9 +248,9 @@ def run_screen(args: argparse.Namespace) -> int:
           f"{pct(p['referral_rate'])} (with uncertain {pct(p['total_referral_rate'])})")
     written = "screening.json, screening.md, screening_roc_pr.png"
     if args.out is None:
-        from mpoxscope.engine.cv import refresh_screening
+        from mpoxscope.engine.screening import refresh_cv_outputs
 
-        if refresh_screening(Path(args.cv_out), r):
+        if refresh_cv_outputs(args.cv_out, r):
             written += " (and updated cv_summary.json, cv_report.md)"
     print(f"wrote {args.out or args.cv_out}/{written}")
     return 0
