@@ -429,6 +429,8 @@ def test_cache_views_zero_with_a_frozen_backbone_trains(synthetic_root, tmp_path
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert (tmp_path / "r" / "best.safetensors").is_file()
+    protocol = json.loads((tmp_path / "r" / "model.json").read_text())["validation"]["protocol"]
+    assert ", split " not in protocol and "grouped stratified 5-fold" in protocol  # no "split split file"
 
 
 # --- item 13: progress outside a terminal -----------------------------------------------------------------------
