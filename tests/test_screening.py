@@ -296,6 +296,13 @@ def test_screen_command(tmp_path, capsys):
     assert code == 0 and "sensitivity" in text and "test" in text and "95.0 %" in text
     saved = json.loads((tmp_path / "s" / "screening.json").read_text())
     assert saved["target_sensitivity"] == 0.95 and saved["target_class"] == "Mpox"
+    # Without --out: cv_summary.json and the screening section of cv_report.md are updated in place.
+    (out / "cv_report.md").write_text("# cv\n\n## Screening: catch Mpox first\n\nold numbers\n\n## After\n\nkept\n")
+    assert main(["screen", str(out), "--sensitivity", "0.8"]) == 0
+    capsys.readouterr()
+    report = (out / "cv_report.md").read_text()
+    assert "old numbers" not in report and "## After\n\nkept" in report and "80.0 % Mpox sensitivity" in report
+    assert json.loads((out / "cv_summary.json").read_text())["screening"]["target_sensitivity"] == 0.8
     with pytest.raises(SystemExit):
         main(["screen", str(out), "--sensitivity", "1.2"])
     assert "must be in (0, 1]" in capsys.readouterr().err

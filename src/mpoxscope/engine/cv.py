@@ -264,7 +264,7 @@ def cv_report(summary: dict) -> str:
 def cv_screening(out: Path, folds: list[str], train_cfg: TrainConfig, protocol: str, log=print) -> dict | None:
     """Screening results over the folds (screening.json/.md, screening_roc_pr.png), from the folds' validation
     and test predictions; a short summary for cv_summary.json, or the reason it was skipped."""
-    from mpoxscope.engine.screening import pct, screen_cv_output, with_ci
+    from mpoxscope.engine.screening import cv_summary_entry, pct, screen_cv_output, with_ci
     from mpoxscope.errors import MpoxscopeError
 
     target = getattr(train_cfg, "screen_class", None) or "Mpox"
@@ -278,43 +278,11 @@ def cv_screening(out: Path, folds: list[str], train_cfg: TrainConfig, protocol: 
     log(f"screening [{r['protocol']}]: {r['target_class']} sensitivity {with_ci(p['sensitivity'])} "
         f"(target {pct(sensitivity)}), specificity {with_ci(p['specificity'])}, referral rate "
         f"{pct(p['referral_rate'])}")
-    return screening_summary(r)
-
-
-def screening_summary(r: dict) -> dict:
-    """The part of a :func:`~mpoxscope.engine.screening.screen_cv_output` result kept in cv_summary.json."""
-    p = r["pooled"]
-    return {"target_class": r["target_class"], "target_sensitivity": r["target_sensitivity"],
-            "report": "screening.md", **{k: p[k] for k in ("sensitivity", "specificity", "referral_rate",
-                                                           "total_referral_rate", "n_target_missed")}}
-
-
-def refresh_screening(cv_out: Path, r: dict) -> bool:
-    """After ``mpoxscope screen``: put the new screening result into cv_summary.json and cv_report.md (False when
-    there is no cv_summary.json to update)."""
-    summary_file = cv_out / "cv_summary.json"
-    if not summary_file.is_file():
-        return False
-    summary = read_json(summary_file)
-    summary["screening"] = screening_summary(r)
-    write_json(summary_file, summary)
-    write_text(cv_out / "cv_report.md", cv_report(summary))
-    return True
+    return cv_summary_entry(r)
 
 
 def screening_report_lines(sc: dict | None) -> list[str]:
-    """The screening section of cv_report.md: the pooled result and a link to screening.md."""
-    if not sc:
-        return []
-    if "skipped" in sc:
-        return ["", "## Screening", "", f"Not computed: {sc['skipped']}"]
-    from mpoxscope.engine.screening import pct, with_ci
+    """The screening section of cv_report.md (see :func:`mpoxscope.engine.screening.cv_report_lines`)."""
+    from mpoxscope.engine.screening import cv_report_lines
 
-    t = sc["target_class"]
-    return ["", f"## Screening: catch {t} first", "",
-            f"Threshold per fold chosen on pooled out-of-fold validation predictions (never the fold's test images) "
-            f"for {pct(sc['target_sensitivity'])} {t} sensitivity. Pooled test: sensitivity "
-            f"{with_ci(sc['sensitivity'])}, specificity {with_ci(sc['specificity'])}, referral rate "
-            f"{pct(sc['referral_rate'])} (with uncertain {pct(sc['total_referral_rate'])}). "
-            "Per fold, confusion matrix of the decisions and curves: [screening.md](screening.md).", "",
-            "![screening ROC and precision-recall](screening_roc_pr.png)"]
+    return cv_report_lines(sc)

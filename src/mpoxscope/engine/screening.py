@@ -543,6 +543,11 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
         raise MpoxscopeError(f"{cv_out}: not a folder")
     sensitivity = check_sensitivity(sensitivity, "--sensitivity")
     dirs = [cv_out / f for f in folds] if folds is not None else _fold_dirs(cv_out)
+    if protocol is None and (cv_out / "cv_summary.json").is_file():
+        from mpoxscope.fileio import read_json
+
+        recorded = read_json(cv_out / "cv_summary.json")
+        protocol = recorded.get("protocol") if isinstance(recorded, dict) else None
     if not dirs:
         raise MpoxscopeError(f"{cv_out}: no fold folders with evaluation/predictions.csv (is this a cv output?)")
     val, test, cal, classes = {}, {}, {}, None
@@ -646,3 +651,54 @@ def cv_screening_markdown(r: dict) -> str:
               "", "## Pooled over folds (pooled thresholds)", ""]
     lines += metrics_markdown(p, "screening_roc_pr.png")
     return "\n".join(lines) + "\n"
+
+
+def cv_summary_entry(r: dict) -> dict:
+    """The part of a :func:`screen_cv_output` result kept in cv_summary.json."""
+    p = r["pooled"]
+    return {"target_class": r["target_class"], "target_sensitivity": r["target_sensitivity"],
+            "report": "screening.md", **{k: p[k] for k in ("sensitivity", "specificity", "referral_rate",
+                                                           "total_referral_rate", "n_target_missed")}}
+
+
+def cv_report_lines(sc: dict | None) -> list[str]:
+    """The screening section of cv_report.md: the pooled result and a link to screening.md."""
+    if not sc:
+        return []
+    if "skipped" in sc:
+        return ["", "## Screening", "", f"Not computed: {sc['skipped']}"]
+    t = sc["target_class"]
+    return ["", f"## Screening: catch {t} first", "",
+            f"Threshold per fold chosen on pooled out-of-fold validation predictions (never the fold's test images) "
+            f"for {pct(sc['target_sensitivity'])} {t} sensitivity. Pooled test: sensitivity "
+            f"{with_ci(sc['sensitivity'])}, specificity {with_ci(sc['specificity'])}, referral rate "
+            f"{pct(sc['referral_rate'])} (with uncertain {pct(sc['total_referral_rate'])}). "
+            "Per fold, confusion matrix of the decisions and curves: [screening.md](screening.md).", "",
+            "![screening ROC and precision-recall](screening_roc_pr.png)"]
+
+
+def refresh_cv_outputs(cv_out: str | Path, r: dict) -> bool:
+    """After ``mpoxscope screen``: the new result goes into cv_summary.json and the screening section of
+    cv_report.md (replaced in place, so no model code is imported). False when there is no cv_summary.json."""
+    from mpoxscope.fileio import read_json, write_json, write_text
+
+    cv_out = Path(cv_out)
+    summary_file = cv_out / "cv_summary.json"
+    if not summary_file.is_file():
+        return False
+    summary = read_json(summary_file)
+    entry = cv_summary_entry(r)
+    summary["screening"] = entry
+    write_json(summary_file, summary)
+    report = cv_out / "cv_report.md"
+    if report.is_file():
+        text = report.read_text(encoding="utf-8")
+        section = "\n".join(cv_report_lines(entry))
+        start = text.find("\n## Screening")
+        if start < 0:
+            text = text.rstrip("\n") + "\n" + section + "\n"
+        else:
+            end = text.find("\n## ", start + 1)
+            text = text[:start] + section + (text[end:] if end >= 0 else "\n")
+        write_text(report, text)
+    return True
