@@ -451,3 +451,15 @@ def test_card_screening_section():
     assert "| true \\ decision |" in section
     assert "Screening rule: not recorded" in build_card({"classes": CLASSES}, None)
     assert "Test screening results: not recorded" in build_card({"classes": CLASSES, "screening": block}, None)
+
+
+def test_predict_non_finite_is_an_error_with_an_uncertain_decision(tiny_run, tmp_path, capsys, monkeypatch):
+    from mpoxscope.engine.predict import Predictor
+
+    photo = _photo_files(tmp_path / "photos")[0]
+    monkeypatch.setattr(Predictor, "predict_images",
+                        lambda self, images, batch_size=16: np.full((len(images), len(self.classes)), np.nan))
+    assert main(["predict", str(tiny_run), str(photo), "--device", "cpu"]) == 1
+    out = json.loads(capsys.readouterr().out)[0]
+    assert out["label"] is None and "non-finite" in out["error"]
+    assert out["decision"]["kind"] == "uncertain" and "refer to a clinician" in out["decision"]["text"]

@@ -192,7 +192,7 @@ def _refuse_non_finite(r):
     import math
 
     if r.error is None and not all(math.isfinite(p) for p in r.probabilities.values()):
-        return dataclasses.replace(r, label=None, confidence=None, probabilities={}, decision=None,
+        return dataclasses.replace(r, label=None, confidence=None, probabilities={},  # decision: uncertain
                                    error="the model gave non-finite probabilities (NaN/inf); no class reported")
     return r
 
