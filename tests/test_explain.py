@@ -153,7 +153,8 @@ def test_method_names():
     assert set(METHODS) == {"gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
                             "scorecam", "attention"}
     assert get_method("Grad-CAM").name == "gradcam" and get_method("score-cam").name == "scorecam"
-    assert parse_methods("all") == list(METHODS)
+    assert parse_methods("all") == [m for m in METHODS if m != "scorecam"]  # Score-CAM only when named
+    assert parse_methods("all,scorecam") == [m for m in METHODS if m != "scorecam"] + ["scorecam"]
     assert parse_methods("gradcam, gradcam++,gradcam") == ["gradcam", "gradcam++"]
     with pytest.raises(MpoxscopeError, match="unknown method"):
         get_method("saliency")
