@@ -114,3 +114,33 @@ def test_cli_quantize(quantized, tmp_path, capsys):
     assert code == 0 and out.is_file() and "int8 (static QDQ" in text and "parity with PyTorch" in text
     assert main(["export", str(run), "--calibration-count", "4", "--check-images", str(tmp_path)]) == 2
     assert "--quantize" in capsys.readouterr().err
+
+
+def test_lite_predictor_matches_onnx_predictor_without_torch(quantized):
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from mpoxscope.export.lite import LiteOnnxPredictor
+    from mpoxscope.export.onnx import OnnxPredictor
+    from mpoxscope.serve import create_app
+
+    run, _ = quantized
+    rng = np.random.default_rng(1)
+    exact = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))  # no resize: same input
+    resized = Image.fromarray(rng.integers(0, 255, (150, 220, 3), dtype=np.uint8))
+    lite = LiteOnnxPredictor(run / "model.onnx", threads=1)
+    full = OnnxPredictor.from_run(run, threads=1)
+    np.testing.assert_allclose(lite.predict_images([exact]), full.predict_images([exact]), atol=1e-5)
+    np.testing.assert_allclose(lite.predict_images([resized]), full.predict_images([resized]), atol=0.05)
+    code = "import sys, mpoxscope.export.lite; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # the torch-free path stays so
+    buf = io.BytesIO()
+    exact.save(buf, format="PNG")
+    with TestClient(create_app(run, runtime="onnx-lite")) as c:
+        r = c.post("/api/predict", files={"file": ("x.png", buf.getvalue(), "image/png")})
+        assert c.get("/api/health").json()["model"]["runtime"] == "onnx-lite"
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(list(r.json()["probabilities"].values()), lite.predict_images([exact])[0],
+                               atol=1e-5)

@@ -24,9 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every network "
                         "interface, e.g. to open the page from a phone on the same Wi-Fi)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
-                   help="inference engine: torch (default) or onnx (ONNX Runtime, RUN/model.onnx, exported "
-                        "when missing; heat-maps still use the torch model)")
+    p.add_argument("--runtime", choices=["torch", "onnx", "onnx-lite"], default="torch",
+                   help="inference engine: torch (default), onnx (ONNX Runtime, RUN/model.onnx, exported "
+                        "when missing) or onnx-lite (the same with Pillow + numpy preprocessing instead of "
+                        "torchvision: faster, probabilities within rounding); heat-maps use the torch model")
     p.add_argument("--device", default="auto", help="torch device: auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--onnx-file", metavar="FILE",
                    help="with --runtime onnx: this exported file instead of RUN/model.onnx (e.g. the int8 "
@@ -86,8 +87,8 @@ def _settings(args: argparse.Namespace) -> dict:
 
     if args.workers < 1:
         raise MpoxscopeError(f"--workers: must be at least 1, got {args.workers}")
-    if args.onnx_file and args.runtime != "onnx":
-        raise MpoxscopeError("--onnx-file: needs --runtime onnx")
+    if args.onnx_file and not args.runtime.startswith("onnx"):
+        raise MpoxscopeError("--onnx-file: needs --runtime onnx or onnx-lite")
     if args.onnx_file and not os.path.isfile(args.onnx_file):
         raise MpoxscopeError(f"--onnx-file: {args.onnx_file}: file not found")
     settings = {"run_dir": str(args.run), "runtime": args.runtime, "device": args.device,

@@ -1,0 +1,298 @@
+"""CPU inference throughput of every runtime variant, interleaved in one process, on real MSLD v2.0 photos.
+
+    nice -n 19 .venv/bin/python benchmarks/inference.py RUN [--rounds 7] [--threads N]
+        [--out benchmarks/results/inference.md]
+
+Variants: (a) torchvision ResNet50, eager fp32, *random weights* (the seed's backbone; speed does not depend
+on the weights), (b) the run's model in PyTorch fp32 (``Predictor``), (c) the same under bf16 autocast,
+(d) ONNX Runtime fp32 (``RUN/model.onnx``), (e) ONNX Runtime int8 (``RUN/model.int8.onnx``, static QDQ,
+written by ``mpoxscope export --quantize int8``; made here when missing), and (f, g) ONNX Runtime fp32/int8
+with torch-free preprocessing (Pillow resize + numpy, :mod:`mpoxscope.export.lite`).
+
+Protocol: images are decoded once; "end to end" is decoded RGB image -> probabilities (resize, normalise,
+model, softmax), "model only" is a preprocessed batch -> logits. Decoding is measured separately. Every round
+runs every variant once per setting in a shuffled order, so load from other processes hits all variants
+alike; numbers are medians over rounds, in ms per image and images/s. Top-1 agreement is each variant's
+argmax against (b) on all MSLD v2.0 images (the int8 calibration images, from the run's training split, are
+among them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mpoxscope.data.images import IMAGE_EXTENSIONS, decode_image, load_image
+from mpoxscope.data.samples import msld_root
+from mpoxscope.data.transforms import eval_transform
+from mpoxscope.engine.predict import Predictor
+from mpoxscope.export.lite import LiteOnnxPredictor, preprocess_numpy
+from mpoxscope.export.onnx import OnnxPredictor
+
+TARGET_RATIO, TARGET_AGREEMENT = 15.0, 0.995
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    preprocess: Callable[[list[Image.Image]], object]
+    model: Callable[[object], object]  # preprocessed batch -> logits
+    probs: Callable[[list[Image.Image]], np.ndarray] | None  # None: no agreement (random weights)
+    times: dict[str, list[float]] = field(default_factory=dict)
+    agreement: float | None = None
+
+    def e2e(self, images: list[Image.Image]) -> object:
+        return self.model(self.preprocess(images))
+
+
+def resnet50_variant(size: int) -> Variant:
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None).eval()  # random weights: the speed of the architecture is what is compared
+    transform = eval_transform(size)
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(batch)
+
+    return Variant("a", f"torchvision ResNet50, eager fp32 (random weights), {size} px",
+                   lambda imgs: torch.stack([transform(i) for i in imgs]), model, None)
+
+
+def torch_variant(p: Predictor, bf16: bool) -> Variant:
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return p.logits(batch)
+        return p.logits(batch)
+
+    def probs(images: list[Image.Image]) -> np.ndarray:
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return p.predict_images(images)
+        return p.predict_images(images)
+
+    return Variant("c" if bf16 else "b", "mpoxscope PyTorch " + ("bf16 autocast" if bf16 else "fp32"),
+                   p.preprocess, model, probs)
+
+
+def onnx_variant(key: str, label: str, p: OnnxPredictor) -> Variant:
+    return Variant(key, label, p.preprocess, p.logits, p.predict_images)
+
+
+def lite_variant(key: str, label: str, p: LiteOnnxPredictor) -> Variant:
+    return Variant(key, label, p.preprocess, p.logits, p.predict_images)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(variants: list[Variant], images: list[Image.Image], rounds: int, b1_reps: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    batches16 = [images[i:i + 16] for i in range(0, len(images) - 15, 16)]
+    for v in variants:  # warm-up: first calls allocate, JIT-select kernels
+        for imgs in (batches16[0], batches16[0][:1]):
+            v.e2e(imgs)
+            v.e2e(imgs)
+    for r in range(rounds):
+        order = variants[:]
+        rng.shuffle(order)
+        for v in order:
+            imgs = batches16[(r * 7) % len(batches16)]
+            pre = v.preprocess(imgs)
+            v.times.setdefault("b16_e2e", []).append(timed(lambda v=v, imgs=imgs: v.e2e(imgs)) / 16)
+            v.times.setdefault("b16_model", []).append(timed(lambda v=v, pre=pre: v.model(pre)) / 16)
+            for k in range(b1_reps):
+                one = [imgs[k % 16]]
+                pre1 = v.preprocess(one)
+                v.times.setdefault("b1_e2e", []).append(timed(lambda v=v, one=one: v.e2e(one)))
+                v.times.setdefault("b1_model", []).append(timed(lambda v=v, pre1=pre1: v.model(pre1)))
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+
+def preprocessing_costs(files: list[Path], images: list[Image.Image], size: int, mean, std,
+                        rounds: int) -> dict[str, float]:
+    """Median ms per image of decoding (JPEG bytes -> RGB) and of resize+normalise (torch / numpy)."""
+    raw = [p.read_bytes() for p in files[:64]]
+    sample = images[:64]
+    transform = eval_transform(size, tuple(mean), tuple(std))
+    fns = {
+        "decode (JPEG bytes -> RGB, Pillow)": lambda: [decode_image(b) for b in raw],
+        "resize + normalise, torchvision (PyTorch/ONNX predictors)": lambda: torch.stack(
+            [transform(i) for i in sample]),
+        "resize + normalise, Pillow + numpy (torch-free)": lambda: preprocess_numpy(sample, size, mean, std),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(timed(fn) / len(sample))
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def agreement(variants: list[Variant], images: list[Image.Image]) -> None:
+    reference = next(v for v in variants if v.key == "b")
+    ref = np.concatenate([reference.probs(images[i:i + 16]) for i in range(0, len(images), 16)]).argmax(1)
+    for v in variants:
+        if v.probs is None:
+            continue
+        got = np.concatenate([v.probs(images[i:i + 16]) for i in range(0, len(images), 16)]).argmax(1)
+        v.agreement = float((got == ref).mean())
+        print(f"agreement {v.key}: {100 * v.agreement:.2f} %", file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return ", ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+
+
+def render(args, run_desc: str, variants: list[Variant], pre: dict[str, float], n_images: int,
+           load: tuple[tuple[float, ...], tuple[float, ...]], seconds: float) -> str:
+    med = {v.key: {k: statistics.median(t) for k, t in v.times.items()} for v in variants}
+    ref = med["a"]
+    lines = [
+        "# CPU inference throughput: ResNet50 vs mpoxscope runtimes",
+        "",
+        f"Command: `nice -n 19 .venv/bin/python benchmarks/inference.py {args.run} --rounds {args.rounds} "
+        f"--threads {args.threads}` ({seconds / 60:.1f} min).",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs ({cpu_flags()}), {args.threads} threads per "
+        f"runtime; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}. Load average "
+        f"(1/5/15 min) {', '.join(f'{x:.1f}' for x in load[0])} at the start and "
+        f"{', '.join(f'{x:.1f}' for x in load[1])} at the end: "
+        + ("**contended** (other jobs were running on these cores; absolute times are inflated, ratios between "
+           "interleaved variants are the meaningful numbers)." if max(load[0][0], load[1][0]) > 0.5 * args.threads
+           else "quiet.") ,
+        "",
+        f"Model: {run_desc}.",
+        "",
+        f"Protocol: {args.rounds} rounds; each round runs every variant in a shuffled order: one batch of 16 and "
+        f"{args.b1_reps} single images, end to end (decoded RGB image -> resize, normalise, model) and model "
+        "only (preprocessed batch -> logits). Medians over rounds, per image. Decoding is excluded here and "
+        f"measured below. Agreement: top-1 class vs (b) PyTorch fp32 on all {n_images} MSLD v2.0 images "
+        "(the int8 calibration images, 96 from the fold's training split, are among them).",
+        "",
+        "| variant | b16 end-to-end ms/img | img/s | × ResNet50 | b16 model ms/img | × | b1 end-to-end ms | "
+        "img/s | × | b1 model ms | × | top-1 agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        m = med[v.key]
+        agree = "n/a (random weights)" if v.agreement is None else f"{100 * v.agreement:.2f} %"
+        lines.append(
+            f"| ({v.key}) {v.label} | {1000 * m['b16_e2e']:.2f} | {1 / m['b16_e2e']:.0f} | "
+            f"{ref['b16_e2e'] / m['b16_e2e']:.1f} | {1000 * m['b16_model']:.2f} | "
+            f"{ref['b16_model'] / m['b16_model']:.1f} | {1000 * m['b1_e2e']:.2f} | {1 / m['b1_e2e']:.0f} | "
+            f"{ref['b1_e2e'] / m['b1_e2e']:.1f} | {1000 * m['b1_model']:.2f} | "
+            f"{ref['b1_model'] / m['b1_model']:.1f} | {agree} |")
+    ok = [v for v in variants if v.agreement is not None and v.agreement >= TARGET_AGREEMENT]
+    best = min(ok, key=lambda v: med[v.key]["b16_e2e"]) if ok else None
+    lines += ["", "Preprocessing, per image (median of rounds over 64 photos):", "",
+              "| step | ms/img |", "|---|---:|"]
+    lines += [f"| {k} | {ms:.3f} |" for k, ms in pre.items()]
+    lines += [""]
+    if best is not None:
+        ratio = ref["b16_e2e"] / med[best.key]["b16_e2e"]
+        verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+        lines.append(f"Fastest variant with ≥ {100 * TARGET_AGREEMENT:.1f} % agreement at batch 16, preprocessing "
+                     f"included: **({best.key}) {best.label}**, {ratio:.1f}× ResNet50 eager fp32 "
+                     f"(target ≥ {TARGET_RATIO:.0f}×: {verdict} it).")
+    for v in variants:
+        if v.agreement is not None and v.agreement < TARGET_AGREEMENT:
+            lines.append(f"({v.key}) misses the {100 * TARGET_AGREEMENT:.1f} % agreement bar by "
+                         f"{100 * (TARGET_AGREEMENT - v.agreement):.2f} points ({100 * v.agreement:.2f} %).")
+    return "\n".join(lines) + "\n"
+
+
+def describe(meta: dict) -> str:
+    m = meta.get("model", {})
+    extra = [f"{k}={meta[k]}" for k in ("tta", "ensemble") if meta.get(k)]
+    return (f"{m.get('backbone', '?')} + {m.get('head', '?')}, {meta.get('image_size')} px"
+            + (f" ({', '.join(map(str, extra))})" if extra else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="trained run directory")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--b1-reps", type=int, default=4, help="single-image calls per variant per round")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default="benchmarks/results/inference.md")
+    ap.add_argument("--limit", type=int, help="use only this many images (a quick check, not the result)")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    load0 = os.getloadavg()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    files = sorted(p for p in Path(msld_root(), "images").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        sys.exit(f"no MSLD v2.0 images under {msld_root()}/images (set MPOXSCOPE_MSLD)")
+    files = files[:args.limit] if args.limit else files
+    images = [load_image(p) for p in files]
+    random.Random(0).shuffle(images)  # batches mix classes
+    int8 = run / "model.int8.onnx"
+    if not int8.is_file():
+        from mpoxscope.export.quantize import quantize_int8
+
+        print(quantize_int8(run, min_agreement=0.0).summary(), file=sys.stderr)
+    fp32_onnx = OnnxPredictor.from_run(run, threads=args.threads)
+    int8_onnx = OnnxPredictor.from_run(run, onnx_file=int8, threads=args.threads)
+    torch_p = Predictor.from_run(run, device="cpu")
+    size = torch_p.image_size
+    variants = [
+        resnet50_variant(224),
+        torch_variant(torch_p, bf16=False),
+        torch_variant(torch_p, bf16=True),
+        onnx_variant("d", "ONNX Runtime fp32", fp32_onnx),
+        onnx_variant("e", "ONNX Runtime int8 (static QDQ, per-channel)", int8_onnx),
+        lite_variant("f", "ONNX Runtime fp32, torch-free preprocessing", LiteOnnxPredictor(run / "model.onnx",
+                                                                                          args.threads)),
+        lite_variant("g", "ONNX Runtime int8, torch-free preprocessing", LiteOnnxPredictor(int8, args.threads)),
+    ]
+    agreement(variants, images)
+    measure(variants, images, args.rounds, args.b1_reps)
+    norm = torch_p.meta.get("normalization", {})
+    pre = preprocessing_costs(files, images, size, tuple(norm.get("mean", (0.485, 0.456, 0.406))),
+                              tuple(norm.get("std", (0.229, 0.224, 0.225))), args.rounds)
+    text = render(args, describe(torch_p.meta), variants, pre, len(images), (load0, os.getloadavg()),
+                  time.perf_counter() - start)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    raw = {v.key: {"label": v.label, "agreement": v.agreement, "seconds_per_image": v.times} for v in variants}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

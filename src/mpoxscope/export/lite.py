@@ -1,0 +1,74 @@
+"""A torch-free ONNX Runtime predictor: Pillow resize + numpy normalisation + ONNX Runtime, nothing else.
+
+For deployment on a small machine: importing this module loads neither torch nor torchvision (about 1 s and
+several hundred MB less), and preprocessing uses Pillow's C resampler instead of torchvision's tensor resize.
+The two resizes differ by rounding (Pillow works on 8-bit images), so probabilities differ slightly from
+:class:`~mpoxscope.export.onnx.OnnxPredictor`; ``benchmarks/inference.py`` measures the top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+META_KEY = "mpoxscope.meta"  # as written by mpoxscope.export.onnx (not imported: that module needs torch)
+
+
+def preprocess_numpy(images: list[Image.Image], size: int, mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> np.ndarray:
+    """RGB PIL images -> (N, 3, size, size) float32, resized whole (no crop, antialiased bilinear) and
+    normalised as :func:`mpoxscope.data.transforms.eval_transform` does."""
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(1, 1, 3)
+    shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, 1, 3)
+    out = np.empty((len(images), 3, size, size), np.float32)
+    for i, img in enumerate(images):
+        small = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        out[i] = (np.asarray(small, np.float32) * scale - shift).transpose(2, 0, 1)
+    return out
+
+
+class LiteOnnxPredictor:
+    """``predict_images(images) -> (N, K) probabilities`` from an exported ONNX file (fp32 or int8) and the
+    ``model.json`` embedded in it; the same interface the web service uses."""
+
+    def __init__(self, onnx_file: str | os.PathLike, threads: int | None = None, meta: dict | None = None) -> None:
+        """``meta``: the run's model.json, overriding the copy embedded at export time (e.g. after the run was
+        re-calibrated)."""
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.onnx_file = Path(onnx_file)
+        self.session = ort.InferenceSession(str(onnx_file), sess_options=opts, providers=["CPUExecutionProvider"])
+        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if raw is None and meta is None:
+            raise ValueError(f"{onnx_file}: no embedded mpoxscope metadata (export it with 'mpoxscope export')")
+        self.meta: dict = meta if meta is not None else json.loads(raw)
+        self.classes: list[str] = list(self.meta["classes"])
+        self.image_size = int(self.meta["image_size"])
+        norm = self.meta.get("normalization", {})
+        self.mean = tuple(norm.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(norm.get("std", (0.229, 0.224, 0.225)))
+        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        self._input = self.session.get_inputs()[0].name
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        return preprocess_numpy(images, self.image_size, self.mean, self.std)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: batch})[0].astype(np.float32, copy=False)
+
+    def predict_images(self, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            z = self.logits(self.preprocess(images[i:i + batch_size])) / self.temperature
+            z = np.exp(z - z.max(1, keepdims=True))
+            out.append(z / z.sum(1, keepdims=True))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
