@@ -406,8 +406,24 @@ def load_service(run_dir: str | os.PathLike, runtime: str = "torch", device: str
             from mpoxscope.engine.checkpoint import load_model
 
             return load_model(run_dir, device="cpu")[0]
+    elif runtime == "onnx-lite":
+        # ONNX Runtime with Pillow + numpy preprocessing: no torch on the request path (heat-maps still load it).
+        from mpoxscope.export.lite import LiteOnnxPredictor
+        from mpoxscope.export.onnx import OnnxPredictor
+
+        path = Path(onnx_file) if onnx_file else run_dir / "model.onnx"
+        checked = OnnxPredictor.from_run(run_dir, onnx_file=onnx_file) if onnx_file else \
+            OnnxPredictor.from_run(run_dir)  # exports when missing, refuses a file made from other weights
+        predictor = LiteOnnxPredictor(path, threads=checked.session.get_session_options().intra_op_num_threads,
+                                      meta=meta)
+        del checked
+
+        def loader() -> Any:
+            from mpoxscope.engine.checkpoint import load_model
+
+            return load_model(run_dir, device="cpu")[0]
     else:
-        raise MpoxscopeError(f"--runtime: unknown runtime {runtime!r}; choose torch or onnx")
+        raise MpoxscopeError(f"--runtime: unknown runtime {runtime!r}; choose torch, onnx or onnx-lite")
     cfg = meta.get("model", {})
     identity = ModelIdentity(
         name=str(meta.get("name") or f"{cfg.get('head', 'model')}-{cfg.get('backbone', 'unknown')}"),
