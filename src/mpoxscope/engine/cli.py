@@ -350,3 +350,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_demo)
 
+    from mpoxscope.engine.protocols import register as register_protocols  # official vs leaky protocols
+
+    register_protocols(sub)
+

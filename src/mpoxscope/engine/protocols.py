@@ -1,0 +1,500 @@
+"""Where a 99.81 % comes from: one model configuration under an honest and two leaky evaluation protocols.
+
+* ``official``: the dataset's patient-level folds (or patient-grouped k-fold): no patient on both sides.
+* ``image-level`` (LEAKY): stratified random k-fold of images, ignoring patients, so photos of a test patient
+  sit in training (patient leakage only).
+* ``augment-then-split`` (LEAKY): every image is first expanded into ``k`` offline-augmented copies (rotation,
+  translation, flips, shear, scaling, colour jitter, noise: the augmentation MSLD v2.0 ships), written under
+  ``OUT/augmented/``; the copies are then split at random, so siblings of a test copy are in training.
+
+The leaky protocols exist to demonstrate the leak; every report and printed line says so. :func:`run_protocols`
+writes ``protocols.md``, ``protocols.json`` and ``protocols.png`` (accuracy and macro-F1 with 95 % CIs, test
+sizes) plus the arithmetic of what a reported accuracy implies about the test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpoxscope.data.samples import Sample, SampleSet
+from mpoxscope.data.splits import Fold
+from mpoxscope.errors import MpoxscopeError
+
+PROTOCOLS = ("official", "image-level", "augment-then-split")
+LEAKY = frozenset({"image-level", "augment-then-split"})
+BANNER = "FOR DEMONSTRATION: LEAKY"
+_DESCRIPTION = {
+    "official": "patient-level folds: no patient in two of train/validation/test (honest)",
+    "image-level": "stratified random split of images, patients ignored: photos of a test patient are in "
+                   "training",
+    "augment-then-split": "each image expanded into k augmented copies first, copies split at random: "
+                          "augmented siblings of a test image are in training",
+}
+
+
+# ------------------------------------------------------------------------------------------------ splits
+def image_level_folds(data: SampleSet, n_folds: int = 5, seed: int = 0, val_share: float = 0.2) -> list[Fold]:
+    """LEAKY: stratified k-fold over images, ignoring groups; validation is a stratified random share of the
+    rest. Every image is tested exactly once."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    y = np.asarray(data.targets)
+    if n_folds < 2 or len(y) < 2 * n_folds:
+        raise MpoxscopeError(f"image-level split: {len(y)} images are too few for {n_folds} folds")
+    outer = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = []
+    for k, (trainval, test) in enumerate(outer.split(np.zeros(len(y)), y), start=1):
+        try:
+            tr, va = train_test_split(trainval, test_size=val_share, stratify=y[trainval], random_state=seed + k)
+        except ValueError:  # a class with a single image left: split without stratification
+            tr, va = train_test_split(trainval, test_size=val_share, random_state=seed + k)
+        folds.append(Fold(f"fold{k}", tuple(sorted(tr.tolist())), tuple(sorted(va.tolist())),
+                          tuple(sorted(test.tolist()))))
+    return folds
+
+
+def ungrouped(data: SampleSet) -> SampleSet:
+    """The same images with every image its own group: what a split that ignores patients sees."""
+    return SampleSet([Sample(s.path, s.label, s.filename) for s in data.samples], list(data.classes), data.root)
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+def augment_image(img, rng: np.random.Generator):
+    """One random offline augmentation of a PIL RGB image: rotation (±30°), shear (±12°), scaling (0.85–1.15),
+    translation (±10 %), horizontal/vertical flips, brightness/contrast/saturation jitter (±20 %) and Gaussian
+    noise (σ ≤ 8/255), as in MSLD v2.0's augmented release."""
+    from PIL import Image, ImageEnhance
+
+    w, h = img.size
+    angle, shear = math.radians(rng.uniform(-30, 30)), math.radians(rng.uniform(-12, 12))
+    scale = rng.uniform(0.85, 1.15)
+    tx, ty = rng.uniform(-0.1, 0.1) * w, rng.uniform(-0.1, 0.1) * h
+    # Forward map: rotate, shear and scale about the centre, then translate; PIL wants the inverse map.
+    a = np.array([[math.cos(angle), -math.sin(angle + shear)], [math.sin(angle), math.cos(angle + shear)]]) * scale
+    inv = np.linalg.inv(a)
+    centre = np.array([w / 2, h / 2])
+    offset = centre - inv @ (centre + np.array([tx, ty]))
+    out = img.transform((w, h), Image.Transform.AFFINE, (*inv[0], offset[0], *inv[1], offset[1]),
+                        resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        out = enhancer(out).enhance(rng.uniform(0.8, 1.2))
+    sigma = rng.uniform(0, 8)
+    arr = np.asarray(out, dtype=np.float32) + rng.normal(0, sigma, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, max_side: int = 512,
+                   log: Callable[[str], None] = print) -> tuple[SampleSet, np.ndarray]:
+    """Write ``copies`` augmented JPEGs of every image to ``out_dir/<class>/<stem>__aug<j>.jpg`` (kept across
+    reruns: each copy is seeded by its file name) and return them as a sample set (each copy its own group)
+    with ``origin`` (M,): the index in ``data`` each copy came from."""
+    from mpoxscope.data.images import load_image
+
+    if copies < 1:
+        raise MpoxscopeError(f"--copies must be at least 1, got {copies}")
+    samples, origin, written = [], [], 0
+    for i, s in enumerate(data.samples):
+        paths = [out_dir / s.label / f"{Path(s.filename).stem}__aug{j}.jpg" for j in range(copies)]
+        if not all(p.is_file() for p in paths):
+            img = load_image(s.path, max_side=max_side)
+            for j, p in enumerate(paths):
+                if p.is_file():
+                    continue
+                digest = hashlib.sha256(f"{seed}:{s.filename}:{j}".encode()).digest()
+                rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+                p.parent.mkdir(parents=True, exist_ok=True)
+                augment_image(img, rng).save(p, quality=92)
+                written += 1
+        samples += [Sample(p, s.label, p.name) for p in paths]
+        origin += [i] * copies
+    log(f"augment-then-split: {len(samples)} augmented copies under {out_dir} ({written} written now)")
+    return SampleSet(samples, list(data.classes), out_dir), np.asarray(origin)
+
+
+# --------------------------------------------------------------------------------------- model runners
+@dataclass
+class FoldResult:
+    """Test predictions of one fold: file names, targets (N,), probabilities (N, K)."""
+
+    name: str
+    names: list[str]
+    targets: np.ndarray
+    probs: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+#: ``runner(data, folds, work_dir, label) -> [FoldResult]``: trains on each fold's train part, selects on its
+#: validation part and predicts its test part.
+Runner = Callable[[SampleSet, list[Fold], Path, str], list[FoldResult]]
+
+
+def quick_runner(backbone: str = "tf_efficientnet_lite0", image_size: int = 224, batch_size: int = 32,
+                 log: Callable[[str], None] = print) -> Runner:
+    """The ``--quick`` configuration: frozen ImageNet backbone, global-average-pooled features of the clean
+    image, logistic regression with C chosen on each fold's validation macro-F1. Features are computed once
+    per image set and cached in the work folder."""
+
+    def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import f1_score
+        from sklearn.preprocessing import StandardScaler
+
+        feats = _features(data, work / f"features_{label}.npz", backbone, image_size, batch_size, log)
+        y = np.asarray(data.targets)
+        results = []
+        for fold in folds:
+            tr, va, te = (np.asarray(fold.indices(s)) for s in ("train", "validation", "test"))
+            scaler = StandardScaler().fit(feats[tr])
+            best = None
+            for c in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+                clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+                clf.fit(scaler.transform(feats[tr]), y[tr])
+                f1 = f1_score(y[va], clf.predict(scaler.transform(feats[va])), average="macro")
+                if best is None or f1 > best[0]:
+                    best = (f1, c, clf)
+            probs = np.zeros((len(te), len(data.classes)))
+            probs[:, best[2].classes_] = best[2].predict_proba(scaler.transform(feats[te]))
+            results.append(FoldResult(fold.name, [data.samples[i].filename for i in te], y[te], probs,
+                                      {"C": best[1], "validation_f1_macro": float(best[0])}))
+        return results
+
+    return run
+
+
+def _features(data: SampleSet, cache: Path, backbone: str, image_size: int, batch_size: int,
+              log: Callable[[str], None]) -> np.ndarray:
+    """(N, C) global-average-pooled features of the frozen backbone, cached per image set."""
+    import torch
+
+    from mpoxscope.config import ModelConfig
+    from mpoxscope.data.images import load_image
+    from mpoxscope.data.transforms import eval_transform
+    from mpoxscope.models.factory import create_model
+
+    names = [s.filename for s in data.samples]
+    key = f"{backbone}:{image_size}:" + hashlib.sha256("\n".join(names).encode()).hexdigest()
+    if cache.is_file():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["key"]) == key:
+            return z["features"]
+    model = create_model(ModelConfig(backbone=backbone, image_size=image_size, head="linear"),
+                         len(data.classes)).eval()
+    tf = eval_transform(image_size)
+    out, t0 = [], time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(data), batch_size):
+            batch = torch.stack([tf(load_image(x.path)) for x in data.samples[s:s + batch_size]])
+            out.append(model.forward_features(batch).float().mean(dim=(2, 3)).numpy())
+    feats = np.concatenate(out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, features=feats, key=np.array(key))
+    log(f"features: {len(data)} images through frozen {backbone} in {time.perf_counter() - t0:.0f} s")
+    return feats
+
+
+def full_runner(model_cfg, train_cfg, log: Callable[[str], None] = print) -> Runner:
+    """The given model configuration trained with ``mpoxscope train``'s code on each fold (selection on the
+    fold's validation part), then used to predict the test part."""
+
+    def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
+        from mpoxscope.engine.evaluate import predict_split
+        from mpoxscope.engine.predict import Predictor
+        from mpoxscope.engine.train import train
+
+        results = []
+        for fold in folds:
+            run_dir = work / label / fold.name
+            info = {"dataset": f"{label} protocol", "root": str(data.root), "split_source": label,
+                    "classes": data.classes, "n_train": len(fold.train), "n_validation": len(fold.validation),
+                    "n_test": len(fold.test)}
+            train(data, fold, model_cfg, train_cfg, run_dir, info, progress=False, log=log)
+            predictor = Predictor.from_run(run_dir, device=train_cfg.device)
+            probs, targets, names, _ = predict_split(predictor, data, fold.test)
+            results.append(FoldResult(fold.name, names, targets, probs))
+        return results
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------ the runs
+def protocol_folds(protocol: str, data: SampleSet, official: list[Fold], out: Path, copies: int, n_folds: int,
+                   seed: int, log: Callable[[str], None]) -> tuple[SampleSet, list[Fold]]:
+    """The image set and folds a protocol evaluates on."""
+    if protocol == "official":
+        return data, official
+    if protocol == "image-level":
+        return ungrouped(data), image_level_folds(data, n_folds, seed)
+    if protocol == "augment-then-split":
+        expanded, _ = expand_dataset(data, out / "augmented", copies, seed, log=log)
+        return expanded, image_level_folds(expanded, n_folds, seed)
+    raise MpoxscopeError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+
+
+def summarize_protocol(protocol: str, results: list[FoldResult], classes: list[str],
+                       groups: dict[str, str] | None) -> dict[str, Any]:
+    """Per-fold accuracy/macro-F1 and the pooled test predictions with 95 % bootstrap intervals (resampling
+    patients for the official protocol, images for the leaky ones, which ignore patients by design)."""
+    from mpoxscope.engine.calibration import expected_calibration_error
+    from mpoxscope.engine.uncertainty import classification_cis
+
+    per_fold = []
+    for r in results:
+        pred = r.probs.argmax(1)
+        ci = classification_cis(r.targets, pred, classes, n=1000)
+        per_fold.append({"fold": r.name, "n_test": len(r.targets), "accuracy": ci["accuracy"]["value"],
+                         "f1_macro": ci["f1_macro"]["value"], **r.extra})
+    y = np.concatenate([r.targets for r in results])
+    probs = np.concatenate([r.probs for r in results])
+    names = [n for r in results for n in r.names]
+    g = [groups.get(n, n) for n in names] if groups is not None else None
+    pooled = classification_cis(y, probs.argmax(1), classes, g)
+    acc = np.array([f["accuracy"] for f in per_fold])
+    f1 = np.array([f["f1_macro"] for f in per_fold])
+    return {"protocol": protocol, "leaky": protocol in LEAKY, "description": _DESCRIPTION[protocol],
+            "n_folds": len(results), "n_test_per_fold": [f["n_test"] for f in per_fold],
+            "n_test_total": int(len(y)), "n_distinct_test_images": len(set(names)),
+            "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "f1_macro_mean": float(f1.mean()), "f1_macro_std": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
+            "pooled": {"accuracy": pooled["accuracy"], "f1_macro": pooled["f1_macro"], "method": pooled["method"],
+                       "ece": expected_calibration_error(probs, y)},
+            "per_fold": per_fold}
+
+
+def run_protocols(data: SampleSet, official: list[Fold], official_source: str, out: str | Path, runner: Runner,
+                  config_name: str, protocols: tuple[str, ...] = PROTOCOLS, copies: int = 5, n_folds: int = 5,
+                  seed: int = 0, command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate ``runner`` under each protocol; write protocols.json/.md/.png to ``out``; return the results."""
+    from mpoxscope.fileio import write_bytes, write_json, write_text
+
+    out = Path(out)
+    t_all = time.perf_counter()
+    results: dict[str, Any] = {}
+    groups = {s.filename: s.group for s in data.samples}
+    for protocol in protocols:
+        t0 = time.perf_counter()
+        if protocol in LEAKY:
+            log(f"*** {BANNER} *** protocol {protocol}: {_DESCRIPTION[protocol]}")
+        pdata, folds = protocol_folds(protocol, data, official, out, copies, n_folds, seed, log)
+        fold_results = runner(pdata, folds, out / "work", protocol)
+        summary = summarize_protocol(protocol, fold_results, data.classes,
+                                     groups if protocol == "official" else None)
+        summary["split"] = official_source if protocol == "official" else \
+            f"stratified random {n_folds}-fold over {len(pdata)} images (seed {seed})"
+        if protocol == "augment-then-split":
+            summary["copies"] = copies
+        summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        results[protocol] = summary
+        tag = f"*** {BANNER} *** " if protocol in LEAKY else ""
+        log(f"{tag}[{protocol}: {summary['split']}] accuracy {100 * summary['accuracy_mean']:.2f} ± "
+            f"{100 * summary['accuracy_std']:.2f} %, macro-F1 {100 * summary['f1_macro_mean']:.2f} ± "
+            f"{100 * summary['f1_macro_std']:.2f} % (mean ± std over folds); pooled accuracy "
+            f"{_ci(summary['pooled']['accuracy'])} %, test images per fold {_sizes(summary['n_test_per_fold'])}")
+    report = {"dataset_images": len(data), "config": config_name, "command": command, "protocols": results,
+              "arithmetic": accuracy_arithmetic(0.9981, len(data)),
+              "wall_time_s": round(time.perf_counter() - t_all, 1)}
+    write_json(out / "protocols.json", report)
+    write_bytes(out / "protocols.png", protocols_png(results, config_name))
+    write_text(out / "protocols.md", protocols_markdown(report))
+    return report
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+def accuracy_arithmetic(reported: float, n_images: int, test_share: float = 0.2, decimals: int = 2,
+                        n_folds: int = 5) -> dict[str, Any]:
+    """What a reported accuracy (rounded to ``decimals`` in percent) says about the test set.
+
+    Smallest test set that reaches it with 1 and 2 errors; the accuracies a test part of ``test_share`` of
+    ``n_images`` can take near 100 %; and the fold means of ``n_folds`` such parts with 0..3 errors in total.
+    """
+    half = 0.5 * 10 ** -(decimals + 2)  # half a unit of the last reported digit, as a fraction
+    lowest = reported - half
+    min_n = {e: math.ceil(e / (1 - lowest)) for e in (1, 2)}
+    part = round(n_images * test_share)
+    part_acc = [(part - e) / part for e in range(3)]
+    fold_means = {e: 1 - e / (part * n_folds) for e in range(4)}
+    return {"reported": reported, "n_images": n_images, "test_part": part, "min_test_size": min_n,
+            "part_accuracies": part_acc, "fold_means": fold_means, "lowest_rounding_up": lowest}
+
+
+def arithmetic_markdown(a: dict) -> list[str]:
+    r = 100 * a["reported"]
+    accs = ", ".join(f"{100 * v:.2f} %" for v in a["part_accuracies"])
+    means = ", ".join(f"{e} error{'s' if e != 1 else ''}: {100 * v:.2f} %" for e, v in a["fold_means"].items())
+    return [
+        f"A reported {r:.2f} % is at least {100 * a['lowest_rounding_up']:.3f} % before rounding. One error in a "
+        f"test set needs at least **{a['min_test_size'][1]}** test images to stay at or above it, two errors "
+        f"at least **{a['min_test_size'][2]}** — more than the {a['n_images']} original images of the whole "
+        "dataset. A 20 % test part of it holds about "
+        f"{a['test_part']} images, whose accuracy can only be {accs}, …; so {r:.2f} % cannot be one such test "
+        f"set's accuracy. A mean over five such folds with 0–3 errors in total gives {means}: {r:.2f} % needs "
+        "essentially error-free folds. A test set of augmented copies is large enough (k copies of "
+        f"{a['test_part']} images are {a['test_part']}·k test images), and its copies have siblings in training.",
+    ]
+
+
+# -------------------------------------------------------------------------------------------- rendering
+def _ci(iv: dict) -> str:
+    from mpoxscope.engine.uncertainty import fmt_ci
+
+    return fmt_ci(iv, digits=2)
+
+
+def _sizes(sizes: list[int]) -> str:
+    return f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}–{max(sizes)}"
+
+
+def protocols_markdown(report: dict) -> str:
+    res = report["protocols"]
+    leaky = [p for p in res if res[p]["leaky"]]
+    lines = ["# Evaluation protocols side by side", ""]
+    if leaky:
+        lines += [f"> **{BANNER}.** The rows marked LEAKY ({', '.join(leaky)}) let copies or patients of test "
+                  "images into training. They are here to show how much such leakage inflates the score; never "
+                  "report them as a model's performance.", ""]
+    lines += [f"**Dataset:** {report['dataset_images']} original images  ",
+              f"**Model configuration (the same under every protocol):** {report['config']}  ",
+              f"**Command:** `{report['command']}`  " if report.get("command") else "",
+              f"**Wall time:** {report['wall_time_s']:.0f} s", "",
+              "| protocol | leak | split | test images per fold | test predictions (distinct images) | "
+              "accuracy, mean ± std over folds (%) | pooled accuracy [95% CI] (%) | macro-F1, mean ± std (%) | "
+              "pooled macro-F1 [95% CI] (%) |", "|---|---|---|---|---|---|---|---|---|"]
+    for p, r in res.items():
+        leak = f"**LEAKY — {BANNER}**" if r["leaky"] else "none (patient-level)"
+        lines.append(f"| {p} | {leak} | {r['split']} | {_sizes(r['n_test_per_fold'])} | {r['n_test_total']} "
+                     f"({r['n_distinct_test_images']}) | {100 * r['accuracy_mean']:.2f} ± "
+                     f"{100 * r['accuracy_std']:.2f} | {_ci(r['pooled']['accuracy'])} | "
+                     f"{100 * r['f1_macro_mean']:.2f} ± "
+                     f"{100 * r['f1_macro_std']:.2f} | {_ci(r['pooled']['f1_macro'])} |")
+    lines += ["", "Confidence intervals: " + "; ".join(f"{p}: {r['pooled']['method']}" for p, r in res.items()) + ".",
+              "", "![protocols side by side](protocols.png)", "", "## What each protocol does", ""]
+    lines += [f"- **{p}**{' (LEAKY)' if r['leaky'] else ''}: {r['description']}." for p, r in res.items()]
+    lines += ["", "## The arithmetic of 99.81 %", ""] + arithmetic_markdown(report["arithmetic"])
+    lines += ["", "## Per fold (test accuracy / macro-F1, %)", "", "| protocol | " +
+              " | ".join(f["fold"] for f in next(iter(res.values()))["per_fold"]) + " |",
+              "|---|" + "---|" * len(next(iter(res.values()))["per_fold"])]
+    for p, r in res.items():
+        lines.append(f"| {p}{' (LEAKY)' if r['leaky'] else ''} | " + " | ".join(
+            f"{100 * f['accuracy']:.1f} / {100 * f['f1_macro']:.1f}" for f in r["per_fold"]) + " |")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def protocols_png(results: dict[str, dict], config: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.9 * len(names) + 2.5, 4.2))
+    for k, (key, label) in enumerate((("accuracy", "accuracy"), ("f1_macro", "macro-F1"))):
+        vals = np.array([results[p]["pooled"][key]["value"] for p in names])
+        err = np.array([[results[p]["pooled"][key]["value"] - results[p]["pooled"][key]["low"],
+                         results[p]["pooled"][key]["high"] - results[p]["pooled"][key]["value"]] for p in names]).T
+        ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, yerr=err, capsize=3, label=f"{label} (pooled, 95% CI)",
+               color=f"C{k}")
+    for i, p in enumerate(names):
+        r = results[p]
+        text = f"test {r['n_test_total']}" + ("\nLEAKY:\nDEMONSTRATION" if r["leaky"] else "\nhonest")
+        ax.text(i, 0.04, text, ha="center", va="bottom", fontsize=7, color="darkred" if r["leaky"] else "black",
+                fontweight="bold" if r["leaky"] else "normal")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test score")
+    ax.set_title(f"same model, three protocols ({config[:70]})", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def register(sub) -> None:
+    from mpoxscope.engine.cli import add_data_options, add_model_options
+
+    p = sub.add_parser("protocols", help="one model under the official and two LEAKY protocols, side by side",
+                       description=(
+                           "Run the same model configuration under 'official' (patient-level folds), 'image-level' "
+                           "(random split of images ignoring patients; LEAKY) and 'augment-then-split' (k augmented "
+                           "copies per image written under OUT/augmented, then split at random; LEAKY), and write "
+                           "protocols.md/.json/.png. The leaky protocols are for demonstration only."))
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", required=True, help="output folder (augmented copies, features, runs, reports)")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS),
+                   help=f"comma-separated subset of {', '.join(PROTOCOLS)} (default all)")
+    p.add_argument("--copies", type=int, default=5, help="augmented copies per image for augment-then-split")
+    p.add_argument("--quick", action="store_true",
+                   help="frozen backbone features + logistic regression (C on validation) instead of training the "
+                        "model configuration: minutes on a CPU")
+    add_data_options(p)
+    add_model_options(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=run_protocols_cli)
+
+
+def run_protocols_cli(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from mpoxscope.config import DataConfig
+    from mpoxscope.engine.cli import configs_from_args
+    from mpoxscope.engine.runner import prepare
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
+
+    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise MpoxscopeError(f"--protocols: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                             f"{', '.join(PROTOCOLS)}")
+    if args.copies < 1:
+        raise MpoxscopeError(f"--copies must be at least 1, got {args.copies}")
+    _refuse_inside_repository(Path(args.out))
+    model_cfg, train_cfg = configs_from_args(args)
+    check_output_dir(args.out, "protocols")
+    prepared = prepare(DataConfig(root=args.data, split_file=args.split_file, folds=args.folds,
+                                  groups_csv=args.groups_csv), train_cfg.seed)
+    mark_output_dir(args.out, "protocols")
+    log = (lambda *_: None) if args.quiet else print
+    if args.quick:
+        runner = quick_runner(model_cfg.backbone, model_cfg.image_size, log=log)
+        config = (f"--quick: frozen {model_cfg.backbone} ({model_cfg.image_size} px) global-average-pooled features "
+                  "+ logistic regression, C chosen on each fold's validation macro-F1 (not the default AGFN "
+                  "training)")
+    else:
+        runner = full_runner(model_cfg, train_cfg, log=log)
+        config = (f"{model_cfg.backbone} + {model_cfg.head} head, {model_cfg.image_size} px, trainable stages "
+                  f"{train_cfg.trainable_stages}, {train_cfg.epochs} epochs (preset {args.preset})")
+    command = "mpoxscope protocols " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    report = run_protocols(prepared.data, prepared.folds, prepared.split_source, args.out, runner, config,
+                           protocols, args.copies, args.folds, train_cfg.seed, command, log=print)
+    for p, r in report["protocols"].items():
+        tag = f"*** {BANNER} *** " if r["leaky"] else ""
+        print(f"{tag}[{p}] pooled accuracy {_ci(r['pooled']['accuracy'])} %, macro-F1 "
+              f"{_ci(r['pooled']['f1_macro'])} % over {r['n_test_total']} test predictions")
+    print(f"wrote {args.out}/protocols.md, protocols.json, protocols.png")
+    return 0
+
+
+def _refuse_inside_repository(out: Path) -> None:
+    """Augmented copies of licensed images must not land in a source repository (they would be committed)."""
+    here = out.resolve()
+    for parent in (here, *here.parents):
+        if (parent / ".git").exists():
+            raise MpoxscopeError(f"{out}: inside the git repository {parent}; write generated images outside it "
+                                 "(e.g. --out /tmp/protocols)")

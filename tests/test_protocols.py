@@ -1,0 +1,154 @@
+"""Evaluation protocols on synthetic data: the honest split keeps patients and augmented siblings apart, the
+leaky ones do not, and the report says which is which."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpoxscope.data.samples import Sample, SampleSet
+from mpoxscope.data.splits import grouped_folds
+from mpoxscope.engine.protocols import (
+    BANNER,
+    FoldResult,
+    accuracy_arithmetic,
+    expand_dataset,
+    image_level_folds,
+    run_protocols,
+)
+from mpoxscope.errors import MpoxscopeError
+
+CLASSES = ["Mpox", "Chickenpox", "Measles"]
+
+
+def _patients(n_patients: int = 30, per_patient: int = 3) -> SampleSet:
+    samples = [Sample(Path(f"P{p:02d}_{i}.png"), CLASSES[p % 3], f"P{p:02d}")
+               for p in range(n_patients) for i in range(per_patient)]
+    return SampleSet(samples, CLASSES)
+
+
+def _crossing(data: SampleSet, fold, key) -> set:
+    train = {key(i) for i in (*fold.train, *fold.validation)}
+    return train & {key(i) for i in fold.test}
+
+
+def test_image_level_ignores_patients_and_official_never_does():
+    data = _patients()
+    leaky = image_level_folds(data, n_folds=5, seed=0)
+    assert sorted(i for f in leaky for i in f.test) == list(range(len(data)))  # each image tested once
+    patient = lambda i: data.samples[i].group  # noqa: E731
+    assert any(_crossing(data, f, patient) for f in leaky)  # some test patient also in training
+    for f in leaky:
+        assert {data.samples[i].label for i in f.test} == set(CLASSES)  # stratified
+    for f in grouped_folds(data, n_folds=5):
+        assert not _crossing(data, f, patient)
+
+
+def _tiny_images(root: Path) -> SampleSet:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for c, label in enumerate(CLASSES):
+        for p in range(6):
+            path = root / label / f"X{c}_{p:02d}_01.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+            samples.append(Sample(path, label, f"X{c}_{p:02d}"))
+    return SampleSet(samples, CLASSES, root)
+
+
+def test_augment_then_split_puts_siblings_on_both_sides(tmp_path):
+    data = _tiny_images(tmp_path / "data")
+    logs: list[str] = []
+    expanded, origin = expand_dataset(data, tmp_path / "out" / "augmented", copies=3, log=logs.append)
+    assert len(expanded) == 54 and np.bincount(origin).tolist() == [3] * 18
+    files = [s.path for s in expanded.samples]
+    assert all(p.is_file() and str(p).startswith(str(tmp_path / "out")) for p in files)
+    pixels = [np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p)) for p in files[:3]]
+    assert pixels[0].shape == (40, 48, 3) and not np.array_equal(pixels[0], pixels[1])  # distinct copies
+    sibling = lambda i: origin[i]  # noqa: E731
+    folds = image_level_folds(expanded, n_folds=3, seed=0)
+    assert any(_crossing(expanded, f, sibling) for f in folds)
+    # The honest split of the same copies, grouped by original image, never separates siblings.
+    grouped = SampleSet([Sample(s.path, s.label, str(o)) for s, o in zip(expanded.samples, origin)], CLASSES)
+    for f in grouped_folds(grouped, n_folds=3):
+        assert not _crossing(grouped, f, sibling)
+    # Rerun: nothing rewritten (copies are seeded by file name).
+    expand_dataset(data, tmp_path / "out" / "augmented", copies=3, log=logs.append)
+    assert "(0 written now)" in logs[-1] and "(54 written now)" in logs[0]
+    with pytest.raises(MpoxscopeError, match="at least 1"):
+        expand_dataset(data, tmp_path / "x", copies=0)
+
+
+def _memorizer(data: SampleSet, folds, work: Path, label: str) -> list[FoldResult]:
+    """A 'model' that is right exactly when an image of the same patient, or an augmented sibling, was in
+    training: it isolates what leakage alone does to the score."""
+    def key(s: Sample) -> str:
+        return s.filename.split("__aug")[0].rsplit("_", 1)[0]  # patient of an original or of a copy
+
+    y = np.asarray(data.targets)
+    out = []
+    for f in folds:
+        seen = {key(data.samples[i]) for i in f.train}
+        probs = np.full((len(f.test), 3), 1 / 3)
+        for r, i in enumerate(f.test):
+            guess = y[i] if key(data.samples[i]) in seen else (y[i] + 1) % 3
+            probs[r] = 0.1
+            probs[r, guess] = 0.8
+        out.append(FoldResult(f.name, [data.samples[i].filename for i in f.test], y[list(f.test)], probs))
+    return out
+
+
+def test_run_protocols_report_flags_leaky_rows(tmp_path):
+    data = _tiny_images(tmp_path / "data")
+    official = grouped_folds(data, n_folds=3)
+    logs: list[str] = []
+    report = run_protocols(data, official, "grouped 3-fold", tmp_path / "out", _memorizer, "memorizer",
+                           copies=4, n_folds=3, command="mpoxscope protocols DATA --out OUT", log=logs.append)
+    res = report["protocols"]
+    assert res["official"]["pooled"]["accuracy"]["value"] == 0.0  # no patient ever seen: the memorizer fails
+    assert res["augment-then-split"]["pooled"]["accuracy"]["value"] > 0.9  # siblings seen: near perfect
+    assert res["augment-then-split"]["n_test_total"] == 72 and not res["official"]["leaky"]
+    assert "18 images" in res["official"]["pooled"]["method"]  # one image per patient here: images = patients
+    md = (tmp_path / "out" / "protocols.md").read_text()
+    assert md.count(f"LEAKY — {BANNER}") == 2 and "none (patient-level)" in md
+    assert "at least **513**" in md and "at least **1026**" in md and "mpoxscope protocols DATA" in md
+    assert sum(BANNER in line for line in logs) >= 4  # every leaky protocol's lines say so
+    assert (tmp_path / "out" / "protocols.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "out" / "protocols.json").read_text())["config"] == "memorizer"
+
+
+def test_accuracy_arithmetic():
+    a = accuracy_arithmetic(0.9981, 755)
+    assert a["min_test_size"] == {1: 513, 2: 1026} and a["test_part"] == 151
+    assert a["part_accuracies"][1] == pytest.approx(150 / 151)  # 99.34 %
+    assert round(100 * a["fold_means"][1], 2) == 99.87 and round(100 * a["fold_means"][2], 2) == 99.74
+
+
+def test_protocols_cli_quick_on_synthetic_images(tmp_path, synthetic_root, capsys):
+    from mpoxscope.cli import main
+
+    out = tmp_path / "protocols"
+    code = main(["protocols", str(synthetic_root), "--out", str(out), "--quick", "--copies", "2", "--folds", "3",
+                 "--split-file", "none", "--image-size", "64", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count(BANNER) >= 2 and "[official] pooled accuracy" in printed
+    report = json.loads((out / "protocols.json").read_text())
+    assert report["protocols"]["augment-then-split"]["n_test_total"] == 2 * 72
+    assert "--quick" in report["config"] and len(list((out / "augmented").rglob("*.jpg"))) == 144
+
+
+def test_protocols_cli_refuses_bad_options(tmp_path, synthetic_root, capsys):
+    from mpoxscope.cli import main
+
+    assert main(["protocols", str(synthetic_root), "--out", str(tmp_path / "o"), "--protocols", "random"]) == 2
+    assert "unknown random" in capsys.readouterr().err
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    assert main(["protocols", str(synthetic_root), "--out", str(repo / "out"), "--quick"]) == 2
+    assert "inside the git repository" in capsys.readouterr().err
