@@ -13,7 +13,7 @@ import torch
 from mpoxscope.config import ModelConfig, TrainConfig
 from mpoxscope.data.protocol import resolve_folds
 from mpoxscope.data.samples import load_samples
-from mpoxscope.engine import train as train_mod
+from mpoxscope.engine import rundir
 from mpoxscope.engine.checkpoint import load_model, read_meta
 from mpoxscope.engine.predict import Predictor
 from mpoxscope.engine.train import class_weights, cosine_with_warmup, train
@@ -71,17 +71,17 @@ def test_cached_training_learns_and_checkpoints_round_trip(tmp_path, data_and_fo
 
 def test_interrupted_run_resumes(tmp_path, data_and_fold, monkeypatch):
     data, fold = data_and_fold
-    real_write_json = train_mod.write_json
+    real_write_json = rundir.write_json
 
     def interrupt_after_epoch_2(path, obj):
         real_write_json(path, obj)
         if obj.get("status") == "running" and obj.get("epochs_run") == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "write_json", interrupt_after_epoch_2)
+    monkeypatch.setattr(rundir, "write_json", interrupt_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(data, fold, SMALL, FAST, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train_mod, "write_json", real_write_json)
+    monkeypatch.setattr(rundir, "write_json", real_write_json)
     assert (tmp_path / "run" / "last.safetensors").is_file() and (tmp_path / "run" / "resume.pt").is_file()
     logs = []
     result = train(data, fold, SMALL, FAST, tmp_path / "run", progress=False, log=logs.append)

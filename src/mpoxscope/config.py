@@ -57,6 +57,7 @@ class TrainConfig:
     tta: str = "auto"  # test-time views: "auto" (chosen on validation) | "none" | "flips" | "d4"
     screen_class: str = "Mpox"  # the class the screening rule must catch
     screen_sensitivity: float = 0.90  # its target sensitivity, met on validation
+    ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED] per member (same recipe); empty: one model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -71,8 +72,17 @@ class DataConfig:
     groups_csv: str | None = None
 
 
+#: The recommended recipe, chosen on validation and sized for a 2-core CPU (about 15 minutes a fold of MSLD v2.0):
+#: two EfficientNets fine-tuned end to end on images decoded once, bf16 where the CPU has it, test-time views
+#: chosen on validation, calibrated probabilities averaged (see benchmarks/results/).
+DEFAULT_TRAIN = TrainConfig(epochs=10, batch_size=32, lr=1e-3, backbone_lr=3e-4, warmup_epochs=1, patience=100,
+                            trainable_stages=-1, cache_views=0, tta="auto",
+                            ensemble=("tf_efficientnet_lite0:0", "tf_efficientnet_lite1:1"))
+
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
-    "default": (ModelConfig(), TrainConfig()),
+    "default": (ModelConfig(), DEFAULT_TRAIN),
+    # The earlier default: frozen Lite0 trunk (cached augmented views) + AGFN head; minutes, not an hour.
+    "frozen": (ModelConfig(), TrainConfig()),
     # The paper's model: ResNet50 ImageNet backbone, AGFN head, 8 heads, fine-tuned end to end (meant for a GPU).
     "paper": (ModelConfig(backbone="resnet50", pretrained="imagenet", d_model=512, num_heads=8),
               TrainConfig(trainable_stages=-1, epochs=50, lr=1e-4, backbone_lr=1e-5, batch_size=32)),
@@ -97,6 +107,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build dataclass ``cls`` from ``data``, ignoring unknown keys (newer files) and nesting AugmentConfig."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names}
+    if isinstance(kwargs.get("ensemble"), list):  # JSON has no tuples
+        kwargs["ensemble"] = tuple(kwargs["ensemble"])
     if cls is TrainConfig and isinstance(kwargs.get("augment"), dict):
         kwargs["augment"] = from_dict(AugmentConfig, kwargs["augment"])
     return cls(**kwargs)

@@ -44,7 +44,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
     g.add_argument("--ensemble", nargs="+", metavar="BACKBONE[:SEED]",
                    help="train one member per entry (same recipe, this backbone and seed) and average their "
-                        "calibrated probabilities; e.g. --ensemble tf_efficientnet_lite0 tf_efficientnet_lite1:1")
+                        "calibrated probabilities; e.g. --ensemble tf_efficientnet_lite0 tf_efficientnet_lite1:1; "
+                        "--ensemble none trains one model")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (listed in the run) instead of stopping")
 
@@ -78,6 +79,8 @@ def configs_from_args(args: argparse.Namespace):
                   if getattr(args, f.name, None) is not None}
     train_over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                   if getattr(args, f.name, None) is not None}
+    if "ensemble" in train_over:
+        train_over["ensemble"] = tuple(e for e in train_over["ensemble"] if e.lower() != "none")
     return dataclasses.replace(model_cfg, **model_over), dataclasses.replace(train_cfg, **train_over)
 
 
@@ -136,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
     select_fold(prepared.folds, data_cfg.fold)
     _prepare_output(args.out, "train", overwrite=args.overwrite)
     result = train_fold(data_cfg, model_cfg, train_cfg, args.out, resume=not args.no_resume,
-                        progress=not args.quiet, ensemble=tuple(args.ensemble or ()), prepared=prepared)
+                        progress=not args.quiet, prepared=prepared)
     v = result.validation
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
           f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
@@ -206,7 +209,7 @@ def run_cv(args: argparse.Namespace) -> int:
     check_train_options(model_cfg, train_cfg)
     check_output_dir(args.out, "cv")
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
-    cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks, ensemble=tuple(args.ensemble or ()),
+    cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks,
                   folds=tuple(f"fold{f}" if f.isdigit() else f for f in args.only_folds) if args.only_folds else None)
     leak_filter = audit_leak_filter(args.near_dup_threshold) if args.exclude_leaks else None
     summary = cross_validate(data_cfg, model_cfg, train_cfg, cv, leak_filter=leak_filter, progress=not args.quiet)

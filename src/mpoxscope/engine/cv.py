@@ -42,7 +42,6 @@ class CVConfig:
     out: str
     exclude_leaks: bool = False
     folds: tuple[str, ...] | None = None  # run only these folds (names), default all
-    ensemble: tuple[str, ...] = ()  # member specs BACKBONE[:SEED]; empty: one model per fold
 
 
 def audit_leak_filter(threshold: int | None = None) -> LeakFilter:
@@ -129,8 +128,8 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
             m = read_json(done)
         else:
             tf = time.perf_counter()
-            if cv.ensemble:
-                train_ensemble(data, fold, model_cfg, train_cfg, cv.ensemble, fold_dir / "run",
+            if train_cfg.ensemble:
+                train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / "run",
                                prepared.info(fold), images=images, progress=progress, log=log)
             else:
                 train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,

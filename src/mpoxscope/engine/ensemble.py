@@ -49,7 +49,7 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
             raise MpoxscopeError(f"--ensemble: member {spec!r} given twice")
         seen.add(name)
         out.append((name, dataclasses.replace(model_cfg, backbone=backbone),
-                    dataclasses.replace(train_cfg, seed=seed)))
+                    dataclasses.replace(train_cfg, seed=seed, ensemble=())))
     return out
 
 

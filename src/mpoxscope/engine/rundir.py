@@ -96,3 +96,23 @@ def require_weights(run_dir: Path, which: str = "best") -> Path:
     if not path.is_file():
         raise MpoxscopeError(f"{path}: weights file not found")
     return path
+
+
+def weights_sha256(run_dir: str | Path, which: str = "best") -> str:
+    """Digest of everything that fixes a run's predictions: its weights file, or every member's for an
+    ensemble, plus the test-time views. An exported file records it, so a stale export is detected."""
+    import hashlib
+
+    from mpoxscope.engine.checkpoint import read_meta
+
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    h = hashlib.sha256(json.dumps((meta.get("tta") or {}).get("views") or ["id"]).encode())
+    if meta.get("kind") == "ensemble":
+        for entry in meta.get("members") or []:
+            h.update(weights_sha256(run_dir / str(entry.get("dir", "")), which).encode())
+        return h.hexdigest()
+    with open(require_weights(run_dir, which), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -35,10 +35,11 @@ def prepare(cfg: DataConfig, seed: int = 0) -> PreparedData:
 
 
 def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path,
-               resume: bool = True, progress: bool = True, log=print, ensemble: tuple[str, ...] = (),
+               resume: bool = True, progress: bool = True, log=print,
                prepared: PreparedData | None = None) -> TrainResult:
-    """Train on one fold of a dataset folder (official split file when there is one); with ``ensemble`` member
-    specs (``BACKBONE[:SEED]``), one run per member under ``run_dir/members`` and the averaged model.
+    """Train on one fold of a dataset folder (official split file when there is one); with
+    ``train_cfg.ensemble`` member specs (``BACKBONE[:SEED]``), one run per member under ``run_dir/members`` and
+    the averaged model.
     ``prepared``: the data already loaded by :func:`prepare` (the CLI checks it before touching ``run_dir``)."""
     prepared = prepared or prepare(data_cfg, train_cfg.seed)
     fold = select_fold(prepared.folds, data_cfg.fold)
@@ -46,11 +47,11 @@ def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainCon
     log(f"data: {info['dataset']} ({len(prepared.data)} images, {len(prepared.data.classes)} classes), "
         f"{prepared.split_source}, {fold.name}: train {info['n_train']} / validation {info['n_validation']} / "
         f"test {info['n_test']} (test not used for training or selection)")
-    if ensemble:
+    if train_cfg.ensemble:
         from mpoxscope.engine.ensemble import train_ensemble
 
-        return train_ensemble(prepared.data, fold, model_cfg, train_cfg, ensemble, run_dir, info, progress=progress,
-                              log=log)
+        return train_ensemble(prepared.data, fold, model_cfg, train_cfg, train_cfg.ensemble, run_dir, info,
+                              progress=progress, log=log)
     return train(prepared.data, fold, model_cfg, train_cfg, run_dir, info, resume=resume, progress=progress, log=log)
 
 

@@ -10,6 +10,7 @@ and a rerun continues from it to the same result an uninterrupted run reaches.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -168,7 +169,8 @@ def validate(model: SkinLesionNet, batches, stop: int, classes: list[str], devic
 
 def _check_same_config(run_dir: Path, meta_now: dict) -> None:
     meta = read_meta(run_dir)
-    same = all(meta.get(k) == meta_now.get(k) for k in ("model", "train")) and \
+    now = json.loads(json.dumps({k: meta_now.get(k) for k in ("model", "train")}))  # tuples read back as lists
+    same = all(meta.get(k) == now[k] for k in ("model", "train")) and \
         meta.get("data", {}).get("fold") == meta_now["data"].get("fold")
     if not same:
         raise MpoxscopeError(f"{run_dir}: holds a run with another configuration; choose a new --out "

@@ -31,8 +31,9 @@ from PIL import Image
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import msld_root
-from mpoxscope.engine.checkpoint import load_model, read_meta
+from mpoxscope.engine.checkpoint import load_inference_model, read_meta
 from mpoxscope.engine.predict import Predictor, expand_inputs
+from mpoxscope.engine.rundir import weights_sha256 as run_weights_sha256
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import atomic_path
 
@@ -134,7 +135,7 @@ class OnnxPredictor(Predictor):
         is missing or was made from other weights; an explicit file that does not match raises."""
         run_dir = Path(run_dir)
         meta = read_meta(run_dir)
-        expected = weights_sha256(run_dir / f"{which}.safetensors")
+        expected = run_weights_sha256(run_dir, which)
         path = Path(onnx_file) if onnx_file is not None else run_dir / ONNX_FILE
         if onnx_file is not None and not path.is_file():
             raise MpoxscopeError(f"{path}: ONNX file not found; create it with 'mpoxscope export {run_dir}'")
@@ -313,8 +314,8 @@ def export_onnx(run_dir: str | os.PathLike, out_file: str | os.PathLike | None =
     out = Path(out_file) if out_file is not None else run_dir / ONNX_FILE
     if out.is_dir():
         raise MpoxscopeError(f"{out}: is a folder; give a file name such as {out / ONNX_FILE}")
-    model, meta = load_model(run_dir, which=which)
-    sha = weights_sha256(run_dir / f"{which}.safetensors")
+    model, meta = load_inference_model(run_dir, which=which)  # with its test-time views or ensemble members
+    sha = run_weights_sha256(run_dir, which)
     size = int(meta.get("image_size") or model.config.image_size)
     meta = {**meta, "image_size": size}
     images, source = _parity_images(parity_images, size, (meta.get("data") or {}).get("root"))

@@ -1,0 +1,203 @@
+"""The fine-tuning path: images decoded once, batch tensor augmentation, TTA views stored in the run, ensembles,
+and exact resume after a kill at any point."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mpoxscope.config import ModelConfig, TrainConfig
+from mpoxscope.data.batch_augment import BatchAugment, normalise
+from mpoxscope.data.images import load_image
+from mpoxscope.data.protocol import resolve_folds
+from mpoxscope.data.samples import load_samples
+from mpoxscope.data.transforms import AugmentConfig
+from mpoxscope.engine import rundir
+from mpoxscope.engine import train as train_mod
+from mpoxscope.engine.checkpoint import read_meta
+from mpoxscope.engine.ensemble import member_configs, train_ensemble
+from mpoxscope.engine.imagecache import build_image_cache
+from mpoxscope.engine.predict import Predictor, calibrated_softmax
+from mpoxscope.engine.train import train
+from mpoxscope.errors import MpoxscopeError
+from mpoxscope.models.ensemble import EnsembleNet
+from mpoxscope.models.tta import VIEWS, TTAModel, resolve_views
+
+SMALL = ModelConfig(image_size=64, d_model=32, num_heads=4)
+E2E = TrainConfig(epochs=3, batch_size=16, trainable_stages=-1, cache_views=0, warmup_epochs=1, lr=3e-3,
+                  backbone_lr=1e-3, patience=10, precision="fp32", tta="auto")
+
+
+@pytest.fixture(scope="module")
+def data_and_fold(synthetic_root):
+    data = load_samples(synthetic_root)
+    folds, _ = resolve_folds(data, None, n_folds=3)
+    return data, folds[0]
+
+
+def test_batch_augment_identity_when_every_strength_is_zero():
+    aug = BatchAugment(16, AugmentConfig(scale_min=1.0, rotation=0, vflip=False, brightness=0, contrast=0,
+                                         saturation=0, hue=0, skin_tone_p=0), (0.0,) * 3, (1.0,) * 3, log_ratio=0)
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    out = aug(x, torch.Generator().manual_seed(1))
+    ref = x.float() / 255
+    for i in range(6):  # horizontal flips stay random: each output is the image or its mirror, exactly
+        assert min(float((out[i] - ref[i]).abs().max()), float((out[i] - ref[i].flip(2)).abs().max())) < 1e-5
+
+
+def test_batch_augment_is_seeded_and_varies():
+    aug = BatchAugment(32, AugmentConfig(), (0.5,) * 3, (0.5,) * 3)
+    x = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    c = aug(x, torch.Generator().manual_seed(4))
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b) and not torch.allclose(a, c)
+    assert torch.isfinite(a).all() and a.min() >= -1.0001 and a.max() <= 1.0001
+
+
+def test_image_cache_matches_the_predictor_preprocessing(tiny_run, data_and_fold):
+    data, fold = data_and_fold
+    predictor = Predictor.from_run(tiny_run, device="cpu")
+    idx = list(fold.validation[:4])
+    cache = build_image_cache(data, idx, predictor.image_size, workers=2, progress_bar=False)
+    mean, std = predictor.meta["normalization"]["mean"], predictor.meta["normalization"]["std"]
+    got = normalise(cache.clean.index_select(0, cache.index(idx)), mean, std)
+    ref = predictor.preprocess([load_image(data.samples[i].path) for i in idx])
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert cache.train.shape[-1] == int(np.ceil(predictor.image_size * 1.15))
+
+
+def test_tta_model_averages_the_views_logits():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    views = resolve_views("d4")
+    assert len(set(views)) == 8
+    expected = torch.stack([net(VIEWS[v](x)) for v in views]).mean(0)
+    assert torch.allclose(TTAModel(net, views)(x), expected, atol=1e-5)
+    assert torch.equal(TTAModel(net, ("id",))(x), net(x))
+    with pytest.raises(MpoxscopeError, match="unknown test-time"):
+        resolve_views("spin")
+
+
+def test_ensemble_net_is_the_mean_of_calibrated_probabilities():
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    out = EnsembleNet([a, b], [0.5, 2.0])(x)
+    expected = (torch.softmax(a(x) / 0.5, 1) + torch.softmax(b(x) / 2.0, 1)) / 2
+    assert torch.allclose(torch.softmax(out, 1), expected, atol=1e-6)
+
+
+def test_end_to_end_run_stores_tta_and_predictor_reproduces_validation(tmp_path, data_and_fold):
+    data, fold = data_and_fold
+    result = train(data, fold, SMALL, E2E, tmp_path / "run", {"dataset": "synthetic"}, progress=False)
+    meta = read_meta(tmp_path / "run")
+    assert meta["tta"]["chosen_on"] == "validation" and set(meta["tta"]["candidates"]) == {"none", "flips", "d4"}
+    assert meta["trainable_stages_resolved"]["cached"] is False
+    predictor = Predictor.from_run(tmp_path / "run", device="cpu")
+    probs = predictor.predict_images([load_image(data.samples[i].path) for i in fold.validation])
+    targets = np.array([data.targets[i] for i in fold.validation])
+    assert abs(float(np.mean(probs.argmax(1) == targets)) - result.validation["accuracy"]) < 1e-9
+    records = [json.loads(line) for line in (tmp_path / "run" / rundir.METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stages", [3])
+def test_partial_finetune_on_images_keeps_the_trunk_frozen(tmp_path, data_and_fold, stages):
+    """Frozen stages on the image path (no cache) run without gradients: their weights do not move."""
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, epochs=1, trainable_stages=stages, tta="none")
+    train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    last = load_file(str(tmp_path / "run" / rundir.LAST))
+    from mpoxscope.models import create_model
+
+    fresh = create_model(SMALL, len(data.classes)).state_dict()
+    assert torch.equal(last["backbone.conv_stem.weight"], fresh["backbone.conv_stem.weight"])
+    assert not torch.equal(last["backbone.conv_head.weight"], fresh["backbone.conv_head.weight"])
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["after_best", "after_resume_file", "before_finish"])
+def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, data_and_fold, monkeypatch, where):
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, tta="none")
+    train(data, fold, SMALL, cfg, tmp_path / "ref", progress=False)
+
+    calls = {"n": 0}
+    real_save, real_commit = train_mod.save_weights, rundir.commit_epoch
+
+    def save_then_kill(model, path):  # killed right after writing best.safetensors, before the epoch's commit
+        real_save(model, path)
+        calls["n"] += 1
+        raise _Kill
+
+    def commit_then_kill(run_dir, model, optimizer, scheduler, state):  # resume.pt of epoch 2 written, rest not
+        if state.epoch == 2:
+            from mpoxscope.fileio import atomic_path
+
+            with atomic_path(run_dir / rundir.RESUME) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "rng": {"cpu": torch.get_rng_state()},
+                            "epoch": state.epoch, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
+                            "best_score": list(state.best_score), "history": json.dumps(state.history)}, tmp)
+            raise _Kill
+        real_commit(run_dir, model, optimizer, scheduler, state)
+
+    def kill_before_finish(*a, **k):
+        raise _Kill
+
+    target = {"after_best": (train_mod, "save_weights", save_then_kill),
+              "after_resume_file": (rundir, "commit_epoch", commit_then_kill),
+              "before_finish": (train_mod, "finish_run", kill_before_finish)}[where]
+    monkeypatch.setattr(*target)
+    with pytest.raises(_Kill):
+        train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    for name in (rundir.BEST, rundir.LAST):
+        ref, got = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "run" / name))
+        assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref), name
+    ref_m = [json.loads(x) for x in (tmp_path / "ref" / rundir.METRICS).read_text().splitlines()]
+    got_m = [json.loads(x) for x in (tmp_path / "run" / rundir.METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in got_m] == [1, 2, 3]
+    assert [round(r["val_loss"], 5) for r in got_m] == [round(r["val_loss"], 5) for r in ref_m]
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_resume_file_that_is_not_ours_is_refused_in_one_line(tmp_path, data_and_fold):
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, epochs=1, tta="none")
+    train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    (tmp_path / "run" / rundir.STATE).write_text('{"status": "running"}')
+    torch.save({"epoch": "x"}, tmp_path / "run" / rundir.RESUME)
+    with pytest.raises(MpoxscopeError, match="not a resumable"):
+        train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+
+
+def test_ensemble_run_predicts_the_mean_of_its_members(tmp_path, data_and_fold):
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, epochs=1, tta="none")
+    specs = ("tf_efficientnet_lite0:0", "tf_efficientnet_lite0:1")
+    assert [n for n, _, _ in member_configs(specs, SMALL, cfg)] == ["tf_efficientnet_lite0-seed0",
+                                                                    "tf_efficientnet_lite0-seed1"]
+    train_ensemble(data, fold, SMALL, cfg, specs, tmp_path / "ens", {"dataset": "synthetic"}, progress=False)
+    meta = read_meta(tmp_path / "ens")
+    assert meta["kind"] == "ensemble" and len(meta["members"]) == 2 and "members" in meta["validation"]
+    images = [load_image(data.samples[i].path) for i in fold.test[:5]]
+    ens = Predictor.from_run(tmp_path / "ens", device="cpu")
+    members = [Predictor.from_run(tmp_path / "ens" / m["dir"], device="cpu") for m in meta["members"]]
+    mean = np.mean([m.predict_images(images) for m in members], axis=0)
+    expected = calibrated_softmax(torch.as_tensor(np.log(mean)), meta["calibration"])
+    assert np.allclose(ens.predict_images(images), expected, atol=1e-5)
+    with pytest.raises(MpoxscopeError, match="member"):
+        _ = ens.explain_model
+    with pytest.raises(MpoxscopeError, match="given twice"):
+        member_configs(("a:1", "a:1"), SMALL, cfg)
