@@ -201,3 +201,31 @@ def test_ensemble_run_predicts_the_mean_of_its_members(tmp_path, data_and_fold):
         _ = ens.explain_model
     with pytest.raises(MpoxscopeError, match="given twice"):
         member_configs(("a:1", "a:1"), SMALL, cfg)
+
+
+def test_feature_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, data_and_fold, monkeypatch):
+    from mpoxscope.engine import features
+    from mpoxscope.models import create_model
+
+    data, fold = data_and_fold
+    model = create_model(SMALL, len(data.classes))
+    stop = model.trunk_stop(1)
+    idx = list(fold.train[:6])
+    path = tmp_path / rundir.FEATURE_CACHE
+    aug = AugmentConfig()
+    first = features.cached_feature_bank(path, model, stop, data, idx, 2, 0, aug, torch.device("cpu"),
+                                         progress=False)
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("rebuilt although the cache matched")
+
+    monkeypatch.setattr(features, "build_feature_bank", no_rebuild)
+    again = features.cached_feature_bank(path, model, stop, data, idx, 2, 0, aug, torch.device("cpu"),
+                                         progress=False)
+    assert torch.equal(first.views, again.views) and first.rows == again.rows
+    assert features.load_bank(path, features.bank_key(model, stop, 3, 0, aug), data, idx) is None  # other key
+    import os
+
+    victim = data.samples[idx[0]].path
+    os.utime(victim, ns=(0, 0))  # the file changed (as far as the cache can tell): never reused
+    assert features.load_bank(path, features.bank_key(model, stop, 2, 0, aug), data, idx) is None

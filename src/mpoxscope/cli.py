@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpoxscope {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mpoxscope {args.command}: interrupted (finished files are kept; rerun to resume)", file=sys.stderr)
+        print(f"mpoxscope {args.command}: interrupted; rerun the same command to resume from the last finished "
+              f"epoch (finished folds, epochs and feature caches are kept)", file=sys.stderr)
         return 130
 
 

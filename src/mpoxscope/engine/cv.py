@@ -23,9 +23,10 @@ from mpoxscope.engine.cv_uncertainty import cv_uncertainty, uncertainty_report_l
 from mpoxscope.engine.device import resolve_device
 from mpoxscope.engine.ensemble import train_ensemble
 from mpoxscope.engine.evaluate import confusion_png, evaluate
-from mpoxscope.engine.features import FeatureBank, build_feature_bank
+from mpoxscope.engine.features import FeatureBank, cached_feature_bank
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import Predictor
+from mpoxscope.engine.rundir import FEATURE_CACHE
 from mpoxscope.engine.runner import PreparedData, prepare
 from mpoxscope.engine.train import seed_everything, train
 from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
@@ -82,8 +83,9 @@ def _mean_std(vals: list[float]) -> dict:
 
 
 def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
-                progress: bool = True) -> FeatureBank | None:
-    """One feature bank over every image any fold trains or validates on, when the trunk is frozen."""
+                progress: bool = True, cache_file: Path | None = None) -> FeatureBank | None:
+    """One feature bank over every image any fold trains or validates on, when the trunk is frozen (kept in
+    ``cache_file`` so an interrupted cross-validation does not compute it again)."""
     if train_cfg.cache_views <= 0:
         return None
     seed_everything(train_cfg.seed)
@@ -93,8 +95,8 @@ def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfi
     if stop == 0:
         return None
     needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
-    return build_feature_bank(model, stop, prepared.data, needed, train_cfg.cache_views, train_cfg.seed,
-                              train_cfg.augment, device, progress=progress, desc="caching features (all folds)")
+    return cached_feature_bank(cache_file, model, stop, prepared.data, needed, train_cfg.cache_views, train_cfg.seed,
+                               train_cfg.augment, device, progress=progress, desc="caching features (all folds)")
 
 
 def shared_images(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -116,7 +118,8 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     log(f"cross-validation: {len(data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
     todo = [f for f in folds if not (out / f.name / "evaluation" / "metrics.json").is_file()]
-    bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress) if len(todo) > 1 else None
+    bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress,
+                       out / FEATURE_CACHE) if len(todo) > 1 and not train_cfg.ensemble else None
     images = shared_images(prepared, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
     per_fold, leak_free, timings = [], [], {}
     for fold in folds:

@@ -103,3 +103,68 @@ def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices
 
 def _run(model: SkinLesionNet, stop: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return model.forward_features(x.to(device), 0, stop).to("cpu", torch.float16)
+
+
+def _bank_digest(key: BankKey, data: SampleSet, indices) -> str:
+    """What a bank depends on: its key and the exact files (path, size, modification time) it was computed from."""
+    import hashlib
+    import json
+    import os
+
+    files = []
+    for i in indices:
+        st = os.stat(data.samples[i].path)
+        files.append([str(data.samples[i].path), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"key": dataclasses.asdict(key), "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_bank(path, bank: FeatureBank, data: SampleSet) -> None:
+    """Persist ``bank`` (safetensors, atomically) so an interrupted run does not compute it again."""
+    from safetensors.torch import save_file
+
+    from mpoxscope.fileio import atomic_path
+
+    indices = sorted(bank.rows, key=bank.rows.get)
+    tensors = {"views": bank.views.contiguous(), "clean": bank.clean.contiguous(),
+               "indices": torch.tensor(indices, dtype=torch.long)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"digest": _bank_digest(bank.key, data, indices)})
+
+
+def load_bank(path, key: BankKey, data: SampleSet, indices) -> FeatureBank | None:
+    """The bank saved at ``path`` when it was computed with ``key`` from the same files and covers
+    ``indices``; None otherwise (it is then rebuilt: a cache never decides a result)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            digest = (f.metadata() or {}).get("digest")
+            stored = f.get_tensor("indices").tolist()
+            if digest != _bank_digest(key, data, stored) or not set(indices) <= set(stored):
+                return None
+            return FeatureBank(key, {i: r for r, i in enumerate(stored)}, f.get_tensor("views"),
+                               f.get_tensor("clean"))
+    except Exception:  # missing, truncated or foreign file: recompute
+        return None
+
+
+def bank_key(model: SkinLesionNet, stop: int, n_views: int, seed: int, augment: AugmentConfig) -> BankKey:
+    return BankKey(model.config.backbone, getattr(model, "pretrained_source", "?"), model.config.image_size, stop,
+                   n_views, seed, dataclasses.replace(augment))
+
+
+def cached_feature_bank(cache_file, model: SkinLesionNet, stop: int, data: SampleSet, indices, n_views: int,
+                        seed: int, augment: AugmentConfig, device: torch.device, progress: bool = True,
+                        desc: str = "caching features") -> FeatureBank:
+    """:func:`build_feature_bank`, reusing (and writing) ``cache_file`` when given."""
+    key = bank_key(model, stop, n_views, seed, augment)
+    if cache_file is not None:
+        bank = load_bank(cache_file, key, data, indices)
+        if bank is not None:
+            return bank
+    bank = build_feature_bank(model, stop, data, indices, n_views, seed, augment, device, progress=progress,
+                              desc=desc)
+    if cache_file is not None:
+        save_bank(cache_file, bank, data)
+    return bank

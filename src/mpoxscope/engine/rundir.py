@@ -9,7 +9,8 @@ Files (names defined here only):
   either the previous epoch's state or this one's, never a mix; tensors and plain values only (loaded with
   ``weights_only=True``);
 * ``metrics.jsonl`` (METRICS): one line per epoch, rewritten from the committed history (never appended twice);
-* ``train_state.json`` (STATE): running/finished, for humans and for skipping finished runs.
+* ``train_state.json`` (STATE): running/finished, for humans and for skipping finished runs;
+* ``feature_cache.safetensors`` (FEATURE_CACHE): frozen-trunk outputs, reused only when their digest matches.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ METRICS = "metrics.jsonl"
 STATE = "train_state.json"
 #: Ensemble runs keep their members' run directories here.
 MEMBERS = "members"
+#: Outputs of a frozen trunk, keyed by everything they depend on (reused by a resumed run or a rerun).
+FEATURE_CACHE = "feature_cache.safetensors"
 
 
 def start(run_dir: Path, meta: dict) -> None:

@@ -30,7 +30,7 @@ from mpoxscope.engine import rundir
 from mpoxscope.engine.batches import FeatureBatches, ImageBatches, forward_from
 from mpoxscope.engine.checkpoint import build_meta, read_meta, save_weights, write_meta
 from mpoxscope.engine.device import autocast, resolve_device, resolve_precision
-from mpoxscope.engine.features import FeatureBank, build_feature_bank
+from mpoxscope.engine.features import FeatureBank, cached_feature_bank
 from mpoxscope.engine.finish import finish_run
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.metrics import classification_metrics
@@ -112,14 +112,15 @@ def param_groups(model: SkinLesionNet, stop: int, cfg: TrainConfig) -> list[dict
 
 def _make_batches(model: SkinLesionNet, stop: int, cfg: TrainConfig, data: SampleSet, fold: Fold,
                   bank: FeatureBank | None, images: ImageCache | None, device: torch.device,
-                  progress: bool) -> tuple[FeatureBatches | ImageBatches, FeatureBank | None]:
+                  progress: bool, cache_file: Path | None = None) -> tuple[FeatureBatches | ImageBatches,
+                                                                           FeatureBank | None]:
     """The cache decision, shared by ``train`` and ``cv``: trunk outputs when part of the backbone is frozen and
     ``cache_views`` > 0, else images decoded once (augmented as tensors every epoch)."""
     needed = sorted(set(fold.train) | set(fold.validation))
     if stop > 0 and cfg.cache_views > 0:
         if bank is None or not bank.covers(needed) or bank.key.stop != stop:
-            bank = build_feature_bank(model, stop, data, needed, cfg.cache_views, cfg.seed, cfg.augment, device,
-                                      progress=progress)
+            bank = cached_feature_bank(cache_file, model, stop, data, needed, cfg.cache_views, cfg.seed,
+                                       cfg.augment, device, progress=progress)
         return FeatureBatches(bank, stop, data, fold, cfg), bank
     if images is None or not images.covers(needed) or images.clean.shape[-1] != model.config.image_size:
         images = build_image_cache(data, needed, model.config.image_size, workers=cfg.num_workers,
@@ -213,7 +214,9 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
 
     model = create_model(model_cfg, len(data.classes)).to(device)
     stop = model.trunk_stop(train_cfg.trainable_stages)
-    batches, bank = _make_batches(model, stop, train_cfg, data, fold, bank, images, device, progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    batches, bank = _make_batches(model, stop, train_cfg, data, fold, bank, images, device, progress,
+                                  run_dir / rundir.FEATURE_CACHE)
     weights = class_weights(batches.targets.numpy(), len(data.classes)) if train_cfg.class_balanced else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=train_cfg.label_smoothing)
