@@ -129,7 +129,7 @@ def test_accuracy_arithmetic():
     assert round(100 * a["fold_means"][1], 2) == 99.87 and round(100 * a["fold_means"][2], 2) == 99.74
 
 
-def test_protocols_cli_quick_on_synthetic_images(tmp_path, synthetic_root, capsys):
+def test_protocols_cli_quick_on_synthetic_images(tmp_path, synthetic_root, capsys, one_thread):
     from mpoxscope.cli import main
 
     out = tmp_path / "protocols"

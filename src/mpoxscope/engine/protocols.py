@@ -153,7 +153,7 @@ def quick_runner(backbone: str = "tf_efficientnet_lite0", image_size: int = 224,
         from sklearn.metrics import f1_score
         from sklearn.preprocessing import StandardScaler
 
-        feats = _features(data, work / f"features_{label}.npz", backbone, image_size, batch_size, log)
+        feats = _features(data, work, backbone, image_size, batch_size, log)
         y = np.asarray(data.targets)
         results = []
         for fold in folds:
@@ -175,9 +175,10 @@ def quick_runner(backbone: str = "tf_efficientnet_lite0", image_size: int = 224,
     return run
 
 
-def _features(data: SampleSet, cache: Path, backbone: str, image_size: int, batch_size: int,
+def _features(data: SampleSet, work: Path, backbone: str, image_size: int, batch_size: int,
               log: Callable[[str], None]) -> np.ndarray:
-    """(N, C) global-average-pooled features of the frozen backbone, cached per image set."""
+    """(N, C) global-average-pooled features of the frozen backbone, cached per image set in ``work`` (the
+    official and image-level protocols share the original images' features)."""
     import torch
 
     from mpoxscope.config import ModelConfig
@@ -187,6 +188,7 @@ def _features(data: SampleSet, cache: Path, backbone: str, image_size: int, batc
 
     names = [s.filename for s in data.samples]
     key = f"{backbone}:{image_size}:" + hashlib.sha256("\n".join(names).encode()).hexdigest()
+    cache = work / f"features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
