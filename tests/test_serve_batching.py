@@ -18,7 +18,7 @@ from test_serve import FakePredictor, encode, photo, post_from_threads, upload
 
 from mpoxscope.serve import ServeConfig, create_app, create_app_from_predictor
 from mpoxscope.serve.app import default_allowed_hosts, host_allowed, host_of
-from mpoxscope.serve.batching import Admission, MicroBatcher, QueueFull, retry_after_seconds
+from mpoxscope.serve.batching import Admission, MicroBatcher, PixelBudget, QueueFull, retry_after_seconds
 
 BOUNDARY = "b0undary"
 
@@ -107,6 +107,28 @@ def test_admission_counts_requests_and_bytes():
     a.leave(30)
     a.enter(500, lambda n: 1)  # alone, a request over the byte budget still fits (the upload cap bounds it)
     assert a.refused == 2 and retry_after_seconds(10, 0.5) == 5 and retry_after_seconds(0, 0) == 1
+
+
+def test_pixel_budget_serialises_huge_decodes():
+    budget = PixelBudget(100)
+    events: list[str] = []
+    first = budget.acquire(60)
+    small = budget.acquire(30)  # fits beside the first
+
+    def second() -> None:
+        n = budget.acquire(60)  # must wait for the first to finish
+        events.append("second")
+        budget.release(n)
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.1)
+    events.append("first done")
+    budget.release(first)
+    t.join(5)
+    budget.release(small)
+    assert events == ["first done", "second"] and budget.used == 0
+    assert budget.acquire(10**9) == 100  # larger than the budget: takes all of it, not forever
 
 
 # ----- batching through the app ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from mpoxscope import __version__
-from mpoxscope.serve.batching import Admission, MicroBatcher, QueueFull, retry_after_seconds
+from mpoxscope.serve.batching import Admission, MicroBatcher, PixelBudget, QueueFull, retry_after_seconds
 from mpoxscope.serve.service import (
     DISCLAIMER,
     INTENDED_USE,
@@ -42,7 +42,7 @@ from mpoxscope.serve.service import (
     load_service,
     torch_copy_loader,
 )
-from mpoxscope.serve.upload import MULTIPART_OVERHEAD, UploadError, read_upload
+from mpoxscope.serve.upload import MULTIPART_OVERHEAD, DecodedImage, UploadError, read_upload, sniff_image
 
 log = logging.getLogger("mpoxscope.serve")
 
@@ -249,9 +249,21 @@ class _Pipeline:
         self.batcher: MicroBatcher = MicroBatcher(service.predict_batch, max_batch=config.max_batch,
                                                   max_wait_s=config.batch_wait_ms / 1000.0,
                                                   workers=config.max_concurrency, name="mpoxscope-batch")
-        # Decoding a large photo takes tens of MB: a few at a time, whatever the queue holds.
+        # Decoding a large photo takes tens of MB: a few at a time, whatever the queue holds, and never more
+        # than one pixel limit's worth of photos at once (a 64 MP PNG decodes alone).
         self.decode_threads = max(2, min(4, os.cpu_count() or 2))
         self._decode_limiter: anyio.CapacityLimiter | None = None
+        self.pixels = PixelBudget(config.max_pixels)
+        self.service = service
+
+    def decode(self, data: bytes, name: str) -> tuple[DecodedImage, float]:
+        """``service.decode`` within the pixel budget (runs in a worker thread)."""
+        _, (w, h) = sniff_image(data, name, self.service.config.max_pixels)  # header only: cheap
+        held = self.pixels.acquire(w * h)
+        try:
+            return self.service.decode(data, name)
+        finally:
+            self.pixels.release(held)
 
     def decode_limiter(self) -> anyio.CapacityLimiter:
         if self._decode_limiter is None:
@@ -379,7 +391,7 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
 
     async def classify(data: bytes, name: str, method: str | None) -> dict[str, Any]:
         t_start = time.perf_counter()
-        decoded, decode_ms = await anyio.to_thread.run_sync(service.decode, data, name,
+        decoded, decode_ms = await anyio.to_thread.run_sync(pipeline.decode, data, name,
                                                             limiter=pipeline.decode_limiter())
         del data  # the decoded photo is all that is needed from here on
         submitted = time.perf_counter()

@@ -220,3 +220,25 @@ class Admission:
 def retry_after_seconds(waiting: int, seconds_per_item: float) -> int:
     """Whole seconds until the queue ahead has likely drained (at least 1, at most 60)."""
     return int(min(60, max(1, math.ceil(waiting * seconds_per_item))))
+
+
+class PixelBudget:
+    """At most ``total`` decoded pixels in flight across threads: a photo near the pixel limit decodes alone,
+    small ones decode side by side. ``hold(n)`` blocks the calling (worker) thread until ``n`` pixels fit."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, int(total))
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pixels: int) -> int:
+        n = min(max(1, int(pixels)), self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.total)
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
