@@ -72,12 +72,11 @@ class DataConfig:
     groups_csv: str | None = None
 
 
-#: The recommended recipe, chosen on validation and sized for a 2-core CPU (about 15 minutes a fold of MSLD v2.0):
-#: two EfficientNets fine-tuned end to end on images decoded once, bf16 where the CPU has it, test-time views
-#: chosen on validation, calibrated probabilities averaged (see benchmarks/results/).
-DEFAULT_TRAIN = TrainConfig(epochs=10, batch_size=32, lr=1e-3, backbone_lr=3e-4, warmup_epochs=1, patience=100,
-                            trainable_stages=-1, cache_views=0, tta="auto",
-                            ensemble=("tf_efficientnet_lite0:0", "tf_efficientnet_lite1:1"))
+#: The recommended recipe, chosen on validation and sized for a 2-core CPU (about 13 minutes a fold of MSLD v2.0):
+#: EfficientNet-Lite0 + AGFN fine-tuned end to end on images decoded once, bf16 where the CPU has it, test-time
+#: views chosen on validation (see benchmarks/results/msld_v2_official.md for what was tried).
+DEFAULT_TRAIN = TrainConfig(epochs=20, batch_size=32, lr=1e-3, backbone_lr=3e-4, warmup_epochs=2, patience=100,
+                            trainable_stages=-1, cache_views=0, tta="auto")
 
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "default": (ModelConfig(), DEFAULT_TRAIN),

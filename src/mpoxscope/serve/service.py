@@ -112,6 +112,16 @@ def weights_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:12]
 
 
+def run_version(run_dir: Path) -> str:
+    """First 12 hex digits of the run's weights digest (every member's for an ensemble), or "unknown"."""
+    from mpoxscope.engine.rundir import weights_sha256
+
+    try:
+        return weights_sha256(run_dir)[:12]
+    except (MpoxscopeError, OSError):
+        return "unknown"
+
+
 def abstain_threshold(meta: dict, default: float = DEFAULT_ABSTAIN_THRESHOLD) -> tuple[float, str]:
     """(threshold, source): the calibrated ``meta["calibration"]["abstain_threshold"]`` or the default."""
     value = (meta.get("calibration") or {}).get("abstain_threshold")
@@ -367,7 +377,12 @@ def public_view(value: Any) -> Any:
 
 
 def torch_copy_loader(predictor: Any) -> Callable[[], Any] | None:
-    model = getattr(predictor, "model", None)
+    """A loader of the single-view network heat-maps hook into (``Predictor.explain_model``): the trained
+    network without its test-time views; None for an ensemble (explained member by member)."""
+    try:
+        model = getattr(predictor, "explain_model", None) or getattr(predictor, "model", None)
+    except MpoxscopeError:  # an ensemble
+        return None
     if model is None:
         return None
 
@@ -427,5 +442,5 @@ def load_service(run_dir: str | os.PathLike, runtime: str = "torch", device: str
     cfg = meta.get("model", {})
     identity = ModelIdentity(
         name=str(meta.get("name") or f"{cfg.get('head', 'model')}-{cfg.get('backbone', 'unknown')}"),
-        version=weights_digest(run_dir / "best.safetensors"), runtime=runtime, run=run_dir.resolve().name)
+        version=run_version(run_dir), runtime=runtime, run=run_dir.resolve().name)
     return InferenceService(predictor, config, identity=identity, explain_model_loader=loader)
