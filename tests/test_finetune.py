@@ -182,18 +182,28 @@ def test_resume_file_that_is_not_ours_is_refused_in_one_line(tmp_path, data_and_
         train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
 
 
-def test_ensemble_run_predicts_the_mean_of_its_members(tmp_path, data_and_fold):
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory, data_and_fold):
+    """Two one-epoch Lite0 members; the first with flips as its test-time views (a TTA ensemble)."""
     data, fold = data_and_fold
-    cfg = dataclasses.replace(E2E, epochs=1, tta="none")
-    specs = ("tf_efficientnet_lite0:0", "tf_efficientnet_lite0:1")
-    assert [n for n, _, _ in member_configs(specs, SMALL, cfg)] == ["tf_efficientnet_lite0-seed0",
-                                                                    "tf_efficientnet_lite0-seed1"]
-    train_ensemble(data, fold, SMALL, cfg, specs, tmp_path / "ens", {"dataset": "synthetic"}, progress=False)
-    meta = read_meta(tmp_path / "ens")
+    out = tmp_path_factory.mktemp("ens") / "run"
+    cfg = dataclasses.replace(E2E, epochs=1, tta="flips")
+    train_ensemble(data, fold, SMALL, cfg, ("tf_efficientnet_lite0:0", "tf_efficientnet_lite0:1"), out,
+                   {"dataset": "synthetic"}, progress=False)
+    return out
+
+
+def test_ensemble_run_predicts_the_mean_of_its_members(ensemble_run, data_and_fold):
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, epochs=1)
+    assert [n for n, _, _ in member_configs(("tf_efficientnet_lite0:0", "x:1"), SMALL, cfg)] == [
+        "tf_efficientnet_lite0-seed0", "x-seed1"]
+    meta = read_meta(ensemble_run)
     assert meta["kind"] == "ensemble" and len(meta["members"]) == 2 and "members" in meta["validation"]
+    assert read_meta(ensemble_run / meta["members"][0]["dir"])["tta"]["views"] == ["id", "hflip", "vflip"]
     images = [load_image(data.samples[i].path) for i in fold.test[:5]]
-    ens = Predictor.from_run(tmp_path / "ens", device="cpu")
-    members = [Predictor.from_run(tmp_path / "ens" / m["dir"], device="cpu") for m in meta["members"]]
+    ens = Predictor.from_run(ensemble_run, device="cpu")
+    members = [Predictor.from_run(ensemble_run / m["dir"], device="cpu") for m in meta["members"]]
     mean = np.mean([m.predict_images(images) for m in members], axis=0)
     expected = calibrated_softmax(torch.as_tensor(np.log(mean)), meta["calibration"])
     assert np.allclose(ens.predict_images(images), expected, atol=1e-5)
@@ -201,6 +211,33 @@ def test_ensemble_run_predicts_the_mean_of_its_members(tmp_path, data_and_fold):
         _ = ens.explain_model
     with pytest.raises(MpoxscopeError, match="given twice"):
         member_configs(("a:1", "a:1"), SMALL, cfg)
+
+
+def test_tta_ensemble_gives_the_same_probabilities_in_predict_serve_and_onnx(ensemble_run, data_and_fold, tmp_path):
+    """The acceptance check of the accuracy issue: max |dp| < 1e-4 across the three runtimes."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from mpoxscope.export.onnx import OnnxPredictor, export_onnx
+    from mpoxscope.serve import create_app
+
+    data, fold = data_and_fold
+    paths = [data.samples[i].path for i in fold.test[:4]]
+    torch_probs = np.array([list(r.probabilities.values())
+                            for r in Predictor.from_run(ensemble_run, device="cpu").predict_paths(paths)])
+    export_onnx(ensemble_run, tmp_path / "ens.onnx", parity_images=[str(p) for p in paths])
+    onnx_probs = np.array([list(r.probabilities.values())
+                           for r in OnnxPredictor.from_run(ensemble_run, onnx_file=tmp_path / "ens.onnx")
+                           .predict_paths(paths)])
+    with TestClient(create_app(ensemble_run, device="cpu")) as client:
+        served = []
+        for p in paths:
+            r = client.post("/api/predict", files={"file": (p.name, io.BytesIO(p.read_bytes()), "image/png")})
+            assert r.status_code == 200, r.text
+            served.append(list(r.json()["probabilities"].values()))
+    assert np.abs(torch_probs - onnx_probs).max() < 1e-4
+    assert np.abs(torch_probs - np.array(served)).max() < 1e-4
 
 
 def test_feature_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, data_and_fold, monkeypatch):

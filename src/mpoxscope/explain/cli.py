@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = parse_methods(args.method)
     paths = expand_inputs(args.inputs)
     predictor = Predictor.from_run(args.run, args.device, which=args.which)
-    methods = panel_methods(chosen, predictor.model, with_attention=not args.no_attention)
+    methods = panel_methods(chosen, predictor.explain_model, with_attention=not args.no_attention)
     if args.target_class is not None:
         resolve_class(args.target_class, predictor.classes)  # fail before any work
     left_out = [m for m in SLOW_METHODS if m not in chosen]
@@ -230,7 +230,7 @@ def _faithfulness(args, predictor, done: list[_Done], methods: list[str], percen
                              target_layer=args.target_layer, temperature=predictor.temperature)
     print(f"faithfulness: {len(chosen)} images, methods {', '.join(methods)} (+ random baseline), "
           f"{torch.get_num_threads()} thread(s)")
-    report = evaluate_faithfulness(predictor.model, batch, cfg, [d.target for d in chosen],
+    report = evaluate_faithfulness(predictor.explain_model, batch, cfg, [d.target for d in chosen],
                                    progress=lambda m: print(f"  scoring {m} ...", flush=True),
                                    precomputed=precomputed)
     md, js = report.write(out)

@@ -69,12 +69,12 @@ def explain_images(predictor, images: Sequence[Image.Image], methods: Sequence[s
     """
     names = [get_method(m).name for m in methods]
     target_idx = None if target_class is None else resolve_class(target_class, predictor.classes)
-    model = predictor.model
+    model = predictor.explain_model  # the single-view network (the run's test-time views average its outputs)
     results: list[Explanation] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
         batch = predictor.preprocess(chunk)
-        probs = torch.softmax(predictor.logits(batch) / predictor.temperature, dim=1).numpy()
+        probs = predictor.probabilities(predictor.logits(batch))  # as predict reports them
         predicted = probs.argmax(axis=1)
         targets = [int(k) for k in predicted] if target_idx is None else [target_idx] * len(chunk)
         maps: dict[str, np.ndarray] = {}

@@ -1,0 +1,167 @@
+"""Benchmark: the default configuration on MSLD v2.0's official 5 folds, as a user would run it, timed.
+
+Runs ``mpoxscope cv DATA --split-file DATA/datalog.xlsx --out OUT --exclude-leaks`` (the default preset) in a
+subprocess, then writes ``benchmarks/results/msld_v2_default.md`` and ``.json``: per-fold and mean ± std test
+scores, pooled scores with 95 % patient-bootstrap CIs, the leak-free variant, screening, calibration, wall time,
+machine and command; and, with ``--baseline CV_OUT`` (another cv output on the same folds, e.g. the previous
+default ``--preset frozen``), a paired comparison on the pooled test predictions: McNemar's exact test and a
+patient-bootstrap 95 % CI of the accuracy difference.
+
+    python benchmarks/default_cv.py --out runs/cv_default                       # ~70 min on the 2-core CPU
+    python benchmarks/default_cv.py --out runs/cv_default --render-only --baseline runs/cv_frozen
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+
+HERE = Path(__file__).resolve().parent
+PUBLISHED = [("Ali et al. 2024 (dataset authors), DenseNet121 + HAM10000 transfer, same official folds",
+              "83.59 ± 2.11"),
+             ("AGFN paper (2025), ResNet50 + attention fusion, split not stated", "99.81")]
+
+
+def run_cv(data: Path, out: Path, extra: list[str]) -> tuple[list[str], float]:
+    cmd = ["mpoxscope", "cv", str(data), "--split-file", str(data / "datalog.xlsx"), "--out", str(out),
+           "--exclude-leaks", *extra]
+    exe = [sys.executable, "-c", "import sys; from mpoxscope.cli import main; sys.argv[0] = 'mpoxscope'; "
+                                 "sys.exit(main())", *cmd[1:]]
+    t0 = time.perf_counter()
+    subprocess.run(exe, check=True)
+    return cmd, time.perf_counter() - t0
+
+
+def pooled_predictions(cv_out: Path) -> dict[str, tuple[str, str]]:
+    """filename -> (true, predicted) over every fold's test part."""
+    rows = {}
+    for f in sorted(cv_out.glob("fold*/evaluation/predictions.csv")):
+        with open(f, newline="") as fh:
+            for r in csv.DictReader(fh):
+                rows[r["filename"]] = (r["true"], r["predicted"])
+    return rows
+
+
+def patient(filename: str) -> str:
+    return "_".join(Path(filename).stem.split("_")[:2])
+
+
+def paired(new: dict, old: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """McNemar's exact test and a patient-bootstrap CI of accuracy(new) - accuracy(old) on common images."""
+    names = sorted(set(new) & set(old))
+    a = np.array([new[n][0] == new[n][1] for n in names])
+    b = np.array([old[n][0] == old[n][1] for n in names])
+    only_new, only_old = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_new, only_new + only_old, 0.5).pvalue if only_new + only_old else 1.0
+    groups = np.array([patient(n) for n in names])
+    uniq = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in uniq]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+        diffs.append(a[idx].mean() - b[idx].mean())
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"n": len(names), "accuracy_new": float(a.mean()), "accuracy_old": float(b.mean()),
+            "difference": float(a.mean() - b.mean()), "ci95": [float(lo), float(hi)], "only_new_right": only_new,
+            "only_old_right": only_old, "mcnemar_exact_p": float(p), "n_patients": len(uniq)}
+
+
+def pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def ci(d: dict) -> str:
+    return f"{100 * d['value']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+
+
+def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None) -> str:
+    s, lf = summary["summary"], summary.get("leak_free", {}).get("summary")
+    unc = summary.get("uncertainty", {}).get("pooled", {})
+    lines = ["# MSLD v2.0, official 5 folds: the default configuration", "",
+             f"**Protocol:** {summary['protocol']}  ",
+             f"**Command:** `{shlex.join(cmd)}`  ",
+             f"**Model:** {summary['model']['backbone']} + {summary['model']['head']} head, "
+             f"{summary['model']['image_size']} px; trainable stages {summary['train']['trainable_stages']} "
+             f"(-1 = end to end), {summary['train']['epochs']} epochs, test-time views {summary['train']['tta']}; "
+             f"ensemble {summary['train'].get('ensemble') or 'none'}  ",
+             f"**Wall time:** {wall / 60:.1f} min for the whole command" if wall else
+             f"**Wall time:** {summary['wall_time_s'] / 60:.1f} min (cv's own clock)",
+             f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; other work niced beside it",
+             "", "| test, % | mean ± std over folds | pooled, 95 % CI (patient bootstrap) | leak-free mean ± std |",
+             "|---|---|---|---|"]
+    for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro-F1")):
+        pooled = ci(unc["ci"][key]) if unc.get("ci", {}).get(key) else "n/a"
+        leak = f"{pct(lf[key]['mean'])} ± {pct(lf[key]['std'])}" if lf else "n/a"
+        lines.append(f"| {name} | {pct(s[key]['mean'])} ± {pct(s[key]['std'])} | {pooled} | {leak} |")
+    lines += ["", "| fold | n test | accuracy | macro-F1 | validation macro-F1 | wall (s) |",
+              "|---|---|---|---|---|---|"]
+    for r in summary["per_fold"]:
+        lines.append(f"| {r['fold']} | {r['n_images']} | {pct(r['accuracy'])} | {pct(r['f1_macro'])} | "
+                     f"{pct(r.get('validation_f1_macro'))} | {r.get('wall_time_s') or ''} |")
+    if unc:
+        lines += ["", f"Pooled test ECE (15 bins): {unc.get('ece', float('nan')):.3f}; AURC {unc.get('aurc', 0):.3f}."]
+    sc = summary.get("screening")
+    if sc and "sensitivity" in sc:
+        lines += ["", f"Screening ({sc['target_class']} first, target sensitivity {pct(sc['target_sensitivity'])} %, "
+                  f"threshold on pooled out-of-fold validation): test sensitivity {ci(sc['sensitivity'])} %, "
+                  f"specificity {ci(sc['specificity'])} %, referral rate {pct(sc['referral_rate'])} %."]
+    if comparison:
+        c = comparison
+        lines += ["", f"## Paired comparison with `{baseline}` (same {c['n']} pooled test images)", "",
+                  f"accuracy {pct(c['accuracy_new'])} % vs {pct(c['accuracy_old'])} %: difference "
+                  f"{100 * c['difference']:+.2f} points, 95 % CI [{100 * c['ci95'][0]:+.2f}, "
+                  f"{100 * c['ci95'][1]:+.2f}] "
+                  f"(bootstrap over {c['n_patients']} patients); discordant images: {c['only_new_right']} right only "
+                  f"with the new default, {c['only_old_right']} only with the baseline; McNemar exact p = "
+                  f"{c['mcnemar_exact_p']:.4f}."]
+    lines += ["", "Published on MSLD v2.0 (accuracy, %):", ""] + [f"- {n}: {v}" for n, v in PUBLISHED]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=None, help="MSLD v2.0 folder (default $MPOXSCOPE_MSLD or ../shared/...)")
+    ap.add_argument("--out", required=True, help="cv output folder (finished folds are reused)")
+    ap.add_argument("--render-only", action="store_true", help="only (re)write the result files")
+    ap.add_argument("--baseline", help="another cv output on the same folds, for the paired comparison")
+    ap.add_argument("--name", default="msld_v2_default", help="result file stem under benchmarks/results/")
+    ap.add_argument("extra", nargs="*", help="more cv options after --, e.g. -- --preset frozen")
+    args = ap.parse_args()
+    from mpoxscope.data.samples import msld_root
+
+    data = Path(args.data) if args.data else msld_root()
+    out = Path(args.out)
+    cmd = ["mpoxscope", "cv", str(data), "--split-file", str(data / "datalog.xlsx"), "--out", str(out),
+           "--exclude-leaks", *args.extra]
+    wall = None
+    if not args.render_only:
+        cmd, wall = run_cv(data, out, args.extra)
+    summary = json.loads((out / "cv_summary.json").read_text())
+    for r, m in zip(summary["per_fold"], summary["per_fold"]):
+        meta = json.loads((out / m["fold"] / "run" / "model.json").read_text())
+        r["validation_f1_macro"] = meta.get("validation", {}).get("f1_macro")
+    comparison = paired(pooled_predictions(out), pooled_predictions(Path(args.baseline))) if args.baseline else None
+    results = HERE / "results"
+    (results / f"{args.name}.md").write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison,
+                                                    args.baseline))
+    (results / f"{args.name}.json").write_text(json.dumps({"command": cmd, "wall_time_s": wall,
+                                                           "summary": summary["summary"],
+                                                           "per_fold": summary["per_fold"],
+                                                           "paired_comparison": comparison}, indent=2) + "\n")
+    print(f"wrote {results / args.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
