@@ -304,7 +304,7 @@ def start_server(run: str, runtime: str, onnx_file: str | None, port: int, extra
     cmd = [str(exe), "serve", run, "--host", HOST, "--port", str(port), "--runtime", runtime, "--device", "cpu",
            "--log-level", "warning", *extra]
     if onnx_file:
-        cmd += ["--onnx-file", onnx_file]
+        cmd += ["--onnx", onnx_file]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
     while True:

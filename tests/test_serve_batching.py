@@ -354,7 +354,7 @@ def test_cli_settings_validate(tiny_run, capsys):
     from mpoxscope.cli import main
 
     for flags, words in ((["--max-batch", "0"], "--max-batch"), (["--queue-size", "0"], "--queue-size"),
-                         (["--workers", "0"], "--workers"), (["--onnx-file", "x.onnx"], "--runtime onnx"),
+                         (["--workers", "0"], "--workers"), (["--onnx", "x.onnx"], "--onnx: x.onnx: file not found"),
                          (["--body-timeout", "0"], "--body-timeout")):
         assert main(["serve", str(tiny_run), "--port", "0", *flags]) == 2
         err = capsys.readouterr().err.strip()

@@ -29,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "when missing) or onnx-lite (the same with Pillow + numpy preprocessing instead of "
                         "torchvision: faster, probabilities within rounding); heat-maps use the torch model")
     p.add_argument("--device", default="auto", help="torch device: auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--onnx-file", metavar="FILE",
-                   help="with --runtime onnx: this exported file instead of RUN/model.onnx (e.g. the int8 "
-                        "model.int8.onnx written by 'mpoxscope export --quantize int8')")
+    p.add_argument("--onnx", dest="onnx_file", metavar="FILE",
+                   help="this exported file instead of RUN/model.onnx, e.g. RUN/model.int8.onnx from "
+                        "'mpoxscope export --quantize int8' (implies --runtime onnx unless onnx-lite is given)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes, each with its own copy of the model, sharing the port (default 1); "
                         "torch/ONNX threads per process = CPU cores / N unless OMP_NUM_THREADS is set")
@@ -87,10 +87,10 @@ def _settings(args: argparse.Namespace) -> dict:
 
     if args.workers < 1:
         raise MpoxscopeError(f"--workers: must be at least 1, got {args.workers}")
-    if args.onnx_file and not args.runtime.startswith("onnx"):
-        raise MpoxscopeError("--onnx-file: needs --runtime onnx or onnx-lite")
+    if args.onnx_file and args.runtime == "torch":
+        args.runtime = "onnx"
     if args.onnx_file and not os.path.isfile(args.onnx_file):
-        raise MpoxscopeError(f"--onnx-file: {args.onnx_file}: file not found")
+        raise MpoxscopeError(f"--onnx: {args.onnx_file}: file not found")
     settings = {"run_dir": str(args.run), "runtime": args.runtime, "device": args.device,
                 "onnx_file": args.onnx_file, "max_concurrency": args.max_concurrency,
                 "max_upload_bytes": int(args.max_upload_mb * 1_000_000), "max_batch": args.max_batch,
