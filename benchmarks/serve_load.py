@@ -342,7 +342,8 @@ def pct(values: list[float], q: float) -> float:
 def run_config(args, runtime: str, onnx_file: str | None, photos, big, png) -> dict:
     label = runtime + (f" ({Path(onnx_file).name})" if onnx_file else "")
     print(f"[{label}] offline batch-16 throughput ...", file=sys.stderr, flush=True)
-    offline = offline_throughput(args.run, runtime, onnx_file, photos, args.offline_seconds)
+    offline = offline_throughput(args.run, runtime, onnx_file, photos, args.offline_seconds) \
+        if args.offline_seconds > 0 else float("nan")
     port = free_port()
     proc = start_server(args.run, runtime, onnx_file, port, args.server_arg)
     sampler = RssSampler(proc.pid)
@@ -350,7 +351,8 @@ def run_config(args, runtime: str, onnx_file: str | None, photos, big, png) -> d
         idle_rss = tree_rss_bytes(proc.pid)
         sampler.mark()
         print(f"[{label}] {args.clients} clients x {args.duration:.0f} s ...", file=sys.stderr, flush=True)
-        steady = asyncio.run(steady_load(port, photos, args.clients, args.duration, args.max_requests))
+        steady = asyncio.run(steady_load(port, photos, args.clients, args.duration, args.max_requests)) \
+            if args.clients and args.duration > 0 else LoadResult(seconds=float("nan"))
         steady_rss = sampler.mark()
         print(f"[{label}] burst of {args.burst} x {len(big) / 1e6:.0f} MB ...", file=sys.stderr, flush=True)
         burst_result = asyncio.run(burst(port, [(big, f"big{i}.jpg") for i in range(args.burst)]))
@@ -366,7 +368,8 @@ def run_config(args, runtime: str, onnx_file: str | None, photos, big, png) -> d
     return {
         "label": label, "offline_ips": offline, "throughput": ok / steady.seconds, "seconds": steady.seconds,
         "ok": ok, "errors": errors, "codes": steady.codes, "p50_ms": 1000 * pct(steady.latencies, 50),
-        "p99_ms": 1000 * pct(steady.latencies, 99), "mean_batch": statistics.mean(steady.batch_sizes or [0]),
+        "p99_ms": 1000 * pct(steady.latencies, 99),
+        "mean_batch": statistics.mean(steady.batch_sizes) if steady.batch_sizes else float("nan"),
         "idle_rss": idle_rss, "steady_rss": steady_rss, "burst_codes": burst_result.codes,
         "burst_seconds": burst_result.seconds, "burst_rss": burst_rss, "png_codes": png_result.codes,
         "png_rss": png_rss, "server_log_tracebacks": log.count("Traceback"),
@@ -425,12 +428,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
     ap.add_argument("--config", action="append", help="RUNTIME[:ONNX_FILE]; repeatable (default: torch)")
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=32, help="0: skip the steady-load phase")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--max-requests", type=int, default=100_000)
     ap.add_argument("--photos", type=int, default=200)
     ap.add_argument("--burst", type=int, default=100)
-    ap.add_argument("--offline-seconds", type=float, default=20.0)
+    ap.add_argument("--offline-seconds", type=float, default=20.0, help="0: skip the offline measurement")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `mpoxscope serve` argument")
     ap.add_argument("--out", default="benchmarks/results/serve_load.md")
     args = ap.parse_args()
