@@ -36,3 +36,30 @@ def test_msld_fold1_frozen_fast_path(msld, tmp_path):
     assert m["accuracy"] >= 0.55, m
     assert m["f1_macro"] >= 0.45, m
     assert dataclasses.asdict(train_cfg)["cache_views"] == 2
+
+
+@pytest.mark.realdata
+def test_msld_end_to_end_finetune_few_steps(msld, tmp_path):
+    """The default path (end to end on decoded images, TTA chosen on validation) runs on real photos: one epoch on
+    a small patient-disjoint subset of fold 1 moves every stage's weights and stores a usable run."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from mpoxscope.data.splits import Fold
+    from mpoxscope.engine.predict import Predictor
+    from mpoxscope.engine.train import train
+    from mpoxscope.models import create_model
+
+    prepared = prepare(DataConfig(root=str(msld), fold="fold1"))
+    f = prepared.folds[0]
+    fold = Fold("fold1", f.train[::12], f.validation[::8], f.test[:4])  # ~45 / ~18 images: a few steps
+    cfg = TrainConfig(epochs=1, batch_size=16, trainable_stages=-1, cache_views=0, warmup_epochs=0, tta="auto")
+    model_cfg = ModelConfig(image_size=128)
+    train(prepared.data, fold, model_cfg, cfg, tmp_path / "run", prepared.info(fold), progress=False)
+    fresh = create_model(model_cfg, 6).state_dict()
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert not torch.equal(last["backbone.conv_stem.weight"], fresh["backbone.conv_stem.weight"])
+    probs = Predictor.from_run(tmp_path / "run", device="cpu").predict_paths(
+        [prepared.data.samples[i].path for i in fold.test])
+    assert all(np.isclose(sum(p.probabilities.values()), 1, atol=1e-4) for p in probs)

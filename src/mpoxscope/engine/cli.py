@@ -141,6 +141,10 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_fold(data_cfg, model_cfg, train_cfg, args.out, resume=not args.no_resume,
                         progress=not args.quiet, prepared=prepared)
     v = result.validation
+    from mpoxscope.engine.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
           f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
           f"{result.wall_time_s:.0f} s; run saved to {result.run_dir}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from mpoxscope.data.splits import Fold
+from mpoxscope.engine import distributed
 from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.cv_uncertainty import cv_uncertainty, uncertainty_report_lines
 from mpoxscope.engine.device import resolve_device
@@ -137,6 +138,8 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
             else:
                 train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
                       images=images, progress=progress, log=log)
+            if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
+                continue
             predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
             # Validation predictions (what screening and pooled calibration are fitted on), then test, once.
             evaluate(predictor, data, fold.validation, fold_dir / "validation", protocol[:-len("test")] + "validation")
@@ -163,6 +166,8 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
                 write_json(lf_done, {**lm, "fold": fold.name})
             lm["fold"] = fold.name
             leak_free.append(lm)
+    if not distributed.is_main():
+        return {}
     summary = {
         "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
                     f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "

@@ -16,7 +16,7 @@ from mpoxscope.config import ModelConfig, TrainConfig, to_dict
 from mpoxscope.data.batch_augment import normalise
 from mpoxscope.data.samples import SampleSet
 from mpoxscope.data.splits import Fold
-from mpoxscope.engine import rundir
+from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.checkpoint import load_inference_model, read_meta, write_meta
 from mpoxscope.engine.device import resolve_device
 from mpoxscope.engine.finish import _screening, brief, calibrated_probs, logits_of, protocol
@@ -70,7 +70,10 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
         log(f"{fold.name}: ensemble member {name}")
         results.append(train(data, fold, mc, tc, run_dir / rundir.MEMBERS / name, data_info, images=images,
                              progress=progress, log=log))
-    meta = combine(run_dir, [n for n, _, _ in members], data, fold, images, train_cfg, data_info, specs)
+    if distributed.is_main():  # under torchrun, rank 0 alone writes
+        combine(run_dir, [n for n, _, _ in members], data, fold, images, train_cfg, data_info, specs)
+    distributed.barrier()
+    meta = read_meta(run_dir)
     return TrainResult(run_dir, 0, max(r.epochs_run for r in results), meta["validation"],
                        time.perf_counter() - t0, results[0].skipped_files, all(r.resumed for r in results))
 

@@ -63,7 +63,7 @@ def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, st
     write_json(run_dir / STATE, {"status": "running", "epochs_run": state.epoch, "best_epoch": state.best_epoch})
 
 
-def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler):
+def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, write: bool = True):
     """Restore the last committed epoch into ``model``/``optimizer``/``scheduler`` and the RNG; returns the
     progress record (see ``train._Progress``). A file that is not what :func:`commit_epoch` writes is refused
     with one line."""
@@ -85,7 +85,8 @@ def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler):
         raise MpoxscopeError(f"{path}: not a resumable mpoxscope checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --no-resume to start "
                              f"over") from None
-    write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
+    if write:  # the history is the truth: drop lines of an epoch that was not committed
+        write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
     return state
 
 

@@ -26,7 +26,7 @@ from mpoxscope.config import ModelConfig, TrainConfig
 from mpoxscope.data.images import check_images
 from mpoxscope.data.samples import SampleSet
 from mpoxscope.data.splits import Fold
-from mpoxscope.engine import rundir
+from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.batches import FeatureBatches, ImageBatches, forward_from
 from mpoxscope.engine.checkpoint import build_meta, read_meta, save_weights, write_meta
 from mpoxscope.engine.device import autocast, resolve_device, resolve_precision
@@ -112,24 +112,46 @@ def param_groups(model: SkinLesionNet, stop: int, cfg: TrainConfig) -> list[dict
 
 def _make_batches(model: SkinLesionNet, stop: int, cfg: TrainConfig, data: SampleSet, fold: Fold,
                   bank: FeatureBank | None, images: ImageCache | None, device: torch.device,
-                  progress: bool, cache_file: Path | None = None) -> tuple[FeatureBatches | ImageBatches,
-                                                                           FeatureBank | None]:
+                  progress: bool, cache_file: Path | None = None,
+                  ctx: distributed.Context = distributed.Context()) -> tuple[FeatureBatches | ImageBatches,
+                                                                            FeatureBank | None]:
     """The cache decision, shared by ``train`` and ``cv``: trunk outputs when part of the backbone is frozen and
     ``cache_views`` > 0, else images decoded once (augmented as tensors every epoch)."""
     needed = sorted(set(fold.train) | set(fold.validation))
     if stop > 0 and cfg.cache_views > 0:
         if bank is None or not bank.covers(needed) or bank.key.stop != stop:
-            bank = cached_feature_bank(cache_file, model, stop, data, needed, cfg.cache_views, cfg.seed,
-                                       cfg.augment, device, progress=progress)
-        return FeatureBatches(bank, stop, data, fold, cfg), bank
+            bank = cached_feature_bank(cache_file if ctx.is_main else None, model, stop, data, needed,
+                                       cfg.cache_views, cfg.seed, cfg.augment, device, progress=progress)
+        return FeatureBatches(bank, stop, data, fold, cfg, ctx.rank, ctx.world_size), bank
     if images is None or not images.covers(needed) or images.clean.shape[-1] != model.config.image_size:
         images = build_image_cache(data, needed, model.config.image_size, workers=cfg.num_workers,
                                    progress_bar=progress)
-    return ImageBatches(images, model, data, fold, cfg, device), None
+    return ImageBatches(images, model, data, fold, cfg, device, ctx.rank, ctx.world_size), None
 
 
-def _train_epoch(model: SkinLesionNet, batches, stop: int, optimizer, scheduler, criterion: nn.Module,
-                 cfg: TrainConfig, device: torch.device, precision: str) -> dict:
+class TrainStep(nn.Module):
+    """``forward_from`` as a module, so DistributedDataParallel can wrap the training forward pass."""
+
+    def __init__(self, model: SkinLesionNet, start: int, stop: int) -> None:
+        super().__init__()
+        self.model, self.start, self.stop = model, start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_from(self.model, x, self.start, self.stop)
+
+
+def _train_step(model: SkinLesionNet, start: int, stop: int, device: torch.device,
+                ctx: distributed.Context) -> nn.Module:
+    step = TrainStep(model, start, stop)
+    if not ctx.active:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _train_epoch(model: SkinLesionNet, step: nn.Module, batches, stop: int, optimizer, scheduler,
+                 criterion: nn.Module, cfg: TrainConfig, device: torch.device, precision: str) -> dict:
     model.train()
     for stage in model.stages[:stop]:
         stage.eval()  # frozen stages keep their BatchNorm statistics
@@ -137,7 +159,7 @@ def _train_epoch(model: SkinLesionNet, batches, stop: int, optimizer, scheduler,
     for x, y in batches.train_epoch():
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
-            logits = forward_from(model, x, batches.start, stop)
+            logits = step(x)
             loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,6 +170,7 @@ def _train_epoch(model: SkinLesionNet, batches, stop: int, optimizer, scheduler,
         loss_sum += float(loss.detach()) * len(y)
         total += len(y)
         correct += int((logits.argmax(1) == y).sum())
+    loss_sum, total, correct = distributed.sum_over_ranks(loss_sum, total, correct)
     return {"train_loss": loss_sum / max(1, total), "train_accuracy": correct / max(1, total)}
 
 
@@ -162,7 +185,9 @@ def validate(model: SkinLesionNet, batches, stop: int, classes: list[str], devic
             out = forward_from(model, x.to(device), batches.start, stop)
         logits.append(out.float().cpu())
         targets.append(y)
-    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
+    ctx = distributed.context()
+    logits_t = distributed.gather_rows(torch.cat(logits), ctx)
+    targets_t = distributed.gather_rows(torch.cat(targets), ctx)
     metrics = classification_metrics(targets_t.numpy(), torch.softmax(logits_t, 1).numpy(), classes)
     metrics["loss"] = float(nn.functional.cross_entropy(logits_t, targets_t))
     return metrics, logits_t.numpy(), targets_t.numpy()
@@ -196,6 +221,7 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
 
     ``bank`` (trunk outputs) and ``images`` (decoded images) may be shared across the folds of a cross-validation.
     A finished run is not retrained; an interrupted one resumes from its last finished epoch when ``resume``.
+    Under torchrun every rank trains its slice of each batch (DDP) and only rank 0 writes.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -203,61 +229,103 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
     finished = _finished_result(run_dir, model_cfg, train_cfg, data_info, resume, log)
     if finished is not None:
         return finished
+    ctx = distributed.context()
+    log = log if ctx.is_main else (lambda *a, **k: None)
     seed_everything(train_cfg.seed)
     device = resolve_device(train_cfg.device)
+    if device.type == "cuda" and ctx.active:
+        device = torch.device("cuda", ctx.local_rank)
     precision = resolve_precision(device, train_cfg.precision)
     fold, skipped = drop_unreadable(data, fold, train_cfg.skip_bad_images)
     for f in skipped:
         log(f"skipped unreadable image: {f}")
     if not fold.train or not fold.validation:
         raise MpoxscopeError(f"{fold.name}: empty training or validation part")
-
-    model = create_model(model_cfg, len(data.classes)).to(device)
-    stop = model.trunk_stop(train_cfg.trainable_stages)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    batches, bank = _make_batches(model, stop, train_cfg, data, fold, bank, images, device, progress,
-                                  run_dir / rundir.FEATURE_CACHE)
-    weights = class_weights(batches.targets.numpy(), len(data.classes)) if train_cfg.class_balanced else None
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
-                                    label_smoothing=train_cfg.label_smoothing)
-    optimizer = torch.optim.AdamW(param_groups(model, stop, train_cfg), weight_decay=train_cfg.weight_decay)
-    steps = max(1, len(batches))
-    scheduler = cosine_with_warmup(optimizer, train_cfg.warmup_epochs * steps, train_cfg.epochs * steps)
-    meta = build_meta(model, data.classes, train=_train_dict(train_cfg), data=data_info,
-                      trainable_stages_resolved={"frozen_stages": stop, "total_stages": len(model.stages),
-                                                 "cached": bank is not None, "precision": precision})
-    state = _start_or_resume(run_dir, model, optimizer, scheduler, meta, resume, log)
-
+    r = _Setup.build(run_dir, data, fold, model_cfg, train_cfg, data_info, bank, images, device, precision,
+                     progress and ctx.is_main, ctx)
+    state = _start_or_resume(run_dir, r.model, r.optimizer, r.scheduler, r.meta, resume, log, ctx)
     for epoch in range(state.epoch + 1, train_cfg.epochs + 1):
         if state.bad_epochs >= train_cfg.patience:
             break
-        te = time.perf_counter()
-        batches.set_epoch(epoch)
-        record = _train_epoch(model, batches, stop, optimizer, scheduler, criterion, train_cfg, device, precision)
-        val, _, _ = validate(model, batches, stop, data.classes, device, precision)
-        improved = _update_best(state, epoch, val)
-        if improved:
-            save_weights(model, run_dir / rundir.BEST)
-        record = {"epoch": epoch, **record, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "val_f1_macro": val["f1_macro"], "lr": scheduler.get_last_lr()[0],
-                  "seconds": round(time.perf_counter() - te, 2), "best": improved}
-        state.epoch = epoch
-        state.history.append(record)
-        rundir.commit_epoch(run_dir, model, optimizer, scheduler, state)
-        if progress:
-            log(f"epoch {epoch:3d}/{train_cfg.epochs}  train loss {record['train_loss']:.3f} "
-                f"acc {record['train_accuracy']:.3f}  val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
-                f"macro-F1 {val['f1_macro']:.3f}  {record['seconds']:.0f} s{'  *' if improved else ''}")
+        _one_epoch(r, state, epoch, run_dir, data, train_cfg, log if progress else None)
+    if ctx.is_main:
+        meta = finish_run(run_dir, r.model, r.batches, r.stop, data, fold, train_cfg, device, precision, r.meta,
+                          state.best_epoch, progress)
+        meta["skipped_files"] = skipped
+        write_meta(run_dir, meta)
+        write_json(run_dir / STATE_FILE, {"status": "finished", "epochs_run": state.epoch,
+                                          "best_epoch": state.best_epoch,
+                                          "wall_time_s": round(time.perf_counter() - t0, 1),
+                                          "skipped_files": skipped})
+    distributed.barrier()
+    meta = read_meta(run_dir)
+    return TrainResult(run_dir, state.best_epoch, state.epoch, meta["validation"], time.perf_counter() - t0,
+                       skipped, False)
 
-    meta = finish_run(run_dir, model, batches, stop, data, fold, train_cfg, device, precision, meta,
-                      state.best_epoch, progress)
-    meta["skipped_files"] = skipped
-    write_meta(run_dir, meta)
-    wall = time.perf_counter() - t0
-    write_json(run_dir / STATE_FILE, {"status": "finished", "epochs_run": state.epoch,
-                                      "best_epoch": state.best_epoch, "wall_time_s": round(wall, 1),
-                                      "skipped_files": skipped})
-    return TrainResult(run_dir, state.best_epoch, state.epoch, meta["validation"], wall, skipped, False)
+
+@dataclass
+class _Setup:
+    """Everything one training run holds between epochs."""
+
+    model: SkinLesionNet
+    step: nn.Module
+    stop: int
+    batches: FeatureBatches | ImageBatches
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    meta: dict
+    device: torch.device
+    precision: str
+    ctx: distributed.Context
+
+    @classmethod
+    def build(cls, run_dir: Path, data: SampleSet, fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig,
+              data_info: dict, bank, images, device: torch.device, precision: str, progress: bool,
+              ctx: distributed.Context) -> _Setup:
+        model = create_model(model_cfg, len(data.classes)).to(device)
+        stop = model.trunk_stop(cfg.trainable_stages)
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        batches, bank = _make_batches(model, stop, cfg, data, fold, bank, images, device, progress,
+                                      run_dir / rundir.FEATURE_CACHE, ctx)
+        weights = class_weights(batches.targets.numpy(), len(data.classes)) if cfg.class_balanced else None
+        criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                        label_smoothing=cfg.label_smoothing)
+        optimizer = torch.optim.AdamW(param_groups(model, stop, cfg), weight_decay=cfg.weight_decay)
+        steps = max(1, len(batches))
+        scheduler = cosine_with_warmup(optimizer, cfg.warmup_epochs * steps, cfg.epochs * steps)
+        meta = build_meta(model, data.classes, train=_train_dict(cfg), data=data_info,
+                          trainable_stages_resolved={"frozen_stages": stop, "total_stages": len(model.stages),
+                                                     "cached": bank is not None, "precision": precision,
+                                                     "processes": ctx.world_size})
+        step = _train_step(model, batches.start, stop, device, ctx)
+        return cls(model, step, stop, batches, criterion, optimizer, scheduler, meta, device, precision, ctx)
+
+
+def _one_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, data: SampleSet, cfg: TrainConfig,
+               log) -> None:
+    """Train, validate, then commit the epoch (rank 0 writes; every rank keeps the same state)."""
+    te = time.perf_counter()
+    r.batches.set_epoch(epoch)
+    record = _train_epoch(r.model, r.step, r.batches, r.stop, r.optimizer, r.scheduler, r.criterion, cfg, r.device,
+                          r.precision)
+    val, _, _ = validate(r.model, r.batches, r.stop, data.classes, r.device, r.precision)
+    improved = _update_best(state, epoch, val)
+    if improved and r.ctx.is_main:
+        save_weights(r.model, run_dir / rundir.BEST)
+    record = {"epoch": epoch, **record, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+              "val_f1_macro": val["f1_macro"], "lr": r.scheduler.get_last_lr()[0],
+              "seconds": round(time.perf_counter() - te, 2), "best": improved}
+    state.epoch = epoch
+    state.history.append(record)
+    if r.ctx.is_main:
+        rundir.commit_epoch(run_dir, r.model, r.optimizer, r.scheduler, state)
+    distributed.barrier()
+    if log is not None:
+        log(f"epoch {epoch:3d}/{cfg.epochs}  train loss {record['train_loss']:.3f} "
+            f"acc {record['train_accuracy']:.3f}  val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
+            f"macro-F1 {val['f1_macro']:.3f}  {record['seconds']:.0f} s{'  *' if improved else ''}")
 
 
 def _train_dict(cfg: TrainConfig) -> dict:
@@ -283,13 +351,18 @@ def _finished_result(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConf
                        state.get("skipped_files", []), resumed=True)
 
 
-def _start_or_resume(run_dir: Path, model, optimizer, scheduler, meta: dict, resume: bool, log) -> _Progress:
+def _start_or_resume(run_dir: Path, model, optimizer, scheduler, meta: dict, resume: bool, log,
+                     ctx: distributed.Context = distributed.Context()) -> _Progress:
     if resume and (run_dir / rundir.RESUME).is_file():
         _check_same_config(run_dir, meta)
-        state = rundir.load_epoch(run_dir, model, optimizer, scheduler)
+        state = rundir.load_epoch(run_dir, model, optimizer, scheduler, write=ctx.is_main)
         log(f"resuming {run_dir} after epoch {state.epoch}")
+        distributed.barrier()
         return state
-    rundir.start(run_dir, meta)
+    distributed.barrier()  # every rank has looked for resume.pt before rank 0 clears the folder
+    if ctx.is_main:
+        rundir.start(run_dir, meta)
+    distributed.barrier()
     return _Progress()
 
 
