@@ -207,8 +207,13 @@ def test_ensemble_run_predicts_the_mean_of_its_members(ensemble_run, data_and_fo
     mean = np.mean([m.predict_images(images) for m in members], axis=0)
     expected = calibrated_softmax(torch.as_tensor(np.log(mean)), meta["calibration"])
     assert np.allclose(ens.predict_images(images), expected, atol=1e-5)
-    with pytest.raises(MpoxscopeError, match="member"):
-        _ = ens.explain_model
+    from mpoxscope.explain import explain
+
+    batch = ens.preprocess(images[:2])
+    maps = explain(ens.explain_model, batch, "gradcam")  # each member's map on the input grid, averaged
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.max() > 0
+    with pytest.raises(MpoxscopeError, match="no AGFN attention"):
+        explain(ens.explain_model, batch, "attention")
     with pytest.raises(MpoxscopeError, match="given twice"):
         member_configs(("a:1", "a:1"), SMALL, cfg)
 

@@ -61,13 +61,19 @@ class Predictor:
 
     @property
     def explain_model(self) -> torch.nn.Module:
-        """The single-view network that explanation methods hook into (its stages and attention head): the
-        trained network without its test-time views. An ensemble is explained member by member."""
-        if self.meta.get("kind") == "ensemble":
-            raise MpoxscopeError(f"{getattr(self, 'run_dir', 'this run')}: an ensemble is explained one member at a "
-                                 f"time: pass one of its members/<name> run folders")
-        inner = getattr(self.model, "model", None)
-        return inner if isinstance(inner, torch.nn.Module) else self.model
+        """The network explanation methods hook into: the trained network without its test-time views (their
+        stacked batch is not one image per map), and for an ensemble the same average over its members' single-
+        view networks, each with its temperature (CAMs then average the members' maps)."""
+        from mpoxscope.models.ensemble import EnsembleNet
+
+        def single(m: torch.nn.Module) -> torch.nn.Module:
+            inner = getattr(m, "model", None)  # TTAModel -> the network it wraps
+            return inner if isinstance(inner, torch.nn.Module) else m
+
+        if isinstance(self.model, EnsembleNet):
+            temps = [1.0 / float(t) for t in self.model.inv_temperatures]
+            return EnsembleNet([single(m) for m in self.model.members], temps).eval()
+        return single(self.model) if self.model is not None else self.model
 
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:
         """(N, K) calibrated probabilities from the model's (N, K) outputs."""

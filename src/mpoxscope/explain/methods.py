@@ -170,13 +170,17 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def default_target_layer(model: nn.Module) -> nn.Module:
-    """The last backbone stage as ``model.forward`` calls it.
+def default_target_layer(model: nn.Module) -> nn.Module | list[nn.Module]:
+    """The last backbone stage as ``model.forward`` calls it; for an ensemble, each member's (pytorch-grad-cam
+    then scales every member's map to the input and averages them: the ensemble's map on a common grid).
 
     Same stage as ``mpoxscope.models.target_layer(model.backbone)``, but taken from ``model.stages``: for
     EfficientNet that function builds a new ``Sequential(conv_head, bn2)`` wrapper that the model never calls,
     so hooks on it would never fire.
     """
+    members = getattr(model, "members", None)
+    if isinstance(members, nn.ModuleList):
+        return [default_target_layer(m) for m in members]
     stages = getattr(model, "stages", None)
     if stages:
         return stages[-1]
@@ -219,23 +223,25 @@ def predicted_classes(model: nn.Module, batch: torch.Tensor, batch_size: int = 3
 
 
 @contextlib.contextmanager
-def cam_session(spec: MethodSpec, model: nn.Module, layer: nn.Module) -> Iterator[BaseCAM]:
-    """A CAM object hooked on ``layer`` of ``LogitsOnly(model)``; its hooks and saved tensors go on exit.
+def cam_session(spec: MethodSpec, model: nn.Module, layer: nn.Module | list[nn.Module]) -> Iterator[BaseCAM]:
+    """A CAM object hooked on ``layer`` (or on each of a list: an ensemble's members) of ``LogitsOnly(model)``;
+    its hooks and saved tensors go on exit.
 
     (Not ``with cam:``: pytorch-grad-cam's ``__exit__`` prints and swallows IndexError.)
     """
     assert spec.cam is not None
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     # Registered before the CAM's own hooks, so they see (and take gradients at) the re-rooted output.
-    root = layer.register_forward_hook(_grad_root) if spec.uses_gradients else None
+    roots = [m.register_forward_hook(_grad_root) for m in layers] if spec.uses_gradients else []
     try:
-        cam = spec.cam(model=LogitsOnly(model), target_layers=[layer])
+        cam = spec.cam(model=LogitsOnly(model), target_layers=layers)
         try:
             yield cam
         finally:
             cam.activations_and_grads.release()
             cam.outputs = None
     finally:
-        if root is not None:
+        for root in roots:
             root.remove()
 
 
@@ -290,7 +296,11 @@ def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
         return np.zeros((0, *batch.shape[-2:]), dtype=np.float32)
     with LOCK, torch.inference_mode(False), frozen(model):
         if spec.cam is None:
-            from mpoxscope.explain.attention import attention_maps
+            from mpoxscope.explain.attention import attention_maps, has_attention
+
+            if not has_attention(model):
+                raise MpoxscopeError("attention: this model has no AGFN attention head (an ensemble: explain a "
+                                     "member for its attention, or use a CAM method)")
 
             return attention_maps(model, batch, batch_size=batch_size)
         layer = target_layer if isinstance(target_layer, nn.Module) else \
