@@ -489,3 +489,26 @@ def test_progress_is_tqdm_on_a_terminal():
     assert isinstance(bar, tqdm)
     bar.update(2)
     bar.close()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16", "LA", "CMYK", "RGB"])
+def test_reduced_images_keep_colours_and_orientation(tmp_path, mode):
+    import numpy as np
+
+    src = Image.new("RGB", (1100, 550), (30, 160, 220))
+    src.paste((250, 20, 20), (0, 0, 275, 138))  # a red top-left corner shows the orientation
+    img = src.convert(mode) if mode != "I;16" else src.convert("L").convert("I;16")
+    path = tmp_path / ("big.jpg" if mode in ("CMYK", "RGB") else "big.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
+    img.save(path, exif=exif)
+    out = load_image(path, max_side=256)  # factor 2: the strip reduction, then a thumbnail
+    assert out.mode == "RGB" and out.size == (128, 256)  # upright: portrait
+    ref = load_image(path, max_side=None)
+    assert ref.size == (550, 1100)
+    diff = np.abs(np.asarray(ref.resize(out.size, Image.Resampling.BOX), dtype=float) - np.asarray(out, dtype=float))
+    # 16-bit greyscale is min-max scaled to 8 bits, and resampling ringing moves the min and max a little
+    assert diff.mean() < (16 if mode == "I;16" else 4), diff.mean()
+    corner, rest = np.asarray(out)[:40, -40:].mean(), np.asarray(out)[-40:, :40].mean()
+    ref_corner, ref_rest = np.asarray(ref)[:160, -160:].mean(), np.asarray(ref)[-160:, :160].mean()
+    assert (corner < rest) == (ref_corner < ref_rest)  # the red corner moved top-right in both

@@ -42,9 +42,21 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, P, LA, RGBA, CMYK, I;16, I, F) to 8-bit RGB; transparency goes on white."""
-    img = ImageOps.exif_transpose(img) or img
+#: EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose does).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def to_rgb(img: Image.Image, orientation: int | None = None) -> Image.Image:
+    """Convert any PIL mode (L, P, LA, RGBA, CMYK, I;16, I, F) to 8-bit RGB; transparency goes on white.
+
+    The picture is turned upright by its EXIF orientation, or by ``orientation`` when given (read before the
+    image was reduced into a new one)."""
+    if orientation is None:
+        img = ImageOps.exif_transpose(img) or img
+    elif orientation in _ORIENTATION:
+        img = img.transpose(_ORIENTATION[orientation])
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -77,19 +89,44 @@ def _check_file(path: Path, name: str) -> None:
         raise ImageError(name, "empty file")
 
 
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block only loses the rotation, never the image
+        return 1
+
+
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
+
+
+def _reduce_in_strips(img: Image.Image, factor: int, rows: int = 64) -> Image.Image:
+    """``img.reduce(factor)`` (box average) strip by strip: Pillow's own reduce/resize of RGBA or LA first makes
+    a full-size premultiplied copy, which doubles the peak memory of a large transparent PNG."""
+    w, h = img.size
+    out = Image.new(img.mode, (-(-w // factor), -(-h // factor)))
+    step = factor * rows
+    for top in range(0, h, step):
+        strip = img.crop((0, top, w, min(h, top + step)))
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
+
+
 def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
-    """Reduce a large image right after (JPEG: during) decoding, before any full-size copy is made."""
+    """Reduce a large image right after (JPEG: during) decoding, holding at most one full-size copy."""
     if max_side is None or max(img.size) <= max_side:
         img.load()  # decode now so truncation surfaces here, not mid-epoch
         return img
-    if img.mode in ("P", "1"):  # palette/bilevel resizing is nearest-neighbour only: convert first
-        img.load()
-        img = img.convert("RGBA" if img.mode == "P" else "L")
-    # A JPEG decoder can scale by 1/2, 1/4 or 1/8 while decoding (draft mode; never below max_side), so the
-    # full-size picture is never held; the EXIF orientation stays in img.info and is applied later by to_rgb.
+    # A JPEG decoder can scale by 1/2, 1/4 or 1/8 while decoding (draft mode; never below the target box), so
+    # the full-size picture is never held.
     w, h = img.size
     scale = max_side / max(w, h)
-    img.draft(None, (max(1, int(w * scale)), max(1, int(h * scale))))  # the box the result must still cover
+    img.draft(None, (max(1, int(w * scale)), max(1, int(h * scale))))
+    img.load()
+    if img.mode in ("P", "1") or img.mode.startswith("I;16"):  # modes Pillow cannot reduce (well): convert
+        img = img.convert({"P": "RGBA", "1": "L"}.get(img.mode, "I"))
+    factor = max(img.size) // max_side
+    if factor >= 2 and img.mode in _REDUCIBLE:
+        img = _reduce_in_strips(img, factor)
     img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return img
 
@@ -105,7 +142,8 @@ def _open(source: str | os.PathLike | bytes, name: str, max_side: int | None = D
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(name, f"image too large ({w}x{h} pixels; limit {MAX_PIXELS:,})")
-            return to_rgb(_shrink(img, max_side))
+            orientation = _orientation(img)  # read first: reducing makes a new image without the EXIF block
+            return to_rgb(_shrink(img, max_side), orientation)
     except ImageError:
         raise
     except FileNotFoundError:
