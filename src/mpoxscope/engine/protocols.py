@@ -186,16 +186,18 @@ def _features(data: SampleSet, work: Path, backbone: str, image_size: int, batch
     from mpoxscope.data.transforms import eval_transform
     from mpoxscope.models.factory import create_model
 
+    model = create_model(ModelConfig(backbone=backbone, image_size=image_size, head="linear"),
+                         len(data.classes)).eval()
+    # The backbone's own normalisation (TF EfficientNet-Lite ports expect mean = std = 0.5, not ImageNet's).
+    tf = eval_transform(image_size, model.mean, model.std)
     names = [s.filename for s in data.samples]
-    key = f"{backbone}:{image_size}:" + hashlib.sha256("\n".join(names).encode()).hexdigest()
+    key = (f"{backbone}:{image_size}:{tuple(model.mean)}:{tuple(model.std)}:"
+           + hashlib.sha256("\n".join(names).encode()).hexdigest())
     cache = work / f"features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
             return z["features"]
-    model = create_model(ModelConfig(backbone=backbone, image_size=image_size, head="linear"),
-                         len(data.classes)).eval()
-    tf = eval_transform(image_size)
     out, t0 = [], time.perf_counter()
     with torch.inference_mode():
         for s in range(0, len(data), batch_size):
@@ -466,6 +468,8 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
                              f"{', '.join(PROTOCOLS)}")
     if args.copies < 1:
         raise MpoxscopeError(f"--copies must be at least 1, got {args.copies}")
+    if getattr(args, "ensemble", None):
+        raise MpoxscopeError("--ensemble: protocols trains one model per fold; compare ensembles with 'cv'")
     _refuse_inside_repository(Path(args.out))
     model_cfg, train_cfg = configs_from_args(args)
     check_output_dir(args.out, "protocols")
