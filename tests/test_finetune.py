@@ -161,6 +161,7 @@ def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, da
     with pytest.raises(_Kill):
         train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
     monkeypatch.undo()
+    (tmp_path / "run" / ".resume.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # a write the kill cut
     train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
     for name in (rundir.BEST, rundir.LAST):
         ref, got = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "run" / name))

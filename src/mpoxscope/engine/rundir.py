@@ -41,8 +41,7 @@ def start(run_dir: Path, meta: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (METRICS, BEST, LAST, RESUME):
         (run_dir / stale).unlink(missing_ok=True)
-    for tmp in run_dir.glob(".*.tmp"):  # temporary files of a write that a kill interrupted
-        tmp.unlink(missing_ok=True)
+    remove_partial_writes(run_dir)
     write_meta(run_dir, meta)
     write_json(run_dir / STATE, {"status": "running", "epochs_run": 0, "best_epoch": 0})
 
@@ -85,9 +84,16 @@ def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, writ
         raise MpoxscopeError(f"{path}: not a resumable mpoxscope checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --no-resume to start "
                              f"over") from None
-    if write:  # the history is the truth: drop lines of an epoch that was not committed
+    if write:  # the history is the truth: drop lines of an epoch that was not committed, and half-written files
         write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
+        remove_partial_writes(run_dir)
     return state
+
+
+def remove_partial_writes(run_dir: Path) -> None:
+    """Temporary files of atomic writes that a kill interrupted (``.<name>.<random>.tmp``)."""
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def member_dirs(run_dir: Path) -> list[Path]:
