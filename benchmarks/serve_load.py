@@ -403,7 +403,10 @@ def render(args, results: list[dict], big_mb: float, png_kb: float, load: tuple,
         "peak RSS |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+    if not args.clients or args.duration <= 0:
+        del lines[-4:]
+        lines.append("## Steady load: not run in this invocation (`--clients 0`)")
+    for r in results if args.clients and args.duration > 0 else []:
         lines.append(f"| {r['label']} | {r['throughput']:.1f} | {r['offline_ips']:.1f} | "
                      f"{100 * r['throughput'] / r['offline_ips']:.0f} % | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
                      f"{r['errors']} of {r['ok'] + r['errors']} | {r['mean_batch']:.1f} | "
