@@ -369,20 +369,17 @@ def test_resume_file_with_objects_is_one_line(tmp_path):
 
     import torch
 
-    from mpoxscope.engine.checkpoint import load_resume
+    from mpoxscope.engine.rundir import RESUME, load_epoch
 
-    good = tmp_path / "resume.pt"
-    torch.save({"epoch": 2, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}}, "rng": torch.zeros(4)},
-               good)
-    assert load_resume(good)["epoch"] == 2
-    evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"epoch": 1, "hook": print}))
-    with pytest.raises(MpoxscopeError, match="evil.pt: not a resume file mpoxscope can read"):
-        load_resume(evil)
-    listed = tmp_path / "list.pt"
-    torch.save([1, 2, 3], listed)
-    with pytest.raises(MpoxscopeError, match="list.pt: not a resume file mpoxscope wrote"):
-        load_resume(listed)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    (tmp_path / RESUME).write_bytes(pickle.dumps({"epoch": 1, "hook": print}))  # a pickle with an object
+    with pytest.raises(MpoxscopeError, match="resume.pt: not a resumable mpoxscope checkpoint"):
+        load_epoch(tmp_path, model, opt, sched, write=False)
+    torch.save([1, 2, 3], tmp_path / RESUME)  # tensors-only but not ours
+    with pytest.raises(MpoxscopeError, match="resume.pt: not a resumable mpoxscope checkpoint"):
+        load_epoch(tmp_path, model, opt, sched, write=False)
 
 
 # --- item 15: card finds the README's evaluation folder ---------------------------------------------------------

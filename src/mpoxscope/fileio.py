@@ -83,11 +83,11 @@ _OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 OUTPUT_PATTERNS: dict[str, tuple[str, ...]] = {
     "train": ("model.json", "train_state.json", "metrics.jsonl", "*.safetensors", "resume.pt", "*.pt",
               "*.npy", "*.npz", "cache", "cache*", "features*", "bad_images*", "skipped*", "*.lock", "validation",
-              "screening*"),
+              "screening*", "members", "feature_cache*"),
     "evaluate": ("metrics.json", "report.md", "predictions.csv", "confusion_matrix*.png", "reliability*.png",
                  "calibration*.png"),
     "cv": ("cv_report.md", "cv_summary.json", "per_fold.png", "confusion_matrix_pooled.png", "fold*", "cache*",
-           "features*", "screening*"),
+           "features*", "feature_cache*", "screening*", "uncertainty*"),
     "explain": ("index.html", "summary.json", "faithfulness.md", "faithfulness.json"),
     "audit": ("audit.json", "audit.md", "audit.html"),
     "demo": ("synthetic_data", "run", "evaluation", "README.md"),

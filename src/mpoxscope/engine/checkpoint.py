@@ -145,34 +145,6 @@ def _check_calibration(where, cal: Any, k: int) -> None:
         _check_numbers(where, "calibration.vector_b", cal.get("vector_b"), k)
 
 
-def load_resume(path: str | os.PathLike) -> dict[str, Any]:
-    """Read ``resume.pt`` (optimiser/scheduler/RNG state) without executing code: ``weights_only`` unpickling,
-    then a check that it holds only tensors, numbers, strings and containers of them. Anything else (a pickle
-    with objects, a truncated file, another program's file) is one line naming the file."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        raise MpoxscopeError(f"{path}: not a resume file mpoxscope can read ({type(e).__name__}); "
-                             "rerun with --no-resume to start over") from None
-    if not isinstance(state, dict) or not _plain(state):
-        raise MpoxscopeError(f"{path}: not a resume file mpoxscope wrote (unexpected content); "
-                             "rerun with --no-resume to start over")
-    return state
-
-
-def _plain(obj: Any, depth: int = 0) -> bool:
-    if depth > 12:
-        return False
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
-        return True
-    if isinstance(obj, dict):
-        return all(isinstance(k, (str, int)) and _plain(v, depth + 1) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return all(_plain(v, depth + 1) for v in obj)
-    return False
-
-
 def load_model(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu",
                ) -> tuple[SkinLesionNet, dict[str, Any]]:
     """Rebuild a trained model from its run directory (weights ``which``: best or last), in eval mode."""
