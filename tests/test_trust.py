@@ -126,6 +126,7 @@ def test_unmarked_old_run_folder_is_accepted(tmp_path):
     for name in ("model.json", "best.safetensors", "last.safetensors", "train_state.json"):
         (old / name).write_text("x")
     assert check_output_dir(old, "train") == old
+    assert check_output_dir(old, "evaluate") == old  # evaluate RUN --out RUN on a run made before markers
     ex = tmp_path / "old_explain"
     (ex / "img1").mkdir(parents=True)
     (ex / "img1" / "panel.png").write_bytes(b"x")

@@ -136,7 +136,8 @@ def check_output_dir(path: str | os.PathLike, kind: str) -> Path:
         raise MpoxscopeError(f"{out}: --out names an existing file, not a folder; choose a new folder name")
     if is_marked_output(out):
         return out
-    foreign = sorted(e.name for e in out.iterdir() if not _is_ours(e, kind))
+    # Any command's outputs are fine (``evaluate RUN --out RUN`` of a run made before markers existed).
+    foreign = sorted(e.name for e in out.iterdir() if not any(_is_ours(e, k) for k in (kind, *OUTPUT_PATTERNS)))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise MpoxscopeError(f"{out}: folder holds files mpoxscope did not write ({foreign[0]}{more}); "
