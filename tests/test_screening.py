@@ -463,3 +463,17 @@ def test_predict_non_finite_is_an_error_with_an_uncertain_decision(tiny_run, tmp
     out = json.loads(capsys.readouterr().out)[0]
     assert out["label"] is None and "non-finite" in out["error"]
     assert out["decision"]["kind"] == "uncertain" and "refer to a clinician" in out["decision"]["text"]
+
+
+def test_vectorised_patient_bootstrap_matches_the_general_one():
+    from mpoxscope.engine.screening import _proportions
+    from mpoxscope.engine.uncertainty import bootstrap_ci
+
+    rng = np.random.default_rng(7)
+    groups = np.repeat(np.arange(150), 2)
+    is_t = np.repeat(rng.random(150) < 0.3, 2)
+    flagged = np.where(is_t, rng.random(300) < 0.85, rng.random(300) < 0.2)
+    mine = _proportions(flagged, flagged, is_t, groups.tolist(), seed=0)["sensitivity"]
+    ref = bootstrap_ci(lambda f, t: (f & t).sum() / t.sum(), flagged, is_t, groups=groups, seed=1)
+    assert mine["resampled"] == "150 patients" and mine["value"] == pytest.approx(ref["value"])
+    assert abs(mine["low"] - ref["low"]) < 0.03 and abs(mine["high"] - ref["high"]) < 0.03

@@ -271,30 +271,36 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float | None, 
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def _rates(flagged: np.ndarray, referred: np.ndarray, is_t: np.ndarray) -> np.ndarray:
-    """[sensitivity, specificity, target referred either way]; NaN where a side has no cases."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.array([(flagged & is_t).sum() / is_t.sum(), (~flagged & ~is_t).sum() / (~is_t).sum(),
-                         (referred & is_t).sum() / is_t.sum()], dtype=np.float64)
-
-
 def _proportions(flagged: np.ndarray, referred: np.ndarray, is_t: np.ndarray, groups: Sequence | None,
                  seed: int) -> dict[str, dict]:
     """Sensitivity, specificity and target-referred-either-way, each with its 95 % percentile bootstrap
-    interval (resampling patients when ``groups`` are known, else images) and its Wilson interval."""
-    from mpoxscope.engine.uncertainty import bootstrap_ci
+    interval (resampling patients when ``groups`` are known, else images) and its Wilson interval.
 
-    if groups is not None and len(set(groups)) == len(flagged):
-        groups = None  # one image per patient: the plain image bootstrap
-    res = bootstrap_ci(_rates, flagged, referred, is_t, groups=groups, n=BOOTSTRAP_RESAMPLES, seed=seed)
+    The cluster bootstrap of :func:`mpoxscope.engine.uncertainty.bootstrap_ci`, vectorised: these statistics
+    are ratios of per-patient counts, so one resample is a multinomial count of patients times the per-patient
+    count table (2000 resamples of 500 patients in milliseconds instead of seconds).
+    """
+    n = len(flagged)
+    _, gi = np.unique(np.asarray(groups if groups is not None else np.arange(n)).astype(str), return_inverse=True)
+    g = int(gi.max()) + 1 if n else 0
+    hits = {"sensitivity": (flagged, is_t), "specificity": (~flagged, ~is_t), "target_referred_any": (referred, is_t)}
+    table = np.stack([np.bincount(gi, weights=(h & m).astype(float), minlength=g) for h, m in hits.values()] +
+                     [np.bincount(gi, weights=m.astype(float), minlength=g) for _, m in hits.values()], axis=1)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(g, np.full(g, 1.0 / g), size=BOOTSTRAP_RESAMPLES) if g else np.zeros((0, 0))
+    sums = counts @ table if g else np.zeros((0, 6))
     out = {}
-    for i, (name, hit, mask) in enumerate((("sensitivity", flagged, is_t), ("specificity", ~flagged, ~is_t),
-                                           ("target_referred_any", referred, is_t))):
-        k, n = int((hit & mask).sum()), int(mask.sum())
-        lo, hi = (float(res["low"][i]), float(res["high"][i])) if n else (None, None)
-        wlo, whi = wilson_interval(k, n)
-        out[name] = {"value": k / n if n else None, "low": lo, "high": hi, "k": k, "n": n,
-                     "wilson_low": wlo, "wilson_high": whi, "resampled": res["resampled"]}
+    for i, (name, (hit, mask)) in enumerate(hits.items()):
+        k, m = int((hit & mask).sum()), int(mask.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats = sums[:, i] / sums[:, i + 3]
+        stats = stats[np.isfinite(stats)]
+        lo, hi = ((float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))) if m and len(stats)
+                  else (None, None))
+        wlo, whi = wilson_interval(k, m)
+        out[name] = {"value": k / m if m else None, "low": lo, "high": hi, "k": k, "n": m,
+                     "wilson_low": wlo, "wilson_high": whi,
+                     "resampled": f"{g} patients" if groups is not None and g < n else f"{n} images"}
     return out
 
 
