@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --quantize: training images used for calibration (default 96)")
     p.add_argument("--check-images", nargs="+", metavar="IMG_OR_DIR",
                    help="with --quantize: images to measure agreement on instead of the run's validation split")
+    p.add_argument("--calibration-method", choices=["minmax", "percentile"], default="minmax",
+                   help="with --quantize: activation ranges from min/max (default) or the 99.999th percentile")
     p.add_argument("--min-agreement", type=float, default=0.99, metavar="F",
                    help="with --quantize: least top-1 agreement with fp32 PyTorch to write the file (default 0.99)")
     p.set_defaults(handler=run_export)
@@ -67,6 +69,7 @@ def run_export(args: argparse.Namespace) -> int:
 
         quant = quantize_int8(args.run, report.onnx_file, args.out, calibration=args.calibration_images,
                               calibration_count=args.calibration_count, check=args.check_images,
-                              min_agreement=args.min_agreement, which=args.which)
+                              min_agreement=args.min_agreement, which=args.which,
+                              method=args.calibration_method)
         print(quant.summary())
     return 0

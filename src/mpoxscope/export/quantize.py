@@ -165,13 +165,15 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
                   out_file: str | os.PathLike | None = None, calibration: list[str | os.PathLike] | None = None,
                   calibration_count: int = 96, check: list[str | os.PathLike] | None = None,
                   min_agreement: float = 0.99, op_types: tuple[str, ...] = DEFAULT_OPS,
-                  which: str = "best") -> QuantReport:
+                  which: str = "best", method: str = "minmax") -> QuantReport:
     """Write the int8 model of run ``run_dir`` to ``out_file`` (default ``RUN/model.int8.onnx``) from its fp32
     ONNX file (``fp32_file``, default ``RUN/model.onnx``, exported first when missing or stale).
 
     Calibrates on ``calibration`` (files/folders) or ``calibration_count`` training images of the run's data,
     then compares top-1 classes with fp32 PyTorch on ``check`` or the run's validation images; below
-    ``min_agreement`` nothing is written and MpoxscopeError says by how much it missed.
+    ``min_agreement`` nothing is written and MpoxscopeError says by how much it missed. ``method``: activation
+    ranges from "minmax" (every value kept) or "percentile" (99.999th percentile: outliers clipped, finer steps
+    for the rest).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -184,6 +186,9 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     out = Path(out_file) if out_file is not None else run_dir / INT8_FILE
     if out.is_dir():
         raise MpoxscopeError(f"{out}: is a folder; give a file name such as {out / INT8_FILE}")
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise MpoxscopeError(f"--calibration-method: choose {' or '.join(methods)}, not {method!r}")
     if not 0.0 <= min_agreement <= 1.0:
         raise MpoxscopeError(f"--min-agreement: must be in [0, 1], got {min_agreement}")
     fp32 = OnnxPredictor.from_run(run_dir, onnx_file=fp32_file, which=which) if fp32_file else \
@@ -207,10 +212,12 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
                     str(prepared), str(target), _Reader(fp32.session.get_inputs()[0].name, batches),
                     quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=list(op_types),
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                    calibrate_method=methods[method],
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                   "CalibPercentile": 99.999},
                 )
-                _copy_metadata(fp32_path, target, f"static QDQ int8, per-channel, ops {','.join(op_types)}, "
+                _copy_metadata(fp32_path, target, f"static QDQ int8, per-channel, {method} ranges, ops "
+                               f"{','.join(op_types)}, "
                                f"calibrated on {len(calib)} {calib_source}")
                 candidate = OnnxPredictor(make_session(target), meta, target)
                 agree, prob_diff = agreement(expected, candidate.predict_images(checks))
