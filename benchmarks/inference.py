@@ -307,6 +307,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default="benchmarks/results/inference.md")
     ap.add_argument("--limit", type=int, help="use only this many images (a quick check, not the result)")
+    ap.add_argument("--skip-recorded", action="store_true",
+                    help="leave out row (h), the run with its test-time views / ensemble (8x the single model)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: elapsed time (default); cpu: CPU time of this process, for a machine where other "
                          "jobs take the cores (use with --threads 1: no thread spins waiting for a preempted "
@@ -345,7 +347,7 @@ def main() -> None:
                                                                                           args.threads)),
         lite_variant("g", "ONNX Runtime int8, torch-free preprocessing", LiteOnnxPredictor(int8, args.threads)),
     ]
-    if note:
+    if note and not args.skip_recorded:
         as_recorded = Predictor.from_run(recorded, device="cpu")
         variants.append(Variant("h", "the run as recorded (" + describe(as_recorded.meta) + "), PyTorch fp32",
                                 as_recorded.preprocess, as_recorded.logits, None))
