@@ -115,7 +115,10 @@ def _bank_digest(key: BankKey, data: SampleSet, indices) -> str:
     for i in indices:
         st = os.stat(data.samples[i].path)
         files.append([str(data.samples[i].path), st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"key": dataclasses.asdict(key), "files": files}, sort_keys=True, default=str)
+    from mpoxscope.data import images  # the decoder's size cap changes the pixels of very large photos
+
+    blob = json.dumps({"key": dataclasses.asdict(key), "files": files, "max_side": images.DEFAULT_MAX_SIDE},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
