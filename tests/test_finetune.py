@@ -213,7 +213,7 @@ def test_ensemble_run_predicts_the_mean_of_its_members(ensemble_run, data_and_fo
     batch = ens.preprocess(images[:2])
     maps = explain(ens.explain_model, batch, "gradcam")  # each member's map on the input grid, averaged
     assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.max() > 0
-    with pytest.raises(MpoxscopeError, match="no AGFN attention"):
+    with pytest.raises(MpoxscopeError, match="no attention"):
         explain(ens.explain_model, batch, "attention")
     with pytest.raises(MpoxscopeError, match="given twice"):
         member_configs(("a:1", "a:1"), SMALL, cfg)

@@ -299,8 +299,8 @@ def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
             from mpoxscope.explain.attention import attention_maps, has_attention
 
             if not has_attention(model):
-                raise MpoxscopeError("attention: this model has no AGFN attention head (an ensemble: explain a "
-                                     "member for its attention, or use a CAM method)")
+                raise MpoxscopeError("attention: this model has no attention weights (an ensemble: explain a "
+                                     "member for its AGFN attention, or use a CAM method)")
 
             return attention_maps(model, batch, batch_size=batch_size)
         layer = target_layer if isinstance(target_layer, nn.Module) else \
