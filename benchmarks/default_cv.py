@@ -43,17 +43,17 @@ def run_cv(data: Path, out: Path, extra: list[str]) -> tuple[list[str], float]:
 
 
 def pooled_predictions(cv_out: Path) -> dict[str, tuple[str, str]]:
-    """filename -> (true, predicted) over every fold's test part."""
+    """"fold/filename" -> (true, predicted) over every fold's test part (an image may be in several folds' tests)."""
     rows = {}
     for f in sorted(cv_out.glob("fold*/evaluation/predictions.csv")):
         with open(f, newline="") as fh:
             for r in csv.DictReader(fh):
-                rows[r["filename"]] = (r["true"], r["predicted"])
+                rows[f"{f.parent.parent.name}/{r['filename']}"] = (r["true"], r["predicted"])
     return rows
 
 
-def patient(filename: str) -> str:
-    return "_".join(Path(filename).stem.split("_")[:2])
+def patient(key: str) -> str:
+    return "_".join(Path(key.split("/", 1)[-1]).stem.split("_")[:2])
 
 
 def paired(new: dict, old: dict, n_boot: int = 2000, seed: int = 0) -> dict:
