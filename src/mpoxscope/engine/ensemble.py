@@ -19,9 +19,9 @@ from mpoxscope.data.splits import Fold
 from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.checkpoint import load_inference_model, read_meta, write_meta
 from mpoxscope.engine.device import resolve_device
-from mpoxscope.engine.finish import _screening, brief, calibrated_probs, logits_of, protocol
+from mpoxscope.engine.finish import brief, logits_of, protocol, scored, screening_block
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
-from mpoxscope.engine.metrics import classification_metrics
+from mpoxscope.engine.predict import calibrated_softmax
 from mpoxscope.engine.train import TrainResult, train
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import write_json
@@ -95,14 +95,13 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
     x = normalise(images.clean.index_select(0, images.index(fold.validation)), norm["mean"], norm["std"])
     targets = np.array([data.targets[i] for i in fold.validation])
     logits = logits_of(model, x, device)
-    probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
-    val = classification_metrics(targets, probs, data.classes)
-    val["loss"] = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1)).mean())
+    val = scored(logits, targets, data.classes)
     member_val = {n: read_meta(run_dir / rundir.MEMBERS / n).get("validation", {}) for n in names}
     meta["validation"] = {**brief(val), "protocol": protocol(data_info, "validation"),
                           "members": {n: brief(v) for n, v in member_val.items()}}
     meta["calibration"] = calibrate(logits, targets)
-    meta["screening"] = _screening(calibrated_probs(logits, meta["calibration"]), targets, data.classes, train_cfg,
+    meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
+                                        data.classes, train_cfg,
                                    protocol(data_info, "validation"))
     write_meta(run_dir, meta)
     write_json(run_dir / rundir.STATE, {"status": "finished", "members": names})

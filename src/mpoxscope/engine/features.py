@@ -94,8 +94,7 @@ def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices
         bar.update(len(chunk) * (n_views + 1))
     bar.close()
     model.train(trunk_was_training)
-    key = BankKey(model.config.backbone, getattr(model, "pretrained_source", "?"), size, stop, n_views, seed,
-                  dataclasses.replace(augment))
+    key = bank_key(model, stop, n_views, seed, augment)
     clean_t = torch.cat(clean)
     views_t = torch.cat(views, dim=1) if n_views else clean_t.new_empty((0, *clean_t.shape))
     return FeatureBank(key, {i: r for r, i in enumerate(indices)}, views_t, clean_t)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from scipy.special import softmax
 
 from mpoxscope.config import TrainConfig
 from mpoxscope.data.batch_augment import normalise
@@ -20,6 +21,7 @@ from mpoxscope.data.splits import Fold
 from mpoxscope.engine import rundir
 from mpoxscope.engine.imagecache import build_image_cache
 from mpoxscope.engine.metrics import classification_metrics
+from mpoxscope.engine.predict import calibrated_softmax
 from mpoxscope.models.tta import TTA_SETS, TTAModel, resolve_views
 
 BRIEF_KEYS = ("n_images", "accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc_ovr_macro", "loss")
@@ -50,6 +52,15 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor, device: torch.device, bat
                       for s in range(0, len(x), batch_size)]).numpy()
 
 
+def scored(logits: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
+    """Classification metrics of ``softmax(logits)`` (N, K) against ``targets`` (N,), with the log-loss."""
+    from mpoxscope.engine.calibration import nll
+
+    m = classification_metrics(targets, softmax(logits, axis=1), classes)
+    m["loss"] = nll(logits, targets)
+    return m
+
+
 def choose_tta(model: torch.nn.Module, x: torch.Tensor, targets: np.ndarray, classes: list[str], spec: str,
                device: torch.device) -> tuple[str, dict, np.ndarray]:
     """The view set with the lowest validation log-loss among ``TTA_SETS`` when ``spec`` is "auto" (then the
@@ -57,29 +68,15 @@ def choose_tta(model: torch.nn.Module, x: torch.Tensor, targets: np.ndarray, cla
     validation logits). Log-loss, not macro-F1, decides: on a validation part of ~100 images F1 moves in steps of
     one image, while the loss of averaged views is a smooth measure of the same thing."""
     names = list(TTA_SETS) if spec == "auto" else [spec]
-    scored, best = {}, None
+    scored_sets, best = {}, None
     for name in names:
         logits = logits_of(TTAModel(model, resolve_views(name)), x, device)
-        m = classification_metrics(targets, _softmax(logits), classes)
-        m["loss"] = float(-np.log(np.clip(_softmax(logits)[np.arange(len(targets)), targets], 1e-12, 1)).mean())
-        scored[name] = {"f1_macro": m["f1_macro"], "accuracy": m["accuracy"], "loss": m["loss"]}
+        m = scored(logits, targets, classes)
+        scored_sets[name] = {"f1_macro": m["f1_macro"], "accuracy": m["accuracy"], "loss": m["loss"]}
         key = (-round(m["loss"], 6), round(m["f1_macro"], 10))
         if best is None or key > best[0]:
             best = (key, name, logits)
-    return best[1], scored, best[2]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def calibrated_probs(logits: np.ndarray, calibration: dict) -> np.ndarray:
-    try:
-        from mpoxscope.engine.calibration import apply_calibration
-    except ImportError:
-        return _softmax(logits / float(calibration.get("temperature", 1.0)))
-    return torch.softmax(apply_calibration(torch.as_tensor(logits), calibration), 1).numpy()
+    return best[1], scored_sets, best[2]
 
 
 def finish_run(run_dir: Path, model, batches, stop: int, data: SampleSet, fold: Fold, cfg: TrainConfig,
@@ -92,20 +89,20 @@ def finish_run(run_dir: Path, model, batches, stop: int, data: SampleSet, fold: 
     x = validation_images(batches, data, fold, model.config.image_size, model.mean, model.std,
                           cfg.num_workers, progress)
     targets = np.array([data.targets[i] for i in fold.validation])
-    name, scored, logits = choose_tta(model, x, targets, data.classes, cfg.tta, device)
+    name, candidates, logits = choose_tta(model, x, targets, data.classes, cfg.tta, device)
     meta["tta"] = {"set": name, "views": list(resolve_views(name)), "chosen_on": "validation",
-                   "candidates": scored}
-    val = classification_metrics(targets, _softmax(logits), data.classes)
-    val["loss"] = scored[name]["loss"]
+                   "candidates": candidates}
+    val = scored(logits, targets, data.classes)
     meta["validation"] = {**brief(val), "epoch": best_epoch, "tta": name,
                           "protocol": protocol(meta.get("data", {}), "validation")}
     meta["calibration"] = calibrate(logits, targets)
-    meta["screening"] = _screening(calibrated_probs(logits, meta["calibration"]), targets, data.classes, cfg,
+    meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
+                                        data.classes, cfg,
                                    protocol(meta.get("data", {}), "validation"))
     return meta
 
 
-def _screening(probs: np.ndarray, targets: np.ndarray, classes: list[str], cfg: TrainConfig,
+def screening_block(probs: np.ndarray, targets: np.ndarray, classes: list[str], cfg: TrainConfig,
                source: str) -> dict | None:
     """The sensitivity-first threshold for ``cfg.screen_class``; None when that class is not in the data or
     has no validation cases (the run then has no screening rule)."""

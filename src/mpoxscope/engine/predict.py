@@ -118,12 +118,10 @@ class Predictor:
 
 
 def calibrated_softmax(logits: torch.Tensor, calibration: dict) -> np.ndarray:
-    """softmax of calibrated logits: the run's calibration block (temperature, or what
-    ``engine.calibration.apply_calibration`` knows) applied to (N, K) logits."""
-    try:
-        from mpoxscope.engine.calibration import apply_calibration
-    except ImportError:  # an older calibration module: temperature only
-        return torch.softmax(logits / float(calibration.get("temperature", 1.0)), dim=1).numpy()
+    """softmax of calibrated logits (N, K): the run's calibration block (none, temperature or vector scaling)
+    applied by ``engine.calibration.apply_calibration``."""
+    from mpoxscope.engine.calibration import apply_calibration
+
     return torch.softmax(apply_calibration(logits, calibration), dim=1).numpy()
 
 

@@ -22,7 +22,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from mpoxscope.config import ModelConfig, TrainConfig
+from mpoxscope.config import ModelConfig, TrainConfig, to_dict
 from mpoxscope.data.images import check_images
 from mpoxscope.data.samples import SampleSet
 from mpoxscope.data.splits import Fold
@@ -295,7 +295,7 @@ class _Setup:
         optimizer = torch.optim.AdamW(param_groups(model, stop, cfg), weight_decay=cfg.weight_decay)
         steps = max(1, len(batches))
         scheduler = cosine_with_warmup(optimizer, cfg.warmup_epochs * steps, cfg.epochs * steps)
-        meta = build_meta(model, data.classes, train=_train_dict(cfg), data=data_info,
+        meta = build_meta(model, data.classes, train=to_dict(cfg), data=data_info,
                           trainable_stages_resolved={"frozen_stages": stop, "total_stages": len(model.stages),
                                                      "cached": bank is not None, "precision": precision,
                                                      "processes": ctx.world_size})
@@ -328,19 +328,11 @@ def _one_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, data: Sam
             f"macro-F1 {val['f1_macro']:.3f}  {record['seconds']:.0f} s{'  *' if improved else ''}")
 
 
-def _train_dict(cfg: TrainConfig) -> dict:
-    from mpoxscope.config import to_dict
-
-    return to_dict(cfg)
-
-
 def _finished_result(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_info: dict,
                      resume: bool, log) -> TrainResult | None:
     state_path = run_dir / STATE_FILE
     if not (state_path.is_file() and resume):
         return None
-    from mpoxscope.config import to_dict
-
     _check_same_config(run_dir, {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": data_info})
     state = read_json(state_path)
     if state.get("status") != "finished":
