@@ -34,12 +34,6 @@ CITATION = (
     "https://doi.org/10.1016/j.bspc.2024.106742"
 )
 
-_HEADS = {
-    "agfn": "AGFN (Attention-Guided Fusion): 1x1 projection of the feature map to tokens with a learned 2-D "
-            "position embedding, multi-head self-attention, attention pooling by a learned query, fused "
-            "with global-average-pooled features, linear classifier",
-    "linear": "linear baseline: global average pooling, dropout, linear classifier",
-}
 _TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone_lr", "weight_decay", "label_smoothing",
                "trainable_stages", "class_balanced", "seed", "precision")
 _INTERVAL_LOW = ("low", "lower", "ci_low", "lo")
@@ -142,6 +136,13 @@ def count_parameters(weights_file: str | os.PathLike) -> int | None:
         return None
 
 
+def _head_line(head: Any) -> Any:
+    """The head's name and the one-line description it registered with (see mpoxscope.registry.HEADS)."""
+    from mpoxscope.registry import HEADS
+
+    return f"{head} — {HEADS.get(head).summary}" if isinstance(head, str) and head in HEADS else head
+
+
 def _model_section(meta: dict, parameters: int | None) -> str:
     model = _section_dict(meta, "model") or {}
     classes = meta.get("classes") or []
@@ -150,7 +151,7 @@ def _model_section(meta: dict, parameters: int | None) -> str:
     size = meta.get("image_size", model.get("image_size"))
     rows: list[tuple[str, Any]] = [
         ("Backbone", model.get("backbone")),
-        ("Head", f"{head} — {_HEADS[head]}" if head in _HEADS else head),
+        ("Head", _head_line(head)),
         ("Pretrained weights", meta.get("pretrained_source")),
         ("Input", f"{size} x {size} px RGB, whole image resized (no crop), normalised with mean "
                   f"{norm.get('mean', '?')} and std {norm.get('std', '?')}" if size else None),

@@ -120,8 +120,10 @@ def _check_model_config(where, model: dict) -> None:
     for key in ("backbone", "head", "fusion", "pretrained"):
         if key in model and not isinstance(model[key], str):
             raise _bad(where, f"model.{key}", "a string", model[key])
-    if model.get("head", "agfn") not in ("agfn", "linear"):
-        raise _bad(where, "model.head", "'agfn' or 'linear'", model.get("head"))
+    from mpoxscope.registry import HEADS
+
+    if model.get("head", "agfn") not in HEADS:
+        raise _bad(where, "model.head", f"one of {', '.join(HEADS)}", model.get("head"))
     if model.get("fusion", "concat") not in ("concat", "gate"):
         raise _bad(where, "model.fusion", "'concat' or 'gate'", model.get("fusion"))
     for key in ("image_size", "d_model", "num_heads", "ff_mult"):

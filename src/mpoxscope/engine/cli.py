@@ -7,13 +7,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from mpoxscope.registry import HEADS, Choices
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: preset, model, optimisation, device."""
     g = p.add_argument_group("model and training (override the preset)")
     g.add_argument("--preset", default="default", help="default | paper (ResNet50 AGFN, end to end) | tiny")
     g.add_argument("--backbone", help="timm model name, e.g. tf_efficientnet_lite0 (offline), resnet50")
-    g.add_argument("--head", choices=["agfn", "linear"])
+    g.add_argument("--head", choices=Choices(HEADS), metavar="HEAD", help="classification head: %(choices)s")
     g.add_argument("--pretrained", help="auto | imagenet | none | PATH to .safetensors/.pth ImageNet weights")
     g.add_argument("--image-size", type=int)
     g.add_argument("--heads", dest="num_heads", type=int, help="attention heads (default 8)")

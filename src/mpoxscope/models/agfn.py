@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpoxscope.registry import HEADS, register_head
+
+__all__ = ["HEADS", "AGFNHead", "AttentionMaps", "LinearHead"]
+
 
 class AttentionMaps(dict):
     """Attention weights returned by :meth:`AGFNHead.forward` with ``return_attention=True``.
@@ -15,6 +19,9 @@ class AttentionMaps(dict):
     """
 
 
+@register_head("agfn", "AGFN (Attention-Guided Fusion): 1x1 projection of the feature map to tokens with a learned "
+                       "2-D position embedding, multi-head self-attention, attention pooling by a learned query, "
+                       "fused with global-average-pooled features, linear classifier")
 class AGFNHead(nn.Module):
     """Attention-Guided Fusion head.
 
@@ -85,10 +92,11 @@ class AGFNHead(nn.Module):
         return logits, maps
 
 
+@register_head("linear", "linear baseline: global average pooling, dropout, linear classifier")
 class LinearHead(nn.Module):
     """Ablation baseline: global-average-pooled features -> dropout -> linear classifier."""
 
-    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.3, **_: object) -> None:
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.3) -> None:
         super().__init__()
         self.in_channels, self.num_classes = in_channels, num_classes
         self.dropout = nn.Dropout(dropout)
@@ -98,5 +106,3 @@ class LinearHead(nn.Module):
         logits = self.classifier(self.dropout(features.mean(dim=(2, 3))))
         return (logits, AttentionMaps()) if return_attention else logits
 
-
-HEADS: dict[str, type[nn.Module]] = {"agfn": AGFNHead, "linear": LinearHead}

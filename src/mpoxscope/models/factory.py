@@ -8,9 +8,9 @@ from torch import nn
 
 from mpoxscope.config import ModelConfig
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.models.agfn import HEADS
 from mpoxscope.models.backbones import backbone_stages, create_backbone
 from mpoxscope.models.pretrained import load_pretrained
+from mpoxscope.registry import HEADS
 
 
 class SkinLesionNet(nn.Module):
@@ -60,19 +60,23 @@ def feature_channels(backbone: nn.Module, image_size: int) -> tuple[int, tuple[i
     return out.shape[1], (out.shape[2], out.shape[3])
 
 
+def build_head(config: ModelConfig, channels: int, num_classes: int, grid: tuple[int, int]) -> nn.Module:
+    """The head ``config.head`` names, given only the options its constructor takes (see
+    :func:`mpoxscope.registry.register_head`)."""
+    spec = HEADS.get(config.head)
+    values = {"grid_size": grid, **{f: getattr(config, f) for f in config.__dataclass_fields__}}
+    return spec.cls(channels, num_classes, **{k: values[k] for k in spec.options if k in values})
+
+
 def create_model(config: ModelConfig, num_classes: int, load_weights: bool = True) -> SkinLesionNet:
     """Build the model. ``load_weights=False`` skips pretrained weights (when a checkpoint will be loaded)."""
-    if config.head not in HEADS:
-        raise MpoxscopeError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
+    HEADS.get(config.head)  # an unknown head fails before the backbone is built
     if num_classes < 2:
         raise MpoxscopeError(f"need at least 2 classes, got {num_classes}")
     backbone = create_backbone(config.backbone)
     source = load_pretrained(backbone, config.backbone, config.pretrained) if load_weights else "checkpoint"
     channels, grid = feature_channels(backbone, config.image_size)
-    head = HEADS[config.head](
-        channels, num_classes, d_model=config.d_model, num_heads=config.num_heads, grid_size=grid,
-        ff_mult=config.ff_mult, dropout=config.dropout, attn_dropout=config.attn_dropout, fusion=config.fusion,
-    )
+    head = build_head(config, channels, num_classes, grid)
     cfg = timm.get_pretrained_cfg(config.backbone)
     mean = tuple(getattr(cfg, "mean", None) or (0.485, 0.456, 0.406))
     std = tuple(getattr(cfg, "std", None) or (0.229, 0.224, 0.225))
