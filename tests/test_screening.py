@@ -67,6 +67,38 @@ def test_threshold_is_the_largest_that_reaches_the_target(seed):
         assert all((scores[is_t] >= h).mean() < s for h in higher)
 
 
+def test_confident_threshold_keeps_a_margin_of_the_right_size():
+    # 400 target cases from 400 patients, evenly spread scores: the point rule keeps exactly 90 %; the 95 %-confident
+    # rule must keep more, by about 1.645 binomial standard deviations (sqrt(0.9 * 0.1 / 400) = 1.5 points).
+    scores = np.linspace(0.001, 1.0, 400)
+    is_t = np.ones(400, bool)
+    point = choose_threshold(scores, is_t, 0.9)
+    assert (scores >= point).mean() == pytest.approx(0.9, abs=0.003)
+    kept = (scores >= choose_threshold(scores, is_t, 0.9, confidence=0.95)).mean()
+    sd = math.sqrt(0.9 * 0.1 / 400)
+    assert 0.9 + 1.2 * sd <= kept <= 0.9 + 2.2 * sd
+    # more confidence, never a higher threshold; same seed, same answer
+    t90, t95, t99 = (choose_threshold(scores, is_t, 0.9, confidence=c) for c in (0.9, 0.95, 0.99))
+    assert t99 <= t95 <= t90 <= point
+    assert t95 == choose_threshold(scores, is_t, 0.9, confidence=0.95)
+
+
+def test_confident_threshold_counts_patients_not_photos():
+    # The same 400 cases from 20 patients of 20 photos each (scores clustered by patient): far less information,
+    # so the bound is wider and the threshold lower than with 400 independent patients.
+    rng = np.random.default_rng(0)
+    patient_level = np.repeat(rng.random(20), 20)
+    scores = np.clip(patient_level + rng.normal(0, 0.02, 400), 0, 1)
+    is_t = np.ones(400, bool)
+    independent = choose_threshold(scores, is_t, 0.9, confidence=0.95)
+    clustered = choose_threshold(scores, is_t, 0.9, confidence=0.95, groups=np.repeat(np.arange(20), 20))
+    assert clustered < independent
+    with pytest.raises(MpoxscopeError, match="confidence"):
+        choose_threshold(scores, is_t, 0.9, confidence=1.0)
+    with pytest.raises(MpoxscopeError, match="groups"):
+        choose_threshold(scores, is_t, 0.9, confidence=0.95, groups=[1, 2])
+
+
 @pytest.mark.parametrize("scores,is_t,sens,match", [
     ([0.1, 0.2], [False, False], 0.9, "no cases of the target class"),
     ([0.1, 0.2], [True, False], 0.0, r"must be in \(0, 1\]"),
@@ -94,7 +126,9 @@ def test_fit_screening_block_and_aliases():
     block = fit_screening(p, y, CLASSES, target_class="Monkeypox", sensitivity=0.9, source="fold1 validation")
     assert block["target_class"] == "Mpox" and block["source"] == "fold1 validation"
     is_t = y == 0
-    assert block["threshold"] == choose_threshold(p[:, 0], is_t, 0.9)
+    assert block["threshold"] == choose_threshold(p[:, 0], is_t, 0.9, confidence=0.95)
+    assert block["confidence"] == 0.95
+    assert fit_screening(p, y, CLASSES, confidence=None)["threshold"] == choose_threshold(p[:, 0], is_t, 0.9)
     assert block["n_validation_target"] == int(is_t.sum())
     assert block["validation_sensitivity"] >= 0.9
     flagged = p[:, 0] >= block["threshold"]

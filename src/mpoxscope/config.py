@@ -57,6 +57,7 @@ class TrainConfig:
     tta: str = "auto"  # test-time views: "auto" (chosen on validation) | "none" | "flips" | "d4"
     screen_class: str = "Mpox"  # the class the screening rule must catch
     screen_sensitivity: float = 0.90  # its target sensitivity, met on validation
+    screen_confidence: float | None = 0.95  # ... with this confidence (bootstrap lower bound); None: point estimate
     ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED] per member (same recipe); empty: one model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -63,6 +63,19 @@ def _sensitivity(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _confidence(text: str) -> float | None:
+    """0 means 'no confidence margin' (the point estimate); else a confidence in [0.5, 1)."""
+    try:
+        c = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if c == 0:
+        return None
+    if not 0.5 <= c < 1:
+        raise argparse.ArgumentTypeError(f"must be 0 or in [0.5, 1), got {text}")
+    return c
+
+
 def add_screening_options(p: argparse.ArgumentParser) -> None:
     """Options of ``train`` and ``cv``: which class to catch first, at what sensitivity (chosen on validation)."""
     g = p.add_argument_group("screening (catch one class first; threshold chosen on validation)")
@@ -71,6 +84,9 @@ def add_screening_options(p: argparse.ArgumentParser) -> None:
                         "as Monkeypox accepted)")
     g.add_argument("--mpox-sensitivity", dest="screen_sensitivity", type=_sensitivity, metavar="S",
                    help="target sensitivity for the screening class on validation, in (0, 1] (default 0.90)")
+    g.add_argument("--screen-confidence", dest="screen_confidence", type=_confidence, metavar="C",
+                   help="confidence with which the target sensitivity must be met on validation (one-sided "
+                        "patient-bootstrap lower bound; default 0.95); 0: the point estimate")
 
 
 def configs_from_args(args: argparse.Namespace):
@@ -238,7 +254,8 @@ def run_cv(args: argparse.Namespace) -> int:
     if "sensitivity" in sc:
         from mpoxscope.engine.screening import pct, with_ci
 
-        print(f"[{summary['protocol']}; screening threshold per fold from pooled out-of-fold validation] "
+        print(f"[{summary['protocol']}; screening threshold per fold from pooled out-of-fold validation"
+              + (f", target met with {sc['confidence']:.0%} confidence" if sc.get("confidence") else "") + "] "
               f"{sc['target_class']} sensitivity {with_ci(sc['sensitivity'])} (target "
               f"{pct(sc['target_sensitivity'])}), specificity {with_ci(sc['specificity'])}, referral rate "
               f"{pct(sc['referral_rate'])}")
@@ -250,7 +267,8 @@ def run_cv(args: argparse.Namespace) -> int:
 def run_screen(args: argparse.Namespace) -> int:
     from mpoxscope.engine.screening import pct, screen_cv_output, with_ci
 
-    r = screen_cv_output(args.cv_out, target_class=args.screen_class, sensitivity=args.sensitivity, out=args.out)
+    r = screen_cv_output(args.cv_out, target_class=args.screen_class, sensitivity=args.sensitivity, out=args.out,
+                         confidence=args.confidence)
     p, target = r["pooled"], r["target_class"]
     print(f"[{r['protocol']}] target {pct(r['target_sensitivity'])} {target} sensitivity: pooled test "
           f"sensitivity {with_ci(p['sensitivity'])}, specificity {with_ci(p['specificity'])}, referral rate "
@@ -341,12 +359,16 @@ def register(sub) -> None:
         "Recompute screening.json, screening.md and screening_roc_pr.png of a cross-validation output from its "
         "prediction files alone (each fold's validation/predictions.csv and evaluation/predictions.csv; no model "
         "is loaded). Each fold's threshold is chosen on the pooled validation predictions of all folds without "
-        "that fold's test images. Takes about a second."))
+        "that fold's test images, as the largest threshold whose validation sensitivity reaches the target with "
+        "the given confidence. Takes a few seconds."))
     p.add_argument("cv_out", metavar="CV_OUT", help="output folder of 'mpoxscope cv'")
     p.add_argument("--sensitivity", type=_sensitivity, default=0.90,
                    help="target sensitivity for the screening class, in (0, 1] (default 0.90)")
     p.add_argument("--screen-class", dest="screen_class", default="Mpox", metavar="CLASS",
                    help="class to catch first (default Mpox)")
+    p.add_argument("--confidence", type=_confidence, default=0.95, metavar="C",
+                   help="confidence with which the target must be met on validation (one-sided patient-bootstrap "
+                        "lower bound; default 0.95); 0: the point estimate")
     p.add_argument("--out", help="where to write (default CV_OUT)")
     p.set_defaults(handler=run_screen)
 

@@ -277,7 +277,8 @@ def cv_screening(out: Path, folds: list[str], train_cfg: TrainConfig, protocol: 
     target = getattr(train_cfg, "screen_class", None) or "Mpox"
     sensitivity = getattr(train_cfg, "screen_sensitivity", None) or 0.90
     try:
-        r = screen_cv_output(out, target, sensitivity, folds=folds, protocol=protocol)
+        r = screen_cv_output(out, target, sensitivity, folds=folds, protocol=protocol,
+                             confidence=train_cfg.screen_confidence)
     except MpoxscopeError as e:
         log(f"screening: skipped ({e})")
         return {"skipped": str(e)}

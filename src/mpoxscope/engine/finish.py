@@ -97,13 +97,13 @@ def finish_run(run_dir: Path, model, batches, stop: int, data: SampleSet, fold: 
                           "protocol": protocol(meta.get("data", {}), "validation")}
     meta["calibration"] = calibrate(logits, targets)
     meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
-                                        data.classes, cfg,
-                                   protocol(meta.get("data", {}), "validation"))
+                                        data.classes, cfg, protocol(meta.get("data", {}), "validation"),
+                                        [data.groups[i] for i in fold.validation])
     return meta
 
 
 def screening_block(probs: np.ndarray, targets: np.ndarray, classes: list[str], cfg: TrainConfig,
-               source: str) -> dict | None:
+                    source: str, groups: list[str] | None = None) -> dict | None:
     """The sensitivity-first threshold for ``cfg.screen_class``; None when that class is not in the data or
     has no validation cases (the run then has no screening rule)."""
     from mpoxscope.engine.screening import fit_screening, resolve_target_class
@@ -115,4 +115,5 @@ def screening_block(probs: np.ndarray, targets: np.ndarray, classes: list[str], 
         return None
     if not (targets == idx).any():
         return None
-    return fit_screening(probs, targets, classes, cfg.screen_class, cfg.screen_sensitivity, source)
+    return fit_screening(probs, targets, classes, cfg.screen_class, cfg.screen_sensitivity, source,
+                         cfg.screen_confidence, groups)

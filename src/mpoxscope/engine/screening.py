@@ -11,10 +11,16 @@ API, the page, ``evaluate``, ``cv`` and the model card (:func:`decide`):
    screening tool must never name the target disease without referring;
 4. non-finite probabilities are never a class: ``uncertain``.
 
-The threshold is the largest one that still reaches the target sensitivity on validation predictions
-(:func:`choose_threshold`): largest threshold = fewest referrals. With several folds, :func:`pooled_thresholds`
-pools every fold's out-of-fold validation predictions, leaving out the images in the fold's own test part, so the
-threshold is not fitted to 30 photos and never sees the test images it is measured on.
+The threshold is the largest one whose validation sensitivity reaches the target *with 95 % confidence*
+(:func:`choose_threshold` with ``confidence``): the one-sided lower bound of a patient-level bootstrap of the
+validation sensitivity must reach the target. Largest threshold = fewest referrals. Why not the point estimate
+(``confidence=None``, the k-th largest validation score): validation predictions come from the checkpoint, views
+and calibration chosen on that same validation part, so they are optimistic, and 25–60 target photos from a
+handful of patients leave the point estimate noisy; on MSLD's official folds the point rule chosen for 90 % gave
+80.8 % on the pooled test parts. A screening programme wants the target met, so the margin for the validation
+set's size is taken on the safe side. With several folds, :func:`pooled_thresholds` pools every fold's out-of-fold
+validation predictions, leaving out the images in the fold's own test part, so the threshold is not fitted to 30
+photos and never sees the test images it is measured on.
 
 Arrays: ``probs`` (N, K) class probabilities, ``targets`` (N,) class indices, ``scores`` (N,) P(target).
 """
@@ -39,6 +45,8 @@ from mpoxscope.errors import MpoxscopeError
 DEFAULT_ABSTAIN_THRESHOLD = 0.5
 DEFAULT_TARGET_CLASS = "Mpox"
 DEFAULT_SENSITIVITY = 0.90
+#: Confidence with which the target sensitivity must be met on validation (one-sided bootstrap lower bound).
+DEFAULT_CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 UNCERTAIN_LABEL = "uncertain"
 UNCERTAIN_TEXT = "uncertain — refer to a clinician"
@@ -77,13 +85,22 @@ def check_sensitivity(sensitivity: float, what: str = "sensitivity") -> float:
     return s
 
 
-def choose_threshold(scores: np.ndarray, is_target: np.ndarray, sensitivity: float) -> float:
-    """The largest threshold ``t`` with ``mean(scores[is_target] >= t) >= sensitivity``.
+def choose_threshold(scores: np.ndarray, is_target: np.ndarray, sensitivity: float,
+                     confidence: float | None = None, groups: Sequence | None = None,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:
+    """The largest threshold ``t`` whose sensitivity ``mean(scores[is_target] >= t)`` reaches ``sensitivity`` —
+    as a point estimate (``confidence=None``), or with that one-sided ``confidence`` (e.g. 0.95).
 
-    ``scores`` (N,) finite scores (e.g. P(target)); ``is_target`` (N,) booleans; ``sensitivity`` in (0, 1]. With
-    ``n`` target cases the rule must keep ``k = ceil(sensitivity * n)`` of them, so ``t`` is the k-th largest
-    target score: any larger value keeps fewer than k. Largest ``t`` = fewest non-target cases flagged, i.e. the
-    highest specificity at that sensitivity. Non-target scores do not move ``t``; they only decide its cost.
+    ``scores`` (N,) finite scores (e.g. P(target)); ``is_target`` (N,) booleans; ``sensitivity`` in (0, 1];
+    ``groups`` (N,) patient of each case (default: each case its own patient). Point rule: with ``n`` target cases
+    the rule must keep ``k = ceil(sensitivity * n)`` of them, so ``t`` is the k-th largest target score. Confident
+    rule: ``t`` is the largest target score at which the ``1 - confidence`` quantile of the sensitivity over
+    ``resamples`` bootstrap resamples of the target cases' patients (seeded, so the choice is reproducible) reaches
+    ``sensitivity``; it keeps at least as many cases as the point rule. Largest ``t`` = fewest non-target cases
+    flagged. Non-target scores do not move ``t``; they only decide its cost.
+
+    >>> choose_threshold(np.array([0.1, 0.2, 0.3, 0.4, 0.9]), np.array([1, 1, 1, 1, 0], bool), 0.75)
+    0.2
     """
     s = check_sensitivity(sensitivity)
     x = np.asarray(scores, dtype=np.float64)
@@ -93,12 +110,48 @@ def choose_threshold(scores: np.ndarray, is_target: np.ndarray, sensitivity: flo
                              f"{y.shape}")
     if not np.isfinite(x).all():
         raise MpoxscopeError("scores: contains NaN or infinite values")
-    pos = np.sort(x[y.astype(bool)])[::-1]
+    order = np.argsort(-x[y.astype(bool)], kind="stable")
+    pos = x[y.astype(bool)][order]
     if len(pos) == 0:
         raise MpoxscopeError("no cases of the target class to choose a screening threshold on")
-    # 1e-9: 0.9 * 30 is 27.000000000000004 in floating point and must still mean 27 cases.
-    k = max(1, math.ceil(s * len(pos) - 1e-9))
-    return float(pos[k - 1])
+    if confidence is None:
+        # 1e-9: 0.9 * 30 is 27.000000000000004 in floating point and must still mean 27 cases.
+        k = max(1, math.ceil(s * len(pos) - 1e-9))
+        return float(pos[k - 1])
+    g = np.asarray(groups if groups is not None else np.arange(len(x)))
+    if g.shape != x.shape:
+        raise MpoxscopeError(f"groups: {len(g)} labels for {len(x)} cases")
+    lower = _sensitivity_lower_bounds(pos, g[y.astype(bool)][order], _check_confidence(confidence), resamples,
+                                      seed)
+    return float(pos[int(np.argmax(lower >= s - 1e-9))])  # the last case always reaches 1.0, so one exists
+
+
+def _check_confidence(confidence: float) -> float:
+    try:
+        c = float(confidence)
+    except (TypeError, ValueError):
+        raise MpoxscopeError(f"confidence: not a number: {confidence!r}") from None
+    if not 0.5 <= c < 1.0:
+        raise MpoxscopeError(f"confidence: must be in [0.5, 1), got {confidence}")
+    return c
+
+
+def _sensitivity_lower_bounds(pos: np.ndarray, groups: np.ndarray, confidence: float, resamples: int,
+                              seed: int) -> np.ndarray:
+    """(n,) one-sided lower bounds of the sensitivity at each threshold ``pos[j]`` (``pos`` sorted descending).
+
+    Each resample draws patients with replacement; a case counts as often as its patient was drawn. The
+    sensitivity at ``pos[j]`` is the drawn weight of cases scoring at least ``pos[j]`` (ties included) over all
+    drawn weight, and its bound the ``1 - confidence`` quantile over resamples.
+    """
+    patients, index = np.unique(groups.astype(str), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(patients), np.full(len(patients), 1 / len(patients)), size=resamples)
+    weights = counts[:, index].astype(np.float64)  # (resamples, n)
+    kept = np.cumsum(weights, axis=1)
+    last_of_tie = np.searchsorted(-pos, -pos, side="right") - 1  # a threshold keeps every case tied with it
+    sens = kept[:, last_of_tie] / np.maximum(kept[:, -1:], 1e-12)
+    return np.quantile(sens, 1 - confidence, axis=0)
 
 
 def resolve_target_class(name: str, classes: Sequence[str]) -> int:
@@ -125,21 +178,24 @@ def _check_probs(probs: Any, targets: Any, classes: Sequence[str], what: str) ->
 
 
 def fit_screening(val_probs: np.ndarray, val_targets: np.ndarray, classes: list[str], target_class: str = "Mpox",
-                  sensitivity: float = 0.90, source: str = "") -> dict:
+                  sensitivity: float = 0.90, source: str = "", confidence: float | None = DEFAULT_CONFIDENCE,
+                  groups: Sequence | None = None) -> dict:
     """The ``"screening"`` block of ``model.json``, chosen on validation predictions only.
 
-    ``val_probs`` (N, K) calibrated probabilities (what the predictor outputs), ``val_targets`` (N,). The
-    validation numbers describe the fit of the threshold rule ``P(target) >= threshold`` alone, on the same data it
-    was chosen on; ``validation_referral_rate`` is the share of all validation cases it flags as the target.
+    ``val_probs`` (N, K) calibrated probabilities (what the predictor outputs), ``val_targets`` (N,), ``groups``
+    (N,) the patients (for the bootstrap behind ``confidence``; see :func:`choose_threshold`). The validation
+    numbers describe the fit of the threshold rule ``P(target) >= threshold`` alone, on the same data it was chosen
+    on; ``validation_referral_rate`` is the share of all validation cases it flags as the target.
     """
     p, y = _check_probs(val_probs, val_targets, classes, "validation probabilities")
     idx = resolve_target_class(target_class, classes)
     scores, is_t = p[:, idx], y == idx
-    t = choose_threshold(scores, is_t, sensitivity)
+    t = choose_threshold(scores, is_t, sensitivity, confidence, groups)
     flagged = scores >= t
     return {
         "target_class": str(classes[idx]),
         "target_sensitivity": float(sensitivity),
+        "confidence": confidence,
         "threshold": t,
         "validation_sensitivity": float(flagged[is_t].mean()),
         "validation_specificity": float((~flagged[~is_t]).mean()) if (~is_t).any() else None,
@@ -229,9 +285,12 @@ class FoldPredictions:
 
 def pooled_thresholds(fold_val_predictions: Mapping[str, FoldPredictions], fold_test_sets: Mapping[str, set[str]],
                       classes: Sequence[str], target_class: str = DEFAULT_TARGET_CLASS,
-                      sensitivity: float = DEFAULT_SENSITIVITY) -> dict[str, dict]:
+                      sensitivity: float = DEFAULT_SENSITIVITY,
+                      confidence: float | None = DEFAULT_CONFIDENCE) -> dict[str, dict]:
     """Per fold, the threshold chosen on the pooled validation predictions of all folds, leaving out every
-    prediction of an image in that fold's test part (``fold_test_sets[fold]``: file names).
+    prediction of an image in that fold's test part (``fold_test_sets[fold]``: file names). With
+    ``confidence``, the bootstrap resamples patients (from the file names), so an image that sits in several
+    folds' validation parts moves with its patient.
 
     Each fold's validation predictions come from that fold's own model, which never trained on them, so the pool
     is out-of-fold. Returns ``{fold: {"threshold", "n_pooled", "n_pooled_target", "n_excluded"}}``.
@@ -244,15 +303,17 @@ def pooled_thresholds(fold_val_predictions: Mapping[str, FoldPredictions], fold_
         if fold not in fold_test_sets:
             raise MpoxscopeError(f"{fold}: no test images given for this fold")
         test = fold_test_sets[fold]
-        scores, is_t, excluded = [], [], 0
+        scores, is_t, names, excluded = [], [], [], 0
         for other, v in fold_val_predictions.items():
             keep = np.array([n not in test for n in v.names], dtype=bool)
             excluded += int((~keep).sum())
             p, y = parts[other]
             scores.append(p[keep, idx])
             is_t.append(y[keep] == idx)
+            names += [n for n, k in zip(v.names, keep) if k]
         s, t = np.concatenate(scores), np.concatenate(is_t)
-        out[fold] = {"threshold": choose_threshold(s, t, sensitivity), "n_pooled": len(s),
+        out[fold] = {"threshold": choose_threshold(s, t, sensitivity, confidence, patient_groups(names)),
+                     "n_pooled": len(s),
                      "n_pooled_target": int(t.sum()), "n_excluded": excluded}
     return out
 
@@ -532,30 +593,16 @@ def _calibration_of(fold_dir: Path) -> dict | None:
     return cal if isinstance(cal, dict) else None
 
 
-def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLASS,
-                     sensitivity: float = DEFAULT_SENSITIVITY, out: str | Path | None = None,
-                     protocol: str | None = None, folds: Sequence[str] | None = None) -> dict:
-    """Screening results of a finished cross-validation from its prediction files alone (no model needed).
+def selection_text(confidence: float | None) -> str:
+    """How the cv thresholds were chosen, for reports."""
+    rule = (f"the largest threshold whose validation sensitivity reaches the target with {confidence:.0%} confidence "
+            "(one-sided patient-bootstrap lower bound)" if confidence else
+            "the largest threshold whose validation sensitivity reaches the target (point estimate)")
+    return f"{rule}, on {THRESHOLD_SELECTION_POOLED}"
 
-    Reads ``<fold>/validation/predictions.csv`` and ``<fold>/evaluation/predictions.csv`` of every fold (and the
-    abstain threshold from ``<fold>/run/model.json``); chooses each fold's threshold on the pooled out-of-fold
-    validation predictions without that fold's test images (:func:`pooled_thresholds`), with the threshold chosen
-    on the fold's own validation part reported beside it; writes ``screening.json``, ``screening.md`` and
-    ``screening_roc_pr.png`` to ``out`` (default ``cv_out``) and returns the JSON dict. ``folds``: fold folder
-    names (default: those of ``cv_summary.json``, else every fold folder with test predictions).
-    """
-    cv_out = Path(cv_out)
-    if not cv_out.is_dir():
-        raise MpoxscopeError(f"{cv_out}: not a folder")
-    sensitivity = check_sensitivity(sensitivity, "--sensitivity")
-    dirs = [cv_out / f for f in folds] if folds is not None else _fold_dirs(cv_out)
-    if protocol is None and (cv_out / "cv_summary.json").is_file():
-        from mpoxscope.fileio import read_json
 
-        recorded = read_json(cv_out / "cv_summary.json")
-        protocol = recorded.get("protocol") if isinstance(recorded, dict) else None
-    if not dirs:
-        raise MpoxscopeError(f"{cv_out}: no fold folders with evaluation/predictions.csv (is this a cv output?)")
+def _read_cv_predictions(dirs: list[Path]) -> tuple[dict, dict, dict, list[str]]:
+    """Validation and test predictions and the calibration block of every fold folder."""
     val, test, cal, classes = {}, {}, {}, None
     for d in dirs:
         for split, store in (("validation", val), ("evaluation", test)):
@@ -567,47 +614,100 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
             classes = classes or header
         cal[d.name] = _calibration_of(d)
     assert classes is not None
+    return val, test, cal, classes
+
+
+def _own_threshold_result(val: FoldPredictions, test: FoldPredictions, classes: list[str], idx: int,
+                          sensitivity: float, confidence: float | None, cal: dict | None, fold: str,
+                          groups: list[str]) -> tuple[float, dict, list[Decision]] | None:
+    """The fold's test decisions with the threshold of its own validation part (what a single run stores); None
+    when that part holds no target case."""
+    if not (val.targets == idx).any():
+        return None
+    own = fit_screening(val.probs, val.targets, classes, classes[idx], sensitivity, f"{fold} validation",
+                        confidence, patient_groups(val.names))
+    dec = decide_all(test.probs, classes, cal, own)
+    m = decision_metrics(dec, test.targets, classes, idx, groups)
+    return own["threshold"], {k: m[k] for k in ("sensitivity", "specificity", "referral_rate",
+                                                "total_referral_rate")}, dec
+
+
+def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLASS,
+                     sensitivity: float = DEFAULT_SENSITIVITY, out: str | Path | None = None,
+                     protocol: str | None = None, folds: Sequence[str] | None = None,
+                     confidence: float | None = DEFAULT_CONFIDENCE) -> dict:
+    """Screening results of a finished cross-validation from its prediction files alone (no model needed).
+
+    Reads ``<fold>/validation/predictions.csv`` and ``<fold>/evaluation/predictions.csv`` of every fold (and the
+    abstain threshold from ``<fold>/run/model.json``); chooses each fold's threshold on the pooled out-of-fold
+    validation predictions without that fold's test images (:func:`pooled_thresholds`, with ``confidence``), with
+    the threshold chosen on the fold's own validation part reported beside it; writes ``screening.json``,
+    ``screening.md`` and ``screening_roc_pr.png`` to ``out`` (default ``cv_out``) and returns the JSON dict.
+    ``folds``: fold folder names (default: those of ``cv_summary.json``, else every fold folder with test
+    predictions).
+    """
+    cv_out = Path(cv_out)
+    if not cv_out.is_dir():
+        raise MpoxscopeError(f"{cv_out}: not a folder")
+    sensitivity = check_sensitivity(sensitivity, "--sensitivity")
+    confidence = _check_confidence(confidence) if confidence else None
+    dirs = [cv_out / f for f in folds] if folds is not None else _fold_dirs(cv_out)
+    if not dirs:
+        raise MpoxscopeError(f"{cv_out}: no fold folders with evaluation/predictions.csv (is this a cv output?)")
+    protocol = protocol or _recorded_protocol(cv_out)
+    val, test, cal, classes = _read_cv_predictions(dirs)
     idx = resolve_target_class(target_class, classes)
-    target = classes[idx]
-    test_sets = {f: set(p.names) for f, p in test.items()}
-    pooled = pooled_thresholds(val, test_sets, classes, target, sensitivity)
-    per_fold, all_dec, all_own, all_y, all_scores, all_groups = [], [], [], [], [], []
-    own_missing: list[str] = []
+    target, how = classes[idx], selection_text(confidence)
+    pooled = pooled_thresholds(val, {f: set(p.names) for f, p in test.items()}, classes, target, sensitivity,
+                               confidence)
+    per_fold, all_dec, all_own, own_missing = [], [], [], []
     for f in test:
         groups = patient_groups(test[f].names)
-        pooled_block = {"target_class": target, "target_sensitivity": sensitivity,
-                        "threshold": pooled[f]["threshold"], "source": THRESHOLD_SELECTION_POOLED}
-        dec = decide_all(test[f].probs, classes, cal[f], pooled_block)
+        block = {"target_class": target, "target_sensitivity": sensitivity, "threshold": pooled[f]["threshold"],
+                 "source": how}
+        dec = decide_all(test[f].probs, classes, cal[f], block)
         m = {"target_class": target, "threshold": pooled[f]["threshold"], "target_sensitivity": sensitivity,
              "abstain_threshold": abstain_threshold_of(cal[f]),
              **decision_metrics(dec, test[f].targets, classes, idx, groups),
              **curve_metrics(test[f].probs[:, idx], test[f].targets == idx)}
-        own_n = int((val[f].targets == idx).sum())
-        own_entry, own_t = None, None
-        if own_n:  # a fold's own validation part may hold no target case at all: no own threshold then
-            own = fit_screening(val[f].probs, val[f].targets, classes, target, sensitivity, f"{f} validation")
-            dec_own = decide_all(test[f].probs, classes, cal[f], own)
-            m_own = decision_metrics(dec_own, test[f].targets, classes, idx, groups)
-            own_entry = {k: m_own[k] for k in ("sensitivity", "specificity", "referral_rate", "total_referral_rate")}
-            own_t = own["threshold"]
-            all_own += dec_own
-        else:
+        own = _own_threshold_result(val[f], test[f], classes, idx, sensitivity, confidence, cal[f], f, groups)
+        if own is None:
             own_missing.append(f)
-        per_fold.append({"fold": f, **pooled[f], "own_threshold": own_t, "own_validation_n_target": own_n,
-                         "test": m, "test_own_threshold": own_entry})
+        all_own += own[2] if own else []
+        per_fold.append({"fold": f, **pooled[f], "own_threshold": own[0] if own else None,
+                         "own_validation_n_target": int((val[f].targets == idx).sum()),
+                         "test": m, "test_own_threshold": own[1] if own else None})
         all_dec += dec
-        all_y.append(test[f].targets)
-        all_scores.append(test[f].probs[:, idx])
-        all_groups += groups
-    y, scores = np.concatenate(all_y), np.concatenate(all_scores)
+    result = _pooled_result(test, classes, idx, sensitivity, confidence, all_dec, all_own, own_missing,
+                            per_fold, (protocol or "cross-validation outputs in " + cv_out.name) +
+                            f"; test parts pooled over {len(per_fold)} folds; threshold per fold: {how}")
+    _write_cv_screening(Path(out) if out is not None else cv_out, result, test, idx)
+    return result
+
+
+def _recorded_protocol(cv_out: Path) -> str | None:
+    if not (cv_out / "cv_summary.json").is_file():
+        return None
+    from mpoxscope.fileio import read_json
+
+    recorded = read_json(cv_out / "cv_summary.json")
+    return recorded.get("protocol") if isinstance(recorded, dict) else None
+
+
+def _pooled_result(test: dict, classes: list[str], idx: int, sensitivity: float, confidence: float | None,
+                   all_dec: list, all_own: list, own_missing: list[str], per_fold: list[dict],
+                   protocol: str) -> dict:
+    """The JSON of :func:`screen_cv_output`: per fold and pooled over the test parts."""
+    y = np.concatenate([p.targets for p in test.values()])
+    scores = np.concatenate([p.probs[:, idx] for p in test.values()])
+    groups = [g for p in test.values() for g in patient_groups(p.names)]
+    target = classes[idx]
     pooled_m = {"target_class": target, "target_sensitivity": sensitivity,
-                **decision_metrics(all_dec, y, classes, idx, all_groups), **curve_metrics(scores, y == idx)}
-    own_m = decision_metrics(all_own, y, classes, idx, all_groups) if not own_missing else None
-    result = {
-        "protocol": (protocol or "cross-validation outputs in " + cv_out.name) +
-        f"; test parts pooled over {len(per_fold)} folds; threshold per fold from " + THRESHOLD_SELECTION_POOLED,
-        "target_class": target, "target_sensitivity": sensitivity, "classes": classes,
-        "threshold_selection": THRESHOLD_SELECTION_POOLED,
+                **decision_metrics(all_dec, y, classes, idx, groups), **curve_metrics(scores, y == idx)}
+    own_m = decision_metrics(all_own, y, classes, idx, groups) if not own_missing else None
+    return {
+        "protocol": protocol, "target_class": target, "target_sensitivity": sensitivity, "confidence": confidence,
+        "classes": classes, "threshold_selection": selection_text(confidence),
         "ci": f"95 % percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples of {pooled_m['sensitivity']['resampled']} "
               f"(patients from MSLD file names; Wilson score intervals beside it in the JSON)",
         "per_fold": per_fold, "pooled": pooled_m,
@@ -615,14 +715,17 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
                                                        "total_referral_rate", "n_target_missed")} if own_m else
         {"unavailable": f"no {target} case in the validation part of {', '.join(own_missing)}"},
     }
-    dest = Path(out) if out is not None else cv_out
+
+
+def _write_cv_screening(dest: Path, result: dict, test: dict, idx: int) -> None:
     from mpoxscope.fileio import write_bytes, write_json, write_text
 
+    y = np.concatenate([p.targets for p in test.values()])
+    scores = np.concatenate([p.probs[:, idx] for p in test.values()])
     write_json(dest / "screening.json", result)
-    write_bytes(dest / "screening_roc_pr.png", curves_png(scores, y == idx, pooled_m,
-                                                          f"pooled test parts, {len(per_fold)} folds"))
+    write_bytes(dest / "screening_roc_pr.png", curves_png(scores, y == idx, result["pooled"],
+                                                          f"pooled test parts, {len(result['per_fold'])} folds"))
     write_text(dest / "screening.md", cv_screening_markdown(result))
-    return result
 
 
 def cv_screening_markdown(r: dict) -> str:
@@ -637,8 +740,9 @@ def cv_screening_markdown(r: dict) -> str:
              f"{with_ci(p['specificity'])}, referral rate {pct(p['referral_rate'])} (with uncertain: "
              f"{pct(p['total_referral_rate'])}).", "",
              "## Per fold", "",
-             f"Pooled threshold: chosen on {THRESHOLD_SELECTION_POOLED}. Own threshold: chosen on the fold's own "
-             "validation part only (what a single training run stores in model.json), shown for comparison.", "",
+             f"Pooled threshold: {r.get('threshold_selection', THRESHOLD_SELECTION_POOLED)}. Own threshold: "
+             "chosen the same way on the fold's own validation part only (what a single training run stores in "
+             "model.json), shown for comparison.", "",
              "| fold | n test | n " + target + " | pooled threshold (n pooled, excluded) | sensitivity | specificity "
              "| referral rate | own threshold (n val " + target + ") | sensitivity | specificity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -663,8 +767,9 @@ def cv_summary_entry(r: dict) -> dict:
     """The part of a :func:`screen_cv_output` result kept in cv_summary.json."""
     p = r["pooled"]
     return {"target_class": r["target_class"], "target_sensitivity": r["target_sensitivity"],
-            "report": "screening.md", **{k: p[k] for k in ("sensitivity", "specificity", "referral_rate",
-                                                           "total_referral_rate", "n_target_missed")}}
+            "confidence": r.get("confidence"), "report": "screening.md",
+            **{k: p[k] for k in ("sensitivity", "specificity", "referral_rate", "total_referral_rate",
+                                 "n_target_missed")}}
 
 
 def cv_report_lines(sc: dict | None) -> list[str]:
@@ -676,7 +781,9 @@ def cv_report_lines(sc: dict | None) -> list[str]:
     t = sc["target_class"]
     return ["", f"## Screening: catch {t} first", "",
             f"Threshold per fold chosen on pooled out-of-fold validation predictions (never the fold's test images) "
-            f"for {pct(sc['target_sensitivity'])} {t} sensitivity. Pooled test: sensitivity "
+            f"for {pct(sc['target_sensitivity'])} {t} sensitivity"
+            + (f", met with {sc['confidence']:.0%} confidence (patient-bootstrap lower bound)"
+               if sc.get("confidence") else "") + ". Pooled test: sensitivity "
             f"{with_ci(sc['sensitivity'])}, specificity {with_ci(sc['specificity'])}, referral rate "
             f"{pct(sc['referral_rate'])} (with uncertain {pct(sc['total_referral_rate'])}). "
             "Per fold, confusion matrix of the decisions and curves: [screening.md](screening.md).", "",
