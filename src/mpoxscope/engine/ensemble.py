@@ -101,8 +101,8 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
                           "members": {n: brief(v) for n, v in member_val.items()}}
     meta["calibration"] = calibrate(logits, targets)
     meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
-                                        data.classes, train_cfg,
-                                   protocol(data_info, "validation"))
+                                        data.classes, train_cfg, protocol(data_info, "validation"),
+                                        [data.groups[i] for i in fold.validation])
     write_meta(run_dir, meta)
     write_json(run_dir / rundir.STATE, {"status": "finished", "members": names})
     return meta
