@@ -115,83 +115,113 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     out = Path(cv.out)
     prepared = prepare(data_cfg, train_cfg.seed)
     folds = [f for f in prepared.folds if cv.folds is None or f.name in cv.folds]
-    data = prepared.data
-    log(f"cross-validation: {len(data)} images, {prepared.split_source}, folds "
+    log(f"cross-validation: {len(prepared.data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
     todo = [f for f in folds if not (out / f.name / "evaluation" / "metrics.json").is_file()]
     bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress,
                        out / FEATURE_CACHE) if len(todo) > 1 and not train_cfg.ensemble else None
     images = shared_images(prepared, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
-    per_fold, leak_free, timings = [], [], {}
+    per_fold, leak_free = [], []
     for fold in folds:
-        fold_dir = out / fold.name
-        done = fold_dir / "evaluation" / "metrics.json"
-        protocol = f"{prepared.info(fold)['dataset']}, {prepared.split_source}, {fold.name}, test"
-        if done.is_file():
-            log(f"{fold.name}: already evaluated, skipping")
-            m = read_json(done)
-        else:
-            tf = time.perf_counter()
-            if train_cfg.ensemble:
-                train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / "run",
-                               prepared.info(fold), images=images, progress=progress, log=log)
-            else:
-                train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
-                      images=images, progress=progress, log=log)
-            if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
-                continue
-            predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
-            # Validation predictions (what screening and pooled calibration are fitted on), then test, once.
-            evaluate(predictor, data, fold.validation, fold_dir / "validation", protocol[:-len("test")] + "validation")
-            m = evaluate(predictor, data, fold.test, fold_dir / "evaluation", protocol)
-            timings[fold.name] = round(time.perf_counter() - tf, 1)
-            m["wall_time_s"] = timings[fold.name]
-            write_json(done, {**m, "fold": fold.name})
-        m["fold"] = fold.name
-        m["validation"] = read_meta(fold_dir / "run").get("validation", {})
+        m = _run_fold(prepared, fold, out / fold.name, model_cfg, train_cfg, bank, images, progress, log)
+        if m is None:  # a torchrun rank other than 0
+            continue
         per_fold.append(m)
         log(f"{fold.name}: test accuracy {m['accuracy']:.4f}, macro-F1 {m['f1_macro']:.4f} (n={m['n_images']}); "
             f"validation macro-F1 {m['validation'].get('f1_macro', float('nan')):.4f}")
         if cv.exclude_leaks and leak_filter is not None:
-            leaked = leak_filter(prepared, fold)
-            keep = [i for i in fold.test if i not in leaked]
-            lf_done = fold_dir / "evaluation_leak_free" / "metrics.json"
-            if lf_done.is_file():
-                lm = read_json(lf_done)
-            else:
-                predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
-                lm = evaluate(predictor, data, keep, fold_dir / "evaluation_leak_free",
-                              protocol + f", leak-free ({len(leaked)} linked test images dropped)")
-                lm["n_dropped"] = len(leaked)
-                write_json(lf_done, {**lm, "fold": fold.name})
-            lm["fold"] = fold.name
-            leak_free.append(lm)
+            leak_free.append(_leak_free_fold(prepared, fold, out / fold.name, leak_filter, train_cfg.device))
     if not distributed.is_main():
         return {}
+    summary = _summary(prepared, folds, model_cfg, train_cfg, per_fold, leak_free, time.perf_counter() - t0)
+    summary["screening"] = cv_screening(out, [f.name for f in folds], train_cfg, summary["protocol"], log)
+    # Bootstrap CIs (by patient), test ECE, reliability and risk-coverage, per fold and pooled (issue 9).
+    summary["uncertainty"] = cv_uncertainty(out, [f.name for f in folds], prepared.data, summary["protocol"], log)
+    _write_outputs(out, summary, prepared.data.classes)
+    return summary
+
+
+def _protocol(prepared: PreparedData, fold: Fold, split: str = "test") -> str:
+    return f"{prepared.info(fold)['dataset']}, {prepared.split_source}, {fold.name}, {split}"
+
+
+def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+              bank: FeatureBank | None, images: ImageCache | None, progress: bool, log) -> dict | None:
+    """Train one fold (or read its finished evaluation) and evaluate it on validation, then test, once; the
+    test metrics with the fold's validation block. None on torchrun ranks other than 0."""
+    done = fold_dir / "evaluation" / "metrics.json"
+    if done.is_file():
+        log(f"{fold.name}: already evaluated, skipping")
+        m = read_json(done)
+    else:
+        tf = time.perf_counter()
+        data = prepared.data
+        if train_cfg.ensemble:
+            train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / "run",
+                           prepared.info(fold), images=images, progress=progress, log=log)
+        else:
+            train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
+                  images=images, progress=progress, log=log)
+        if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
+            return None
+        predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
+        # Validation predictions (what screening and pooled calibration are fitted on), then test, once.
+        evaluate(predictor, data, fold.validation, fold_dir / "validation", _protocol(prepared, fold, "validation"))
+        m = evaluate(predictor, data, fold.test, fold_dir / "evaluation", _protocol(prepared, fold))
+        m["wall_time_s"] = round(time.perf_counter() - tf, 1)
+        write_json(done, {**m, "fold": fold.name})
+    if not distributed.is_main():
+        return None
+    m["fold"] = fold.name
+    m["validation"] = read_meta(fold_dir / "run").get("validation", {})
+    return m
+
+
+def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_filter: LeakFilter,
+                    device: str) -> dict:
+    """The fold's test score without the test images the audit links to its training/validation images."""
+    leaked = leak_filter(prepared, fold)
+    lf_done = fold_dir / "evaluation_leak_free" / "metrics.json"
+    if lf_done.is_file():
+        lm = read_json(lf_done)
+    else:
+        predictor = Predictor.from_run(fold_dir / "run", device=device)
+        lm = evaluate(predictor, prepared.data, [i for i in fold.test if i not in leaked],
+                      fold_dir / "evaluation_leak_free",
+                      _protocol(prepared, fold) + f", leak-free ({len(leaked)} linked test images dropped)")
+        lm["n_dropped"] = len(leaked)
+        write_json(lf_done, {**lm, "fold": fold.name})
+    lm["fold"] = fold.name
+    return lm
+
+
+def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+             per_fold: list[dict], leak_free: list[dict], wall_s: float) -> dict:
+    classes = prepared.data.classes
     summary = {
         "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
                     f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "
                     f"fold's validation part only",
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
-        "summary": summarize(per_fold, data.classes),
+        "summary": summarize(per_fold, classes),
         "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s")} for m in per_fold],
-        "classes": data.classes,
-        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "classes": classes,
+        "wall_time_s": round(wall_s, 1),
     }
     if leak_free:
-        summary["leak_free"] = {"summary": summarize(leak_free, data.classes),
+        summary["leak_free"] = {"summary": summarize(leak_free, classes),
                                 "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "n_dropped")}
                                              for m in leak_free]}
-    summary["screening"] = cv_screening(out, [f.name for f in folds], train_cfg, summary["protocol"], log)
-    # Bootstrap CIs (by patient), test ECE, reliability and risk-coverage, per fold and pooled (issue 9).
-    summary["uncertainty"] = cv_uncertainty(out, [f.name for f in folds], data, summary["protocol"], log)
+    return summary
+
+
+def _write_outputs(out: Path, summary: dict, classes: list[str]) -> None:
     write_json(out / "cv_summary.json", summary)
     write_bytes(out / "per_fold.png", per_fold_png(summary))
     write_bytes(out / "confusion_matrix_pooled.png",
-                confusion_png(summary["summary"]["pooled_confusion_matrix"], data.classes,
+                confusion_png(summary["summary"]["pooled_confusion_matrix"], classes,
                               "pooled over folds: " + summary["protocol"][:80]))
     write_text(out / "cv_report.md", cv_report(summary))
-    return summary
 
 
 def per_fold_png(summary: dict) -> bytes:
