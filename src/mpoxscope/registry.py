@@ -93,6 +93,23 @@ class Choices:
         return isinstance(name, str) and name.strip().lower() in self.registry.names(self.where)
 
 
+class ListedHelp:
+    """argparse help text whose ``{names}`` is filled from a registry only when the help is printed (for an
+    option that takes several names, so cannot use ``choices``)."""
+
+    def __init__(self, template: str, registry: Registry, where: Callable[[Any], bool] | None = None) -> None:
+        self.template, self.registry, self.where = template, registry, where
+
+    def __str__(self) -> str:
+        return self.template.replace("{names}", ", ".join(self.registry.names(self.where)))
+
+    def strip(self) -> str:
+        return str(self).strip()
+
+    def __mod__(self, params: Any) -> str:
+        return str(self) % params
+
+
 # ----- heads ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -158,10 +175,16 @@ def register_runtime(name: str, summary: str, *, batch: bool = True, explainable
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One explanation method. ``compute(model, batch, targets, layer, batch_size) -> (N, S, S)`` float maps
-    in [0, 1] (the model is already frozen; ``targets`` is None for a class-agnostic method; ``layer`` is
-    None for a method without ``needs_layer``). ``cam``: the pytorch-grad-cam class of a CAM method.
-    ``available(model)``: None, or why this model cannot be explained this way (one line)."""
+    """One explanation method and its capabilities, checked once by ``mpoxscope.explain.methods.explain``.
+
+    ``compute(spec, model, batch, targets, layer, batch_size)`` -> (N, S, S) float maps in [0, 1], or
+    ``(maps, parts)`` with ``parts`` (N, P, H, W) raw grids when ``parts`` is set (e.g. one map per attention
+    head). The model is already frozen; ``targets`` is None for a method that is not ``class_specific``;
+    ``layer`` is None unless ``needs_layer``. ``cam``: the pytorch-grad-cam class of a CAM method.
+    ``available(model)``: None, or one line on why this model cannot be explained this way. ``slow``: left
+    out of ``--method all`` and of the web service. ``always``: added to every panel the model allows
+    (``--no-attention`` turns it off). ``title``: overlay title instead of "<name> for <class>".
+    """
 
     name: str
     summary: str
@@ -174,6 +197,9 @@ class MethodSpec:
     cam: Any = None
     available: Callable[[Any], str | None] | None = field(default=None, repr=False)
     baseline: bool = False
+    parts: bool = False
+    always: bool = False
+    title: str = ""
 
 
 METHODS: Registry[MethodSpec] = Registry("method", "--method", builtins=("mpoxscope.explain.methods",
@@ -188,12 +214,13 @@ def register_method(spec: MethodSpec, aliases: tuple[str, ...] = ()) -> MethodSp
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """A way images are laid out on disk. ``detect(root) -> bool``; ``scan(root) -> [(path, class name), ...]``
-    (the class name as the folder or file spells it; canonicalised by the caller)."""
+    """A way images are laid out on disk. ``detect(root: Path) -> bool``; ``scan(root, groups)`` -> a list of
+    :class:`mpoxscope.data.samples.Sample` (``groups``: file name -> patient from ``--groups-csv``, or None),
+    or ``(samples, split_table)`` when the folders also fix the split."""
 
     name: str
     detect: Callable[[Any], bool]
-    scan: Callable[[Any], list[tuple[Any, str]]]
+    scan: Callable[..., Any]
     summary: str
 
 
@@ -201,7 +228,7 @@ LAYOUTS: Registry[LayoutSpec] = Registry("dataset layout", "data", builtins=("mp
 
 
 def register_layout(name: str, summary: str, detect: Callable[[Any], bool]) -> Callable[[Callable], Callable]:
-    """Decorate ``scan(root)``; ``detect(root)`` says whether ``root`` has this layout. Layouts are tried
+    """Decorate ``scan(root, groups)``; ``detect(root)`` says whether ``root`` has this layout. Layouts are tried
     last-registered first, so a specific layout added later wins over a generic built-in one."""
 
     def wrap(scan: Callable) -> Callable:

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mpoxscope.registry import HEADS, Choices
+from mpoxscope.registry import HEADS, RUNTIMES, Choices
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -50,6 +50,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "--ensemble none trains one model")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (listed in the run) instead of stopping")
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    """``--runtime``: the runtimes that read files and data sets (see mpoxscope.registry.RUNTIMES)."""
+    p.add_argument("--runtime", default="torch", choices=Choices(RUNTIMES, lambda r: r.batch), metavar="RUNTIME",
+                   help="%(choices)s (default torch)")
 
 
 def _sensitivity(text: str) -> float:
@@ -175,9 +181,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mpoxscope.fileio import check_output_dir, mark_output_dir
 
     check_output_dir(args.out, "evaluate")
-    runtime = "onnx" if args.onnx else args.runtime
     m = evaluate_run(args.run, args.data, args.out, split=args.split, split_file=args.split_file,
-                     fold=args.fold, device=args.device, runtime=runtime, onnx_file=args.onnx)
+                     fold=args.fold, device=args.device, runtime=args.runtime, onnx_file=args.onnx)
     mark_output_dir(args.out, "evaluate")
     print(summary_line(m, m["protocol"]))
     for f in m.get("failed_files", []):
@@ -194,7 +199,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from mpoxscope.engine.runner import load_predictor
 
     paths = expand_inputs(args.inputs)
-    predictor = load_predictor(args.run, args.device, "onnx" if args.onnx else args.runtime, onnx_file=args.onnx)
+    predictor = load_predictor(args.run, args.device, args.runtime, onnx_file=args.onnx)
     results = [_refuse_non_finite(r) for r in predictor.predict_paths(paths)]
     if args.format == "json":
         print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
@@ -336,7 +341,7 @@ def register(sub) -> None:
     p.add_argument("--split-file", help="split file (default: the same protocol as training)")
     p.add_argument("--fold", help="fold (default: the run's fold)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    add_runtime_option(p)
     p.add_argument("--onnx", metavar="FILE", help="ONNX file written by 'mpoxscope export --out FILE' (implies "
                                                   "--runtime onnx; default RUN/model.onnx)")
     p.set_defaults(handler=run_evaluate)
@@ -349,7 +354,7 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--format", choices=["json", "csv"], default="json")
     p.add_argument("--device", default="auto")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    add_runtime_option(p)
     p.add_argument("--onnx", metavar="FILE", help="ONNX file written by 'mpoxscope export --out FILE' (implies "
                                                   "--runtime onnx; default RUN/model.onnx)")
     p.set_defaults(handler=run_predict)

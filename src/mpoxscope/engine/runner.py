@@ -11,7 +11,6 @@ from mpoxscope.data.samples import SampleSet, load_samples
 from mpoxscope.data.splits import Fold, select_fold
 from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.evaluate import evaluate
-from mpoxscope.engine.predict import Predictor
 from mpoxscope.engine.train import TrainResult, train
 
 
@@ -73,10 +72,11 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str
 
 def load_predictor(run_dir: str | Path, device: str = "auto", runtime: str = "torch",
                    onnx_file: str | Path | None = None):
-    """A :class:`Predictor` (PyTorch) or an ONNX Runtime predictor with the same interface (``onnx_file``: the
-    file ``export --out`` wrote; default ``run_dir/model.onnx``)."""
-    if runtime == "onnx" or onnx_file is not None:
-        from mpoxscope.export.onnx import OnnxPredictor
+    """A predictor of ``runtime`` (see :data:`mpoxscope.registry.RUNTIMES`): PyTorch, ONNX Runtime, ... all
+    with the :class:`Predictor` interface (``onnx_file``: the file ``export --out`` wrote instead of the
+    runtime's default; it implies ``onnx`` when the runtime is torch)."""
+    from mpoxscope.engine.runtimes import load_predictor as load
 
-        return OnnxPredictor.from_run(run_dir, onnx_file=onnx_file)
-    return Predictor.from_run(run_dir, device=device)
+    if onnx_file is not None and runtime == "torch":
+        runtime = "onnx"
+    return load(run_dir, runtime, device, onnx_file)

@@ -9,6 +9,7 @@ import socket
 import sys
 
 from mpoxscope.errors import MpoxscopeError
+from mpoxscope.registry import RUNTIMES, Choices
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -24,10 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: every network "
                         "interface, e.g. to open the page from a phone on the same Wi-Fi)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--runtime", choices=["torch", "onnx", "onnx-lite"], default="torch",
-                   help="inference engine: torch (default), onnx (ONNX Runtime, RUN/model.onnx, exported "
-                        "when missing) or onnx-lite (the same with Pillow + numpy preprocessing instead of "
-                        "torchvision: faster, probabilities within rounding); heat-maps use the torch model")
+    p.add_argument("--runtime", choices=Choices(RUNTIMES), default="torch", metavar="RUNTIME",
+                   help="inference engine: %(choices)s (default torch): torch, onnx (ONNX Runtime, "
+                        "RUN/model.onnx, exported when missing), onnx-int8 (RUN/model.int8.onnx) or onnx-lite "
+                        "(ONNX Runtime with Pillow + numpy preprocessing instead of torchvision: faster, "
+                        "probabilities within rounding); heat-maps use the torch model")
     p.add_argument("--device", default="auto", help="torch device: auto | cpu | cuda[:N] (default auto)")
     p.add_argument("--onnx", dest="onnx_file", metavar="FILE",
                    help="this exported file instead of RUN/model.onnx, e.g. RUN/model.int8.onnx from "

@@ -395,50 +395,23 @@ def torch_copy_loader(predictor: Any) -> Callable[[], Any] | None:
 def load_service(run_dir: str | os.PathLike, runtime: str = "torch", device: str = "auto",
                  config: ServeConfig | None = None,
                  onnx_file: str | os.PathLike | None = None) -> InferenceService:
-    """Load a run directory with the chosen runtime ("torch" or "onnx"; ``onnx_file``: an exported file other
-    than RUN/model.onnx, e.g. the int8 one)."""
+    """Load a run directory with the chosen runtime (a name in ``mpoxscope.registry.RUNTIMES``; ``onnx_file``:
+    an exported file other than RUN/model.onnx, e.g. the int8 one)."""
     run_dir = Path(run_dir)
     from mpoxscope.engine.checkpoint import read_meta
 
     meta = read_meta(run_dir)  # clear one-line error for a wrong folder before any heavy import
-    if runtime == "torch":
-        from mpoxscope.engine.predict import Predictor
+    from mpoxscope.engine.runtimes import RUNTIMES, load_predictor
 
-        predictor: Any = Predictor.from_run(run_dir, device=device)
+    spec = RUNTIMES.get(runtime)  # the runtime registry: torch, onnx, onnx-int8, onnx-lite, ...
+    predictor: Any = load_predictor(run_dir, spec.name, device, onnx_file)
+    if spec.explainable:
         loader = torch_copy_loader(predictor)
-    elif runtime == "onnx":
-        try:
-            from mpoxscope.export.onnx import OnnxPredictor
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("mpoxscope"):
-                raise MpoxscopeError("--runtime onnx: the ONNX export module is not installed; "
-                                     "use --runtime torch") from None
-            raise
-        predictor = OnnxPredictor.from_run(run_dir, onnx_file=onnx_file) if onnx_file else \
-            OnnxPredictor.from_run(run_dir)
-
+    else:
         def loader() -> Any:  # heat-maps need gradients, which only the torch model has
             from mpoxscope.engine.checkpoint import load_model
 
             return load_model(run_dir, device="cpu")[0]
-    elif runtime == "onnx-lite":
-        # ONNX Runtime with Pillow + numpy preprocessing: no torch on the request path (heat-maps still load it).
-        from mpoxscope.export.lite import LiteOnnxPredictor
-        from mpoxscope.export.onnx import OnnxPredictor
-
-        path = Path(onnx_file) if onnx_file else run_dir / "model.onnx"
-        checked = OnnxPredictor.from_run(run_dir, onnx_file=onnx_file) if onnx_file else \
-            OnnxPredictor.from_run(run_dir)  # exports when missing, refuses a file made from other weights
-        predictor = LiteOnnxPredictor(path, threads=checked.session.get_session_options().intra_op_num_threads,
-                                      meta=meta)
-        del checked
-
-        def loader() -> Any:
-            from mpoxscope.engine.checkpoint import load_model
-
-            return load_model(run_dir, device="cpu")[0]
-    else:
-        raise MpoxscopeError(f"--runtime: unknown runtime {runtime!r}; choose torch, onnx or onnx-lite")
     cfg = meta.get("model", {})
     identity = ModelIdentity(
         name=str(meta.get("name") or f"{cfg.get('head', 'model')}-{cfg.get('backbone', 'unknown')}"),
