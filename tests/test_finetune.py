@@ -217,6 +217,13 @@ def test_ensemble_run_predicts_the_mean_of_its_members(ensemble_run, data_and_fo
         explain(ens.explain_model, batch, "attention")
     with pytest.raises(MpoxscopeError, match="given twice"):
         member_configs(("a:1", "a:1"), SMALL, cfg)
+    # BACKBONE@PRESET: that member follows the preset's recipe, at the ensemble's image size and precision
+    (_, m0, t0), (name, m1, t1) = member_configs(("tf_efficientnet_lite0", "x:2@frozen"), SMALL, cfg)
+    assert name == "x-seed2-frozen" and m1.backbone == "x" and m1.image_size == SMALL.image_size
+    assert t1.trainable_stages == 0 and t0.trainable_stages == cfg.trainable_stages and t1.seed == 2
+    assert t1.precision == cfg.precision and t1.ensemble == ()
+    with pytest.raises(MpoxscopeError, match="unknown recipe"):
+        member_configs(("x@fast",), SMALL, cfg)
 
 
 def test_tta_ensemble_gives_the_same_probabilities_in_predict_serve_and_onnx(ensemble_run, data_and_fold, tmp_path):

@@ -1,6 +1,7 @@
 """Ensembles as a first-class run: ``RUN/members/<name>/`` are ordinary runs (one per backbone and seed, the
-same recipe otherwise); ``RUN/model.json`` (``kind: ensemble``) lists them, and its validation metrics,
-calibration and screening threshold are those of the averaged model, fitted on the validation part only.
+same recipe otherwise, or a named preset's recipe with ``BACKBONE@PRESET``); ``RUN/model.json``
+(``kind: ensemble``) lists them, and its validation metrics, calibration and screening threshold are those of
+the averaged model, fitted on the validation part only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpoxscope.config import ModelConfig, TrainConfig, to_dict
+from mpoxscope.config import PRESETS, ModelConfig, TrainConfig, preset, to_dict
 from mpoxscope.data.batch_augment import normalise
 from mpoxscope.data.samples import SampleSet
 from mpoxscope.data.splits import Fold
@@ -26,30 +27,43 @@ from mpoxscope.engine.train import TrainResult, train
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import write_json
 
+#: Fields a member always takes from the ensemble's own configuration, whatever its recipe: where and how it
+#: runs, and what the averaged model is asked to do.
+_SHARED_TRAIN_FIELDS = ("device", "precision", "num_workers", "screen_class", "screen_sensitivity",
+                        "screen_confidence")
 
-def parse_member(spec: str, default_seed: int) -> tuple[str, int]:
-    """``"tf_efficientnet_lite1:3"`` -> (backbone, seed); no seed -> ``default_seed``."""
-    backbone, _, seed = spec.partition(":")
+
+def parse_member(spec: str, default_seed: int) -> tuple[str, int, str | None]:
+    """``"tf_efficientnet_lite1:3"`` -> (backbone, seed, None); ``"tf_efficientnet_lite2@frozen"`` -> (backbone,
+    default seed, "frozen"): that member follows the ``frozen`` preset's recipe instead of the shared one."""
+    body, _, recipe = spec.partition("@")
+    backbone, _, seed = body.partition(":")
     if not backbone:
         raise MpoxscopeError(f"--ensemble: empty backbone in {spec!r}")
+    if "@" in spec and recipe not in PRESETS:
+        raise MpoxscopeError(f"--ensemble: unknown recipe {recipe!r} in {spec!r}; choose one of {', '.join(PRESETS)}")
     try:
-        return backbone, int(seed) if seed else default_seed
+        return backbone, int(seed) if seed else default_seed, recipe or None
     except ValueError:
         raise MpoxscopeError(f"--ensemble: seed of {spec!r} is not an integer") from None
 
 
 def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    ) -> list[tuple[str, ModelConfig, TrainConfig]]:
-    """(member folder name, model config, train config) per spec: the shared recipe with its backbone/seed."""
+    """(member folder name, model config, train config) per spec: the shared recipe with its backbone/seed, or
+    the named preset's recipe (``@PRESET``) at the ensemble's image size, precision and device. One image size
+    for all members, so the ensemble reads one preprocessed input."""
     out, seen = [], set()
     for spec in specs:
-        backbone, seed = parse_member(spec, train_cfg.seed)
-        name = f"{backbone}-seed{seed}"
+        backbone, seed, recipe = parse_member(spec, train_cfg.seed)
+        name = f"{backbone}-seed{seed}" + (f"-{recipe}" if recipe else "")
         if name in seen:
             raise MpoxscopeError(f"--ensemble: member {spec!r} given twice")
         seen.add(name)
-        out.append((name, dataclasses.replace(model_cfg, backbone=backbone),
-                    dataclasses.replace(train_cfg, seed=seed, ensemble=())))
+        mc, tc = preset(recipe) if recipe else (model_cfg, train_cfg)
+        shared = {f: getattr(train_cfg, f) for f in _SHARED_TRAIN_FIELDS}
+        out.append((name, dataclasses.replace(mc, backbone=backbone, image_size=model_cfg.image_size),
+                    dataclasses.replace(tc, seed=seed, ensemble=(), **shared)))
     return out
 
 
