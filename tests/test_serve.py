@@ -110,7 +110,8 @@ class FakePredictor:
 def fake_explain_module(calls: list) -> types.ModuleType:
     """Stands in for mpoxscope.explain: a centred blob as the map, a red tint as the overlay."""
     mod = types.ModuleType("mpoxscope.explain")
-    mod.METHODS = {"gradcam": None, "attention": None, "scorecam": None}
+    mod.METHODS = {"gradcam": types.SimpleNamespace(slow=False), "attention": types.SimpleNamespace(slow=False),
+                   "scorecam": types.SimpleNamespace(slow=True)}
 
     def get_method(name):
         key = {"grad-cam": "gradcam"}.get(name, name)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "METHODS": "methods", "MethodSpec": "methods", "explain": "methods", "get_method": "methods",
     "parse_methods": "methods", "resolve_target_layer": "methods", "LogitsOnly": "methods",
-    "frozen": "methods",
+    "frozen": "methods", "explain_parts": "methods", "slow_methods": "methods", "register_method": "methods",
     "attention_grid": "attention", "attention_maps": "attention", "has_attention": "attention",
     "overlay": "render", "save_overlay_png": "render", "save_panel_png": "render",
     "Explanation": "pipeline", "explain_images": "pipeline",
@@ -33,6 +33,9 @@ __all__ = [
     "resolve_target_layer",
     "LogitsOnly",
     "frozen",
+    "explain_parts",
+    "slow_methods",
+    "register_method",
     "attention_grid",
     "attention_maps",
     "has_attention",
@@ -65,10 +68,13 @@ if TYPE_CHECKING:
         LogitsOnly,
         MethodSpec,
         explain,
+        explain_parts,
         frozen,
         get_method,
         parse_methods,
+        register_method,
         resolve_target_layer,
+        slow_methods,
     )
     from mpoxscope.explain.pipeline import Explanation, explain_images
     from mpoxscope.explain.render import overlay, save_overlay_png, save_panel_png

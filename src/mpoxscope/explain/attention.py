@@ -1,4 +1,5 @@
-"""The AGFN head's own explanation: the pooling query's attention over the backbone's H x W feature grid."""
+"""The AGFN head's own explanation: the pooling query's attention over the backbone's H x W feature grid.
+An ordinary entry of the method registry ("attention"): class-agnostic, gradient-free, one map per head."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.explain.methods import frozen, model_device
+from mpoxscope.explain.hooks import frozen, model_device
+from mpoxscope.registry import MethodSpec, register_method
 
 
 def has_attention(model: nn.Module) -> bool:
@@ -55,3 +57,23 @@ def attention_maps(model: nn.Module, batch: torch.Tensor, per_head: bool = False
     if not per_head:
         grid = grid.mean(dim=1)
     return upsample_grid(grid, tuple(batch.shape[-2:]))
+
+
+def _unavailable(model: nn.Module) -> str | None:
+    if has_attention(model):
+        return None
+    return ("this model has no attention weights (an ensemble: explain a member for its AGFN attention, or use "
+            "a CAM method)")
+
+
+def _compute(spec: MethodSpec, model: nn.Module, batch: torch.Tensor, targets, layer,
+             batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Maps (N, S, S): the mean over heads, upsampled; parts (N, heads, H, W): each head's raw attention."""
+    grid = attention_grid(model, batch, batch_size)
+    return upsample_grid(grid.mean(dim=1), tuple(batch.shape[-2:])), grid.numpy()
+
+
+register_method(MethodSpec(
+    "attention", "the AGFN head's pooling-query attention over the feature grid; class-agnostic", _compute,
+    class_specific=False, needs_layer=False, available=_unavailable, parts=True, always=True,
+    title="AGFN attention (mean over heads)"), aliases=("attn",))

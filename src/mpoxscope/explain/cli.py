@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpoxscope.registry import METHODS, ListedHelp
+
 EPILOG = """examples:
   mpoxscope explain runs/fold1 photo.jpg --out explain/ --method gradcam,scorecam
   mpoxscope explain runs/fold1 test_images/ --out explain/ --method all --faithfulness --threads 1
@@ -28,10 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (recursive)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", default="gradcam",
-                   help="comma-separated: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, "
-                        "scorecam, attention, or 'all' (every method but the slow scorecam; 'all,scorecam' adds it) "
-                        "(default: gradcam; an AGFN head's attention is always "
-                        "added to the panel unless --no-attention)")
+                   help=ListedHelp("comma-separated: {names}, or 'all' (every method but the slow ones, e.g. "
+                                   "scorecam; 'all,scorecam' adds it) (default: gradcam; an AGFN head's attention "
+                                   "is always added to the panel unless --no-attention)", METHODS))
     p.add_argument("--target-class", default=None,
                    help="class to explain, by name (default: the predicted one)")
     p.add_argument("--target-layer", default=None,
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from mpoxscope.engine.predict import Predictor, expand_inputs
     from mpoxscope.errors import ImageError, MpoxscopeError
     from mpoxscope.explain.gallery import GalleryEntry, write_gallery
-    from mpoxscope.explain.methods import SLOW_METHODS, parse_methods
+    from mpoxscope.explain.methods import parse_methods, slow_methods
     from mpoxscope.explain.pipeline import explain_images, panel_methods, resolve_class
     from mpoxscope.fileio import check_output_dir, mark_output_dir
 
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     methods = panel_methods(chosen, predictor.explain_model, with_attention=not args.no_attention)
     if args.target_class is not None:
         resolve_class(args.target_class, predictor.classes)  # fail before any work
-    left_out = [m for m in SLOW_METHODS if m not in chosen]
+    left_out = [m for m in slow_methods() if m not in chosen]
     if "all" in [m.strip().lower() for m in args.method.split(",")] and left_out:
         print(f"note: --method all leaves out {', '.join(left_out)} (minutes per image on a CPU); "
               f"name it to include it: --method all,{','.join(left_out)}", file=sys.stderr)
@@ -191,20 +192,20 @@ def _write_outputs(ex, path: Path, key: str, out: Path, predictor, heads: bool):
     folder_names = {c.lower(): c for c in predictor.classes}
     entry.folder_label = folder_names.get(path.parent.name.lower())
     for name, cam in ex.maps.items():
-        title = f"{path.name}: {name} for {ex.target}" if name != "attention" \
-            else f"{path.name}: AGFN attention (mean over heads)"
+        title = f"{path.name}: {METHODS.get(name).title or f'{name} for {ex.target}'}"
         save_overlay_png(ex.image, cam, folder / f"{_slug(name)}.png", title)
         np.save(folder / f"{_slug(name)}.npy", cam.astype(np.float32))
         entry.files[name] = f"{key}/{_slug(name)}.png"
         entry.files[f"{name}.npy"] = f"{key}/{_slug(name)}.npy"
-    if ex.attention_heads is not None:
-        np.save(folder / "attention_grid.npy", ex.attention_heads.astype(np.float32))
-        entry.files["attention_grid.npy"] = f"{key}/attention_grid.npy"
+    for name, grid in ex.parts.items():  # e.g. attention_grid.npy: heads x H x W, each head sums to 1
+        slug = _slug(name)
+        np.save(folder / f"{slug}_grid.npy", grid.astype(np.float32))
+        entry.files[f"{slug}_grid.npy"] = f"{key}/{slug}_grid.npy"
         if heads:
             size = (predictor.image_size, predictor.image_size)
-            for h, cam in enumerate(upsample_grid(torch.from_numpy(ex.attention_heads), size)):
-                save_overlay_png(ex.image, cam, folder / f"attention_head{h}.png", f"{path.name}: head {h}")
-                entry.files[f"attention_head{h}"] = f"{key}/attention_head{h}.png"
+            for h, cam in enumerate(upsample_grid(torch.from_numpy(grid), size)):
+                save_overlay_png(ex.image, cam, folder / f"{slug}_head{h}.png", f"{path.name}: head {h}")
+                entry.files[f"{slug}_head{h}"] = f"{key}/{slug}_head{h}.png"
     title = f"{path.name}: predicted {ex.label} ({ex.confidence:.1%})"
     if ex.target != ex.label:
         title += f"; maps explain {ex.target}"

@@ -9,9 +9,7 @@ is one :class:`MethodSpec`.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,10 +29,13 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from mpoxscope.errors import MpoxscopeError
+from mpoxscope.explain.hooks import LOCK, LogitsOnly, frozen, model_device
+from mpoxscope.registry import METHODS, MethodSpec, register_method
 
-#: Held while an explanation has hooks on (or flags changed in) a model: one explanation per process at a
-#: time. A server that also predicts with the same model object from other threads should hold it too.
-LOCK = threading.RLock()
+__all__ = ["BASELINES", "LOCK", "METHODS", "LogitsOnly", "MethodSpec", "explain", "explain_parts", "frozen",
+           "get_method", "model_device", "parse_methods", "register_method", "resolve_target_layer",
+           "slow_methods"]
+
 
 
 class LeanScoreCAM(ScoreCAM):
@@ -70,104 +71,30 @@ class LeanScoreCAM(ScoreCAM):
         return torch.stack(weights).numpy()
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """One explanation method. ``cam``: the pytorch-grad-cam class, or None for the model's own attention."""
-
-    name: str
-    cam: type[BaseCAM] | None
-    uses_gradients: bool
-    summary: str
-
-
-METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("gradcam", GradCAM, True, "activations weighted by mean gradient (Selvaraju et al., 2017)"),
-    MethodSpec("gradcam++", GradCAMPlusPlus, True, "higher-order gradient weights (Chattopadhyay+, 2018)"),
-    MethodSpec("hirescam", HiResCAM, True, "element-wise gradient x activation (Draelos & Carin, 2020)"),
-    MethodSpec("xgradcam", XGradCAM, True, "activation-normalised gradient weights (Fu et al., 2020)"),
-    MethodSpec("layercam", LayerCAM, True, "positive gradient x activation per location (Jiang+, 2021)"),
-    MethodSpec("eigencam", EigenCAM, False, "first principal component of the activations; class-agnostic"),
-    MethodSpec("scorecam", LeanScoreCAM, False, "channel weights from masked-input scores; slow (one forward "
-                                                "pass per channel)"),
-    MethodSpec("attention", None, False, "the AGFN head's pooling-query attention over the feature grid; "
-                                         "class-agnostic"),
-)}
-"""Every accepted ``method`` name, in display order."""
-
-#: Reference maps for the faithfulness table only (random channel weights): a method should beat them.
-BASELINES: dict[str, MethodSpec] = {
-    "random": MethodSpec("random", RandomCAM, True, "random channel weights (baseline)"),
-}
-
-_ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "grad-cam++": "gradcam++", "gradcamplusplus":
-            "gradcam++", "hires-cam": "hirescam", "xgrad-cam": "xgradcam", "layer-cam": "layercam",
-            "eigen-cam": "eigencam", "score-cam": "scorecam", "attn": "attention"}
-
-
 def get_method(name: str) -> MethodSpec:
     """The method called ``name`` (case-insensitive; ``grad-cam`` style spellings accepted)."""
     key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    spec = METHODS.get(key) or BASELINES.get(key)
-    if spec is None:
-        raise MpoxscopeError(f"--method: unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return spec
+    return BASELINES[key] if key in BASELINES else METHODS.get(name)
 
 
-#: Left out of ``all`` unless named as well (``all,scorecam``): Score-CAM takes minutes per image on a CPU.
-SLOW_METHODS: tuple[str, ...] = ("scorecam",)
+def slow_methods() -> list[str]:
+    """Methods left out of ``all`` unless named as well (``all,scorecam``): minutes per image on a CPU."""
+    return METHODS.names(lambda spec: spec.slow)
 
 
 def parse_methods(text: str) -> list[str]:
-    """``"gradcam,scorecam"``, ``"all"`` (every method except :data:`SLOW_METHODS`) or ``"all,scorecam"`` ->
+    """``"gradcam,scorecam"``, ``"all"`` (every method except the slow ones) or ``"all,scorecam"`` ->
     canonical method names, without duplicates."""
     names: list[str] = []
     for part in text.split(","):
         if not part.strip():
             continue
-        chosen = [m for m in METHODS if m not in SLOW_METHODS] if part.strip().lower() == "all" \
+        chosen = METHODS.names(lambda spec: not spec.slow) if part.strip().lower() == "all" \
             else [get_method(part).name]
         names += [n for n in chosen if n not in names]
     if not names:
         raise MpoxscopeError("--method: no method given")
     return names
-
-
-class LogitsOnly(nn.Module):
-    """``forward(x)`` -> logits (B, K) only, as pytorch-grad-cam expects a plain tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, tuple) else out
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients inside; on exit every module's mode, every ``requires_grad`` flag
-    and every existing ``.grad`` are as they were."""
-    with LOCK:  # two threads saving and restoring the same flags would interleave
-        modes = [(m, m.training) for m in model.modules()]
-        params = list(model.parameters())
-        state = [(p.requires_grad, p.grad) for p in params]
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield model
-        finally:
-            for p, (flag, grad) in zip(params, state, strict=True):
-                p.requires_grad_(flag)
-                p.grad = grad
-            for m, mode in modes:
-                m.training = mode
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def default_target_layer(model: nn.Module) -> nn.Module | list[nn.Module]:
@@ -234,7 +161,7 @@ def cam_session(spec: MethodSpec, model: nn.Module, layer: nn.Module | list[nn.M
     # Registered before the CAM's own hooks, so they see (and take gradients at) the re-rooted output.
     roots = [m.register_forward_hook(_grad_root) for m in layers] if spec.uses_gradients else []
     try:
-        cam = spec.cam(model=LogitsOnly(model), target_layers=layers)
+        cam = spec.cam(model=LogitsOnly(model), target_layers=layers, reshape_transform=_grid_if_tokens)
         try:
             yield cam
         finally:
@@ -245,6 +172,14 @@ def cam_session(spec: MethodSpec, model: nn.Module, layer: nn.Module | list[nn.M
             root.remove()
 
 
+def _grid_if_tokens(x: torch.Tensor) -> torch.Tensor:
+    """A target layer of a token model (e.g. ``backbone.blocks.11`` of a ViT) outputs (B, N, C): the CAMs
+    read it as the (B, C, H, W) grid of its patch tokens."""
+    from mpoxscope.models.backbones import tokens_to_grid
+
+    return tokens_to_grid(x) if x.ndim == 3 else x
+
+
 def _grad_root(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
     """Start the autograd graph at the target layer: CAMs need gradients there only, so nothing is
     back-propagated through the layers below it (about half the cost of a gradient method)."""
@@ -253,9 +188,10 @@ def _grad_root(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor 
     return None
 
 
-def cam_maps(model: nn.Module, batch: torch.Tensor, spec: MethodSpec, targets: list[int],
+def cam_maps(spec: MethodSpec, model: nn.Module, batch: torch.Tensor, targets: list[int] | None,
              layer: nn.Module, batch_size: int = 16) -> np.ndarray:
-    """(N, S, S) float32 maps in [0, 1] of CAM method ``spec`` for class ``targets[i]`` of image i.
+    """(N, S, S) float32 maps in [0, 1] of CAM method ``spec`` for class ``targets[i]`` of image i (None: a
+    class-agnostic method; pytorch-grad-cam then takes the top class, which it does not use).
 
     The model must already be :func:`frozen`: gradients start at the target layer and never reach parameters.
     """
@@ -266,7 +202,8 @@ def cam_maps(model: nn.Module, batch: torch.Tensor, spec: MethodSpec, targets: l
             cam.batch_size = batch_size
         for i in range(0, len(batch), batch_size):
             x = batch[i:i + batch_size].detach().to(dev).clone()
-            chunk_targets = [ClassifierOutputTarget(k) for k in targets[i:i + batch_size]]
+            chunk_targets = None if targets is None else \
+                [ClassifierOutputTarget(k) for k in targets[i:i + batch_size]]
             if spec.uses_gradients:
                 with torch.enable_grad():
                     maps = cam(input_tensor=x, targets=chunk_targets)
@@ -288,23 +225,56 @@ def explain(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
     ``model.named_modules()`` (default: the last backbone stage). Runs on the model's device; the model is
     left exactly as it was (no hooks, same flags and gradients, same outputs).
     """
+    return explain_parts(model, batch, method, target_classes, target_layer=target_layer,
+                         batch_size=batch_size)[0]
+
+
+def explain_parts(model: nn.Module, batch: torch.Tensor, method: str = "gradcam",
+                  target_classes: list[int] | None = None, *, target_layer: str | nn.Module | None = None,
+                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """As :func:`explain`, plus the method's raw per-part grids (N, P, H, W) when it declares ``parts`` (e.g.
+    one attention map per head), else None. Capabilities are checked here once, for every method."""
     spec = get_method(method)
     if batch.ndim != 4 or batch.shape[1] != 3:
         raise MpoxscopeError(f"batch: expected (N, 3, S, S), got {tuple(batch.shape)}")
     targets = check_targets(target_classes, len(batch), getattr(model, "num_classes", None))
     if len(batch) == 0:
-        return np.zeros((0, *batch.shape[-2:]), dtype=np.float32)
+        return np.zeros((0, *batch.shape[-2:]), dtype=np.float32), None
     with LOCK, torch.inference_mode(False), frozen(model):
-        if spec.cam is None:
-            from mpoxscope.explain.attention import attention_maps, has_attention
-
-            if not has_attention(model):
-                raise MpoxscopeError("attention: this model has no attention weights (an ensemble: explain a "
-                                     "member for its AGFN attention, or use a CAM method)")
-
-            return attention_maps(model, batch, batch_size=batch_size)
-        layer = target_layer if isinstance(target_layer, nn.Module) else \
-            resolve_target_layer(model, target_layer)
-        if targets is None:
+        reason = spec.available(model) if spec.available else None
+        if reason:
+            raise MpoxscopeError(f"{spec.name}: {reason}")
+        layer = None
+        if spec.needs_layer:
+            layer = target_layer if isinstance(target_layer, nn.Module) else \
+                resolve_target_layer(model, target_layer)
+        if spec.class_specific and targets is None:
             targets = predicted_classes(model, batch, batch_size)
-        return cam_maps(model, batch, spec, targets, layer, batch_size)
+        out = spec.compute(spec, model, batch, targets if spec.class_specific else None, layer, batch_size)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+# ----- the CAM family: one entry each (attention registers itself in attention.py) -----------------
+
+def _cam(name: str, cam: type[BaseCAM], uses_gradients: bool, summary: str, aliases: tuple[str, ...] = (),
+         **capabilities: bool) -> MethodSpec:
+    return register_method(MethodSpec(name, summary, cam_maps, uses_gradients=uses_gradients, cam=cam,
+                                      **capabilities), aliases)
+
+
+_cam("gradcam", GradCAM, True, "activations weighted by mean gradient (Selvaraju et al., 2017)", ("grad-cam",))
+_cam("gradcam++", GradCAMPlusPlus, True, "higher-order gradient weights (Chattopadhyay+, 2018)",
+     ("gradcampp", "grad-cam++", "gradcamplusplus"))
+_cam("hirescam", HiResCAM, True, "element-wise gradient x activation (Draelos & Carin, 2020)", ("hires-cam",))
+_cam("xgradcam", XGradCAM, True, "activation-normalised gradient weights (Fu et al., 2020)", ("xgrad-cam",))
+_cam("layercam", LayerCAM, True, "positive gradient x activation per location (Jiang+, 2021)", ("layer-cam",))
+_cam("eigencam", EigenCAM, False, "first principal component of the activations; class-agnostic", ("eigen-cam",),
+     class_specific=False)
+_cam("scorecam", LeanScoreCAM, False, "channel weights from masked-input scores; slow (one forward pass per "
+                                      "channel)", ("score-cam",), slow=True)
+
+#: Reference maps for the faithfulness table only (random channel weights): a method should beat them.
+BASELINES: dict[str, MethodSpec] = {
+    "random": MethodSpec("random", "random channel weights (baseline)", cam_maps, uses_gradients=True,
+                         cam=RandomCAM, baseline=True),
+}

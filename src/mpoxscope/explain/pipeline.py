@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.explain.attention import attention_grid, has_attention, upsample_grid
-from mpoxscope.explain.methods import explain, get_method
+from mpoxscope.explain.methods import METHODS, explain_parts, get_method
 
 
 @dataclass
@@ -26,8 +25,8 @@ class Explanation:
     """One image explained.
 
     ``probabilities``: (K,) calibrated; ``maps[method]``: (S, S) float32 in [0, 1] at the model's input size
-    (the whole photo resized, so it maps onto the photo by resizing); ``attention_heads``: (heads, H, W) raw
-    pooling attention (each head sums to 1) when "attention" was asked for; ``seconds[method]``: this image's
+    (the whole photo resized, so it maps onto the photo by resizing); ``parts[method]``: (P, H, W) raw grids
+    of a method that has them (attention: one per head, each summing to 1); ``seconds[method]``: this image's
     share of the batch's compute time.
     """
 
@@ -37,8 +36,13 @@ class Explanation:
     confidence: float
     target: str
     maps: dict[str, np.ndarray] = field(default_factory=dict)
-    attention_heads: np.ndarray | None = None
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def attention_heads(self) -> np.ndarray | None:
+        """(heads, H, W) raw pooling attention when "attention" was asked for."""
+        return self.parts.get("attention")
 
 
 def resolve_class(name: str, classes: Sequence[str]) -> int:
@@ -53,11 +57,12 @@ def resolve_class(name: str, classes: Sequence[str]) -> int:
 
 
 def panel_methods(methods: Sequence[str], model: torch.nn.Module, with_attention: bool = True) -> list[str]:
-    """Canonical names of ``methods``, with "attention" appended last when the head has it (the panel reads
-    original | chosen methods | attention)."""
+    """Canonical names of ``methods``, then the methods declared ``always`` (the AGFN attention) that this
+    model allows, last (the panel reads original | chosen methods | attention)."""
     names = list(dict.fromkeys(get_method(m).name for m in methods))
-    wants_attention = "attention" in names or (with_attention and has_attention(model))
-    return [n for n in names if n != "attention"] + (["attention"] if wants_attention else [])
+    always = [n for n, spec in METHODS.items() if spec.always and
+              (n in names or (with_attention and not (spec.available and spec.available(model))))]
+    return [n for n in names if n not in always] + always
 
 
 def explain_images(predictor, images: Sequence[Image.Image], methods: Sequence[str] = ("gradcam",),
@@ -78,21 +83,19 @@ def explain_images(predictor, images: Sequence[Image.Image], methods: Sequence[s
         predicted = probs.argmax(axis=1)
         targets = [int(k) for k in predicted] if target_idx is None else [target_idx] * len(chunk)
         maps: dict[str, np.ndarray] = {}
+        parts: dict[str, np.ndarray] = {}
         seconds: dict[str, float] = {}
-        heads = None
         for name in names:
             t0 = time.perf_counter()
-            if name == "attention":
-                heads = attention_grid(model, batch, batch_size).numpy()
-                maps[name] = upsample_grid(torch.from_numpy(heads).mean(dim=1), tuple(batch.shape[-2:]))
-            else:
-                maps[name] = explain(model, batch, name, targets, target_layer=target_layer,
-                                     batch_size=batch_size)
+            maps[name], grid = explain_parts(model, batch, name, targets, target_layer=target_layer,
+                                             batch_size=batch_size)
+            if grid is not None:
+                parts[name] = grid
             seconds[name] = (time.perf_counter() - t0) / len(chunk)
         for i, img in enumerate(chunk):
             k = int(predicted[i])
             results.append(Explanation(
                 image=img, probabilities=probs[i], label=predictor.classes[k], confidence=float(probs[i, k]),
                 target=predictor.classes[targets[i]], maps={n: m[i] for n, m in maps.items()},
-                attention_heads=None if heads is None else heads[i], seconds=dict(seconds)))
+                parts={n: g[i] for n, g in parts.items()}, seconds=dict(seconds)))
     return results

@@ -68,8 +68,8 @@ class ServeConfig:
     max_pixels: int = MAX_PIXELS
     default_abstain_threshold: float = DEFAULT_ABSTAIN_THRESHOLD
     overlay_max_side: int = 512  # heat-map PNG size: enough for a phone screen, small over the network
-    #: Methods too slow for an interactive request (Score-CAM: one forward pass per feature channel).
-    excluded_explain_methods: tuple[str, ...] = ("scorecam",)
+    #: Methods not served besides the slow ones (declared slow in the method registry, e.g. Score-CAM).
+    excluded_explain_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -180,7 +180,9 @@ class InferenceService:
         module = explain_module()
         if module is None or self._explain_loader is None:
             return []
-        names = [str(m) for m in getattr(module, "METHODS", ("gradcam",))]
+        # the method registry: slow methods (minutes per image) are not served
+        methods = getattr(module, "METHODS", {"gradcam": None})
+        names = [str(m) for m in methods if not getattr(methods[m], "slow", False)]
         return [m for m in names if m not in self.config.excluded_explain_methods]
 
     def explain_unavailable_reason(self) -> str | None:
