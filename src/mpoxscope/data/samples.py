@@ -1,4 +1,5 @@
-"""Find the images of a dataset on disk: a folder per class, or the MSLD v2.0 download as distributed."""
+"""Find the images of a dataset on disk: a folder per class, or the MSLD v2.0 download as distributed (each
+layout one entry of :data:`mpoxscope.registry.LAYOUTS`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 from mpoxscope.data.classes import canonical_class, sort_classes
 from mpoxscope.data.images import is_image_file
 from mpoxscope.errors import MpoxscopeError
+from mpoxscope.registry import LAYOUTS, LayoutSpec, register_layout
 
 #: MSLD file names are ``DiseaseCode_PatientNumber_ImageNumber`` (e.g. ``MKP_17_01.jpg``).
 _MSLD_NAME = re.compile(r"^(?P<code>[A-Za-z]+)_(?P<patient>\d+)_(?P<image>\d+)$")
@@ -143,24 +145,55 @@ def _scan_msld_folds(folds_dir: Path, groups: dict[str, str] | None) -> tuple[li
     return sorted(first.values(), key=lambda s: (s.label, s.filename)), pd.DataFrame(rows)
 
 
+# ----- the layouts (see mpoxscope.registry.LAYOUTS; tried last-registered first, so the generic one is last) --
+
+def _has_class_folders(root: Path) -> bool:
+    return bool(_class_dirs(root))
+
+
+@register_layout("class-folders", "ROOT/<class>/ (any depth below each class folder)", _has_class_folders)
+def _scan_root_class_folders(root: Path, groups: dict[str, str] | None) -> list[Sample]:
+    return _scan_class_folders(root, groups)
+
+
+@register_layout("msld-download", "the MSLD v2.0 download: .../FOLDS/fold1..5/{Train,Valid,Test}/<class>/ (each "
+                                  "file once; the folders kept as the split table)",
+                 lambda root: _find_folds_dir(root) is not None)
+def _scan_msld_download(root: Path, groups: dict[str, str] | None) -> tuple[list[Sample], pd.DataFrame]:
+    folds_dir = _find_folds_dir(root)
+    assert folds_dir is not None
+    return _scan_msld_folds(folds_dir, groups)
+
+
+@register_layout("images-folder", "ROOT/images/<class>/ (the layout in ../shared)",
+                 lambda root: (root / "images").is_dir())
+def _scan_images_folder(root: Path, groups: dict[str, str] | None) -> list[Sample]:
+    return _scan_class_folders(root / "images", groups)
+
+
+def detect_layout(root: str | os.PathLike) -> LayoutSpec:
+    """The layout of ``root``: the last-registered one whose ``detect`` accepts it."""
+    root = Path(root)
+    for _, spec in reversed(LAYOUTS.items()):
+        if spec.detect(root):
+            return spec
+    raise MpoxscopeError(f"{root}: no images found (expected one sub-folder per class)")
+
+
 def load_samples(root: str | os.PathLike, groups_csv: str | os.PathLike | None = None) -> SampleSet:
     """Find every image under ``root`` with its class and patient group.
 
-    Layouts, tried in order: ``root/images/<class>/`` (the layout in ``../shared``), the MSLD v2.0 download
-    (``.../FOLDS/fold1..5/{Train,Valid,Test}/<class>/``; each file once, the folders kept as the split table), and
-    ``root/<class>/``. Class names are canonicalised (``Monkeypox`` -> ``Mpox``).
+    The layout is detected (:func:`detect_layout`): ``root/images/<class>/`` (the layout in ``../shared``), the
+    MSLD v2.0 download (``.../FOLDS/fold1..5/{Train,Valid,Test}/<class>/``; each file once, the folders kept as
+    the split table), ``root/<class>/``, or any layout registered with
+    :func:`mpoxscope.registry.register_layout`. Class names are canonicalised (``Monkeypox`` -> ``Mpox``).
     """
     root = Path(root)
     if not root.is_dir():
         raise MpoxscopeError(f"{root}: data folder not found")
     groups = read_groups_csv(groups_csv) if groups_csv else None
-    folder_splits = None
-    if (root / "images").is_dir():
-        samples = _scan_class_folders(root / "images", groups)
-    elif (folds_dir := _find_folds_dir(root)) is not None:
-        samples, folder_splits = _scan_msld_folds(folds_dir, groups)
-    else:
-        samples = _scan_class_folders(root, groups)
+    scanned = detect_layout(root).scan(root, groups)
+    samples, folder_splits = scanned if isinstance(scanned, tuple) else (scanned, None)
     if not samples:
         raise MpoxscopeError(f"{root}: no images found (expected one sub-folder per class)")
     names = [s.filename for s in samples]
