@@ -65,3 +65,19 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     saved = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
     assert saved["summary"]["accuracy"]["mean"] == pytest.approx(summary["summary"]["accuracy"]["mean"])
 
+
+
+def test_feature_cache_reports_progress_outside_a_terminal(synthetic_root, capsys):
+    """A frozen-trunk feature cache takes many minutes on MSLD: in a log file it must still say how far it is."""
+    import torch
+
+    from mpoxscope.data.samples import load_samples
+    from mpoxscope.data.transforms import AugmentConfig
+    from mpoxscope.engine.features import build_feature_bank
+    from mpoxscope.models import create_model
+
+    data = load_samples(synthetic_root)
+    model = create_model(ModelConfig(image_size=64, d_model=32, num_heads=2, pretrained="none"), len(data.classes))
+    bank = build_feature_bank(model, model.trunk_stop(0), data, range(4), 1, 0, AugmentConfig(), torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "caching features: done 8/8 img" in err and len(bank.index) == 4

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import SampleSet
 from mpoxscope.data.transforms import AugmentConfig, eval_transform, train_transform
 from mpoxscope.models.factory import SkinLesionNet
+from mpoxscope.progress import progress as make_progress
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices
     model.eval()
     views: list[torch.Tensor] = []
     clean: list[torch.Tensor] = []
-    bar = tqdm(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=None if progress else True,
-               leave=False)
+    # A bar on a terminal, plain lines with an ETA in a log file: a frozen-trunk cache can take many minutes.
+    bar = make_progress(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=not progress)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         images = [load_image(data.samples[i].path) for i in chunk]
