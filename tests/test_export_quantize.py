@@ -144,3 +144,71 @@ def test_lite_predictor_matches_onnx_predictor_without_torch(quantized):
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(list(r.json()["probabilities"].values()), lite.predict_images([exact])[0],
                                atol=1e-5)
+
+
+def test_pixel_input_graph_matches_the_float_one(quantized, tmp_path):
+    """with_pixel_input: uint8 (N,S,S,3) in, the same logits as the normalised float graph; both predictors
+    (torch preprocessing and the torch-free one) read such a file."""
+    import onnx
+
+    from mpoxscope.export.lite import LiteOnnxPredictor, with_pixel_input
+    from mpoxscope.export.onnx import OnnxPredictor, make_session
+
+    run, _ = quantized
+    full = OnnxPredictor.from_run(run, threads=1)
+    mean, std = tuple(full.meta["normalization"]["mean"]), tuple(full.meta["normalization"]["std"])
+    out = tmp_path / "pixels.onnx"
+    onnx.save(with_pixel_input(onnx.load(str(run / "model.onnx")), mean, std), str(out))
+    size = full.image_size
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    pix = OnnxPredictor(make_session(out, 1), full.meta, out)
+    assert pix.takes_pixels and not pix.preprocess([img]).dtype.is_floating_point
+    np.testing.assert_allclose(pix.predict_images([img]), full.predict_images([img]), atol=1e-5)
+    lite = LiteOnnxPredictor(out, threads=1, meta=full.meta)
+    assert lite.takes_pixels and lite.preprocess([img]).shape == (1, size, size, 3)
+    np.testing.assert_allclose(lite.predict_images([img, img]), full.predict_images([img, img]), atol=1e-5)
+
+
+def test_cli_pixel_input_int8(quantized, tmp_path, capsys):
+    from mpoxscope.cli import main
+    from mpoxscope.export.lite import LiteOnnxPredictor
+
+    run, _ = quantized
+    out = tmp_path / "px.int8.onnx"
+    assert main(["export", str(run), "--quantize", "int8", "--pixel-input", "--out", str(out),
+                 "--calibration-count", "4", "--min-agreement", "0"]) == 0
+    capsys.readouterr()
+    lite = LiteOnnxPredictor(out, threads=1)
+    assert lite.takes_pixels and lite.session.get_inputs()[0].name == "pixels"
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 70, 3), dtype=np.uint8))
+    assert lite.predict_images([img]).shape == (1, 6)
+    assert main(["export", str(run), "--pixel-input"]) == 2  # needs --quantize
+    assert "--quantize" in capsys.readouterr().err
+
+
+def test_bias_correction_removes_the_mean_rounding_error():
+    """A 1x1 conv on a constant positive input: after correction, int8-rounded weights + corrected bias give
+    the float output exactly (the error of rounding is a pure offset there)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mpoxscope.export.quantize import _int8_weights, bias_correct, first_layers
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32)
+    b = rng.normal(0, 1, 4).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c0"),
+         helper.make_node("Relu", ["y"], ["z"], name="r0")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 2, 2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert first_layers(model, 1) == ["c0", "r0"] and first_layers(model, 0) == []
+    x = np.broadcast_to(np.array([1.0, 2.0, 3.0], np.float32)[None, :, None, None], (2, 3, 2, 2)).copy()
+    assert bias_correct(model, [x], "x", skip=set()) == 1
+    new_b = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b"))
+    exact = w[:, :, 0, 0] @ np.array([1.0, 2.0, 3.0]) + b
+    rounded = _int8_weights(w)[:, :, 0, 0] @ np.array([1.0, 2.0, 3.0]) + new_b
+    assert not np.allclose(new_b, b)
+    np.testing.assert_allclose(rounded, exact, atol=1e-5)
+    assert bias_correct(model, [x], "x", skip={"c0"}) == 0

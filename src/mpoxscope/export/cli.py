@@ -43,6 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --quantize: images to measure agreement on instead of the run's validation split")
     p.add_argument("--calibration-method", choices=["minmax", "percentile"], default="minmax",
                    help="with --quantize: activation ranges from min/max (default) or the 99.999th percentile")
+    p.add_argument("--pixel-input", action="store_true",
+                   help="with --quantize: the int8 file takes raw RGB pixels, input 'pixels' (N,S,S,3) uint8, "
+                        "and normalises inside the graph: the client only decodes and resizes (the fastest end "
+                        "to end; predict/serve/evaluate --onnx and LiteOnnxPredictor read it)")
+    p.add_argument("--float-first", type=int, default=3, metavar="N",
+                   help="with --quantize: keep the first N convolutions float (default 3: the stem and first "
+                        "block, where int8 rounding cost the most agreement)")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="with --quantize: do not fold the mean int8 weight-rounding error into the biases")
     p.add_argument("--min-agreement", type=float, default=0.99, metavar="F",
                    help="with --quantize: least top-1 agreement with fp32 PyTorch to write the file (default 0.99)")
     p.set_defaults(handler=run_export)
@@ -55,8 +64,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out, (".onnx",))
-    if args.quantize is None and (args.calibration_images or args.check_images):
-        raise MpoxscopeError("--calibration-images/--check-images: need --quantize int8")
+    if args.quantize is None and (args.calibration_images or args.check_images or args.pixel_input):
+        raise MpoxscopeError("--calibration-images/--check-images/--pixel-input: need --quantize int8")
+    if args.float_first < 0:
+        raise MpoxscopeError(f"--float-first: must be at least 0, got {args.float_first}")
     if args.calibration_count < 1:
         raise MpoxscopeError(f"--calibration-count: must be at least 1, got {args.calibration_count}")
     fp32_out = None if args.quantize else args.out  # with --quantize, --out names the int8 file
@@ -70,6 +81,7 @@ def run_export(args: argparse.Namespace) -> int:
         quant = quantize_int8(args.run, report.onnx_file, args.out, calibration=args.calibration_images,
                               calibration_count=args.calibration_count, check=args.check_images,
                               min_agreement=args.min_agreement, which=args.which,
-                              method=args.calibration_method)
+                              method=args.calibration_method, float_first=args.float_first,
+                              bias_correction=not args.no_bias_correction, pixel_input=args.pixel_input)
         print(quant.summary())
     return 0

@@ -31,6 +31,7 @@ from PIL import Image
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import msld_root
+from mpoxscope.engine import rundir
 from mpoxscope.engine.checkpoint import load_inference_model, read_meta
 from mpoxscope.engine.predict import Predictor, expand_inputs
 from mpoxscope.engine.rundir import weights_sha256 as run_weights_sha256
@@ -39,7 +40,7 @@ from mpoxscope.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = rundir.ONNX  # the run directory's file names live in engine/rundir.py
 INPUT, OUTPUT = "image", "logits"
 META_KEY, WEIGHTS_KEY, SHA_KEY = "mpoxscope.meta", "mpoxscope.weights", "mpoxscope.weights_sha256"
 #: The TorchScript-based exporter handles opset 17; the dynamo exporter (onnxscript) needs 18 or later.
@@ -122,7 +123,10 @@ class OnnxPredictor(Predictor):
         self._input = inp.name
         self._output = OUTPUT if OUTPUT in outputs else outputs[0]
         shape = list(inp.shape)
-        if len(shape) != 4 or shape[2:] != [self.image_size, self.image_size]:
+        #: A raw-pixel graph (``export --pixel-input``): (N, S, S, 3) uint8 in, normalisation inside.
+        self.takes_pixels = inp.type == "tensor(uint8)"
+        spatial = shape[1:3] if self.takes_pixels else shape[2:]
+        if len(shape) != 4 or spatial != [self.image_size, self.image_size]:
             raise MpoxscopeError(f"{onnx_file or 'ONNX model'}: input shape {shape} does not match the run's "
                                  f"image size {self.image_size}; re-export it")
         # A symbolic first dimension ("batch") takes any batch; an integer means the graph was exported fixed.
@@ -159,16 +163,26 @@ class OnnxPredictor(Predictor):
             raise MpoxscopeError(f"{onnx_file}: no embedded mpoxscope metadata; use OnnxPredictor.from_run")
         return cls(session, json.loads(raw), Path(onnx_file))
 
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """As Predictor's, except that a raw-pixel graph gets the resized uint8 (N, S, S, 3) pixels."""
+        if not self.takes_pixels:
+            return super().preprocess(images)
+        from mpoxscope.export.lite import resized_pixels
+
+        return torch.from_numpy(resized_pixels(images, self.image_size))
+
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalised batch -> (N, K) float32 logits, computed by ONNX Runtime."""
-        x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        """(N, 3, S, S) normalised batch (raw-pixel graph: (N, S, S, 3) uint8) -> (N, K) float32 logits,
+        computed by ONNX Runtime."""
+        dtype = np.uint8 if self.takes_pixels else np.float32
+        x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=dtype)
         step = self._fixed_batch or max(1, len(x))
         out = []
         for i in range(0, len(x), step):
             chunk = x[i:i + step]
             n = len(chunk)
             if n < step:  # a fixed-batch graph: pad the last chunk, drop the padding afterwards
-                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype)])
             out.append(self.session.run([self._output], {self._input: chunk})[0][:n])
         if not out:
             return torch.zeros((0, len(self.classes)), dtype=torch.float32)
