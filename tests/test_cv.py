@@ -66,6 +66,25 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     assert saved["summary"]["accuracy"]["mean"] == pytest.approx(summary["summary"]["accuracy"]["mean"])
 
 
+def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, synthetic_root, monkeypatch):
+    """An end-to-end member plus a frozen-trunk member (@frozen): the frozen member's trunk outputs are computed
+    once for all folds, not once per fold."""
+    import dataclasses
+
+    from mpoxscope.engine import features
+
+    calls = []
+    real = features.build_feature_bank
+    monkeypatch.setattr(features, "build_feature_bank", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data_cfg = DataConfig(root=str(synthetic_root), split_file=None, folds=2)
+    e2e = dataclasses.replace(FAST, epochs=1, trainable_stages=-1, cache_views=0, tta="none",
+                              ensemble=("tf_efficientnet_lite0", "tf_efficientnet_lite0:1@tiny"))
+    summary = cross_validate(data_cfg, SMALL, e2e, CVConfig(out=str(tmp_path / "cv")), progress=False,
+                             log=lambda *_: None)
+    assert summary["summary"]["n_folds"] == 2 and len(calls) == 1
+    assert (tmp_path / "cv" / "tf_efficientnet_lite0-seed1-tiny.feature_cache.safetensors").is_file()
+    assert (tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed1-tiny" / "model.json").is_file()
+
 
 def test_feature_cache_reports_progress_outside_a_terminal(synthetic_root, capsys):
     """A frozen-trunk feature cache takes many minutes on MSLD: in a log file it must still say how far it is."""

@@ -100,6 +100,20 @@ def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfi
                                train_cfg.augment, device, progress=progress, desc="caching features (all folds)")
 
 
+def _member_banks(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                  out: Path, progress: bool) -> dict[str, FeatureBank]:
+    """One shared feature bank per frozen-trunk ensemble member (e.g. ``tf_efficientnet_lite2@frozen``), kept in
+    ``OUT/<member>.feature_cache.safetensors``: computed once for all folds instead of once per fold."""
+    from mpoxscope.engine.ensemble import member_configs
+
+    banks = {}
+    for name, mc, tc in member_configs(train_cfg.ensemble, model_cfg, train_cfg):
+        bank = shared_bank(prepared, folds, mc, tc, progress, out / f"{name}.{FEATURE_CACHE}")
+        if bank is not None:
+            banks[name] = bank
+    return banks
+
+
 def shared_images(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
                   progress: bool = True) -> ImageCache:
     """Every image any fold trains or validates on, decoded once for all folds (and all ensemble members)."""
@@ -121,9 +135,11 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress,
                        out / FEATURE_CACHE) if len(todo) > 1 and not train_cfg.ensemble else None
     images = shared_images(prepared, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
+    member_banks = _member_banks(prepared, todo, model_cfg, train_cfg, out, progress) if len(todo) > 1 else {}
     per_fold, leak_free = [], []
     for fold in folds:
-        m = _run_fold(prepared, fold, out / fold.name, model_cfg, train_cfg, bank, images, progress, log)
+        m = _run_fold(prepared, fold, out / fold.name, model_cfg, train_cfg, bank, images, progress, log,
+                      member_banks)
         if m is None:  # a torchrun rank other than 0
             continue
         per_fold.append(m)
@@ -146,7 +162,8 @@ def _protocol(prepared: PreparedData, fold: Fold, split: str = "test") -> str:
 
 
 def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-              bank: FeatureBank | None, images: ImageCache | None, progress: bool, log) -> dict | None:
+              bank: FeatureBank | None, images: ImageCache | None, progress: bool, log,
+              member_banks: dict[str, FeatureBank] | None = None) -> dict | None:
     """Train one fold (or read its finished evaluation) and evaluate it on validation, then test, once; the
     test metrics with the fold's validation block. None on torchrun ranks other than 0."""
     done = fold_dir / "evaluation" / "metrics.json"
@@ -158,7 +175,7 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
         data = prepared.data
         if train_cfg.ensemble:
             train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / "run",
-                           prepared.info(fold), images=images, progress=progress, log=log)
+                           prepared.info(fold), images=images, progress=progress, log=log, banks=member_banks)
         else:
             train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
                   images=images, progress=progress, log=log)

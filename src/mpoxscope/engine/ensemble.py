@@ -20,6 +20,7 @@ from mpoxscope.data.splits import Fold
 from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.checkpoint import load_inference_model, read_meta, write_meta
 from mpoxscope.engine.device import resolve_device
+from mpoxscope.engine.features import FeatureBank
 from mpoxscope.engine.finish import brief, logits_of, protocol, scored, screening_block
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import calibrated_softmax
@@ -69,9 +70,11 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
 
 def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig,
                    specs: tuple[str, ...], run_dir: str | Path, data_info: dict | None = None,
-                   images: ImageCache | None = None, progress: bool = True, log=print) -> TrainResult:
+                   images: ImageCache | None = None, progress: bool = True, log=print,
+                   banks: dict[str, FeatureBank] | None = None) -> TrainResult:
     """Train every member (each resumable on its own), then fit the ensemble's calibration and screening
-    threshold on the validation part and write ``RUN/model.json``."""
+    threshold on the validation part and write ``RUN/model.json``. ``banks``: trunk outputs of frozen-trunk
+    members by member name, shared across the folds of a cross-validation."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     members = member_configs(specs, model_cfg, train_cfg)
@@ -83,7 +86,7 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
     for name, mc, tc in members:
         log(f"{fold.name}: ensemble member {name}")
         results.append(train(data, fold, mc, tc, run_dir / rundir.MEMBERS / name, data_info, images=images,
-                             progress=progress, log=log))
+                             bank=(banks or {}).get(name), progress=progress, log=log))
     if distributed.is_main():  # under torchrun, rank 0 alone writes
         combine(run_dir, [n for n, _, _ in members], data, fold, images, train_cfg, data_info, specs)
     distributed.barrier()
