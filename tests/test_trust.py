@@ -401,6 +401,16 @@ def test_card_finds_metrics_in_run_eval(run_copy, tmp_path):
     assert "eval/metrics.json" in text and ("81.2" in text or "0.812" in text)
 
 
+def test_card_names_the_split_train_recorded():
+    # `train` records the split as data.split_source; the card said "Split: not recorded" beside it.
+    from mpoxscope.card.card import build_card
+
+    meta = {"classes": ["Mpox", "Healthy"],
+            "data": {"dataset": "MSLD v2.0", "split_source": "split file folds.csv", "fold": "fold1"}}
+    text = build_card(meta)
+    assert "**Split**: split file folds.csv" in text and "**Split source**" not in text
+
+
 # --- item 15: predict --onnx FILE; item 10: --cache-views 0 on a frozen backbone --------------------------------
 
 @pytest.mark.slow
