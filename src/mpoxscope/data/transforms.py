@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2 as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mpoxscope.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "eval_transform", "train_transform"]
 
 
 @dataclass(frozen=True)

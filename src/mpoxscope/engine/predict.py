@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mpoxscope.data.imagenet import normalization
 from mpoxscope.data.images import is_image_file, load_image
 from mpoxscope.data.transforms import eval_transform
 from mpoxscope.engine.checkpoint import load_inference_model
@@ -45,9 +46,7 @@ class Predictor:
         self.device = device
         self.classes: list[str] = list(meta["classes"])
         self.image_size: int = int(meta["image_size"])
-        norm = meta.get("normalization", {})
-        self.transform = eval_transform(self.image_size, tuple(norm.get("mean", (0.485, 0.456, 0.406))),
-                                        tuple(norm.get("std", (0.229, 0.224, 0.225))))
+        self.transform = eval_transform(self.image_size, *normalization(meta))
         self.temperature: float = float(meta.get("calibration", {}).get("temperature", 1.0))
 
     @classmethod

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mpoxscope.config import ModelConfig
+from mpoxscope.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.models.backbones import backbone_stages, create_backbone
 from mpoxscope.models.pretrained import load_pretrained
@@ -34,7 +35,8 @@ class SkinLesionNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run backbone stages ``start:stop`` on ``x``; the default runs all of them, giving (B, C, H, W)."""
-        x = x.contiguous(memory_format=torch.channels_last)  # about 1.8x faster convolutions on CPU
+        if x.ndim == 4:  # images or a grid; a token model's intermediate stages pass (B, N, C) tokens
+            x = x.contiguous(memory_format=torch.channels_last)  # about 1.8x faster convolutions on CPU
         for stage in self.stages[start:stop]:
             x = stage(x)
         return x
@@ -55,7 +57,9 @@ def feature_channels(backbone: nn.Module, image_size: int) -> tuple[int, tuple[i
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():
-        out = backbone.forward_features(torch.zeros(1, 3, image_size, image_size))
+        out = torch.zeros(1, 3, image_size, image_size)
+        for stage in backbone_stages(backbone):  # token models end in a token-to-grid stage
+            out = stage(out)
     backbone.train(was_training)
     return out.shape[1], (out.shape[2], out.shape[3])
 
@@ -73,13 +77,13 @@ def create_model(config: ModelConfig, num_classes: int, load_weights: bool = Tru
     HEADS.get(config.head)  # an unknown head fails before the backbone is built
     if num_classes < 2:
         raise MpoxscopeError(f"need at least 2 classes, got {num_classes}")
-    backbone = create_backbone(config.backbone)
+    backbone = create_backbone(config.backbone, config.image_size)
     source = load_pretrained(backbone, config.backbone, config.pretrained) if load_weights else "checkpoint"
     channels, grid = feature_channels(backbone, config.image_size)
     head = build_head(config, channels, num_classes, grid)
     cfg = timm.get_pretrained_cfg(config.backbone)
-    mean = tuple(getattr(cfg, "mean", None) or (0.485, 0.456, 0.406))
-    std = tuple(getattr(cfg, "std", None) or (0.229, 0.224, 0.225))
+    mean = tuple(getattr(cfg, "mean", None) or IMAGENET_MEAN)
+    std = tuple(getattr(cfg, "std", None) or IMAGENET_STD)
     model = SkinLesionNet(backbone, head, config, mean, std).to(memory_format=torch.channels_last)
     model.pretrained_source = source
     return model
