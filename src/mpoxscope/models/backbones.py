@@ -16,16 +16,16 @@ from mpoxscope.errors import MpoxscopeError
 
 
 def create_backbone(name: str, image_size: int | None = None) -> nn.Module:
-    """A timm model by name, without classifier or pooling. ``image_size``: for models whose position
-    embedding is built for one input size (ViT, DeiT, Swin), build it for this one; others ignore it."""
+    """A timm model by name, without classifier or pooling. ``image_size``: a model whose position embedding
+    is built for one input size (ViT, DeiT, Swin: ``patch_embed.img_size``) is rebuilt for this one; any
+    other model is created exactly as before (same call, same random initialisation)."""
     kwargs = {"pretrained": False, "num_classes": 0, "global_pool": ""}
     try:
-        if image_size is not None:
-            try:
-                return timm.create_model(name, img_size=image_size, **kwargs)
-            except TypeError:  # a convolutional model: any input size, no img_size argument
-                pass
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
+        fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if image_size is not None and fixed is not None and tuple(fixed) != (image_size, image_size):
+            model = timm.create_model(name, img_size=image_size, **kwargs)
+        return model
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise MpoxscopeError(f"unknown backbone {name!r}: {e}") from None
 
