@@ -14,11 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from test_serve import FakePredictor, encode, photo, post_from_threads, upload
+from test_serve import FakePredictor, encode, fake_explain_module, photo, post_from_threads, upload
 
 from mpoxscope.serve import ServeConfig, create_app, create_app_from_predictor
 from mpoxscope.serve.app import default_allowed_hosts, host_allowed, host_of
-from mpoxscope.serve.batching import Admission, MicroBatcher, PixelBudget, QueueFull, retry_after_seconds
+from mpoxscope.serve.batching import (
+    Admission,
+    MicroBatcher,
+    PixelBudget,
+    QueueFull,
+    photos_per_forward,
+    retry_after_seconds,
+    views_per_photo,
+)
 
 BOUNDARY = "b0undary"
 
@@ -176,6 +184,62 @@ def test_max_batch_is_respected():
     with TestClient(create_app_from_predictor(fake, ServeConfig(max_batch=3, batch_wait_ms=100))) as c:
         codes = post_from_threads(c, 9, encode(photo(), "PNG"))
     assert codes == [200] * 9 and max(fake.sizes) <= 3 and sum(fake.sizes) == 9
+
+
+def test_views_per_photo_and_forward_size():
+    import types
+
+    import torch
+
+    from mpoxscope.models.tta import TTAModel
+
+    ns = types.SimpleNamespace
+    assert views_per_photo(ns(model=TTAModel(torch.nn.Identity(), ("id", "hflip", "vflip")), meta={})) == 3
+    assert views_per_photo(ns(model=torch.nn.Linear(2, 2), meta={"tta": {"views": ["id"] * 8}})) == 1
+    assert views_per_photo(ns(meta={"tta": {"views": ["id", "hflip"]}})) == 2  # ONNX: from model.json
+    assert views_per_photo(ns(meta={"kind": "ensemble"})) == 8 and views_per_photo(ns(meta={})) == 1
+    assert photos_per_forward(8) == 4 and photos_per_forward(1) == 32  # 32 images of 224 px per pass
+    assert photos_per_forward(8, 448) == 1 and photos_per_forward(1, 112) == 128
+
+
+def test_micro_batches_run_as_small_forward_passes_with_test_time_views():
+    # 8 views at 224 px: a micro-batch of 8 photos is two passes of 4 (32 images each), answers in order.
+    fake = WidthPredictor(delay=0.3)
+    fake.meta = {**fake.meta, "image_size": 224, "tta": {"views": ["id"] * 8}}
+    widths = [110 + i for i in range(8)]
+    bodies: dict[int, dict] = {}
+    with TestClient(create_app_from_predictor(fake, ServeConfig(max_batch=8, batch_wait_ms=200))) as c:
+        barrier = threading.Barrier(len(widths))
+
+        def go(w: int) -> None:
+            barrier.wait()
+            bodies[w] = c.post("/api/predict", files=upload(encode(photo((w, 80)), "PNG"))).json()
+
+        threads = [threading.Thread(target=go, args=(w,)) for w in widths]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert sum(fake.sizes) == 8 and max(fake.sizes) <= 4
+    assert max(b["timing_ms"]["batch_size"] for b in bodies.values()) > 4  # the micro-batch was larger
+    for w, body in bodies.items():
+        assert body["probabilities"]["Mpox"] == pytest.approx((w % 100) / 100.0)
+
+
+def test_heat_map_stack_is_imported_only_when_first_needed(monkeypatch):
+    import mpoxscope.serve.app as app_module
+
+    calls: list[int] = []
+    monkeypatch.setitem(__import__("sys").modules, "mpoxscope.explain", fake_explain_module([]))
+    real = app_module.explain_module
+    monkeypatch.setattr(app_module, "explain_module", lambda: calls.append(1) or real())
+    with TestClient(create_app_from_predictor(FakePredictor(), explain_model_loader=lambda: None)) as c:
+        assert c.get("/api/health").status_code == 200
+        assert c.post("/api/predict", files=upload(encode(photo(), "PNG"))).status_code == 200
+        assert calls == []  # start-up and plain predictions never load grad-cam/matplotlib
+        assert c.get("/api/explain-methods").json()["methods"]
+        assert c.get("/api/model").status_code == 200
+        assert calls == [1]  # once, in a worker thread
 
 
 # ----- raw ASGI calls: stalled bodies, disconnects, a full queue ---------------------------------------------
