@@ -30,6 +30,7 @@ from mpoxscope.engine.predict import Predictor
 from mpoxscope.engine.rundir import FEATURE_CACHE
 from mpoxscope.engine.runner import PreparedData, prepare
 from mpoxscope.engine.train import seed_everything, train
+from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
 from mpoxscope.models.factory import create_model
 
@@ -203,13 +204,32 @@ def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_fil
         lm = read_json(lf_done)
     else:
         predictor = Predictor.from_run(fold_dir / "run", device=device)
-        lm = evaluate(predictor, prepared.data, [i for i in fold.test if i not in leaked],
-                      fold_dir / "evaluation_leak_free",
-                      _protocol(prepared, fold) + f", leak-free ({len(leaked)} linked test images dropped)")
+        keep = [i for i in fold.test if i not in leaked]
+        lm = evaluate(predictor, prepared.data, keep, fold_dir / "evaluation_leak_free",
+                      _protocol(prepared, fold) + f", leak-free ({len(leaked)} linked test images dropped)",
+                      predictions=_test_predictions(fold_dir, {prepared.data.samples[i].filename for i in keep},
+                                                    predictor.classes))
         lm["n_dropped"] = len(leaked)
         write_json(lf_done, {**lm, "fold": fold.name})
     lm["fold"] = fold.name
     return lm
+
+
+def _test_predictions(fold_dir: Path, names: set[str], classes: list[str]) -> tuple | None:
+    """The fold's saved test predictions restricted to ``names`` (the leak-free part is a subset of the test
+    part, so its images need not be predicted twice); None when they cannot be read unambiguously."""
+    from mpoxscope.engine.screening import read_predictions_csv
+
+    path = fold_dir / "evaluation" / "predictions.csv"
+    try:
+        pred, header = read_predictions_csv(path)
+        failed = read_json(fold_dir / "evaluation" / "metrics.json").get("failed_files") or []
+    except (OSError, ValueError, AttributeError, MpoxscopeError):
+        return None
+    if header != list(classes) or len(set(pred.names)) != len(pred.names):  # same file name in two classes
+        return None
+    rows = [r for r, n in enumerate(pred.names) if n in names]
+    return pred.probs[rows], pred.targets[rows], [pred.names[r] for r in rows], list(failed)
 
 
 def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,

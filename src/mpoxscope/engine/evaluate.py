@@ -171,11 +171,14 @@ def _ci(m: dict, key: str, cls: str | None = None) -> str:
     return "" if ci.get("low") is None else f" [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
 
 
-def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path, protocol: str) -> dict:
+def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path, protocol: str,
+             predictions: tuple[np.ndarray, np.ndarray, list[str], list[str]] | None = None) -> dict:
     """Predict ``indices`` of ``data``, write metrics.json, report.md, confusion_matrix.png and predictions.csv
-    to ``out_dir``; return the metrics dict (which carries its ``protocol``)."""
+    to ``out_dir``; return the metrics dict (which carries its ``protocol``). ``predictions``: what
+    :func:`predict_split` would return for ``indices``, when it is already known (no model is run then)."""
     out = Path(out_dir)
-    probs, targets, names, failed = predict_split(predictor, data, indices)
+    probs, targets, names, failed = predictions if predictions is not None else \
+        predict_split(predictor, data, indices)
     if len(targets) == 0:
         raise MpoxscopeError(f"no readable images to evaluate ({protocol})")
     m = classification_metrics(targets, probs, predictor.classes)
