@@ -1,22 +1,26 @@
 """Load test of `mpoxscope serve` on 127.0.0.1: throughput and latency under concurrent clients, a burst of large
 uploads beyond the queue, and near-limit PNGs, with the server's peak resident memory.
 
-    nice -n 19 .venv/bin/python benchmarks/serve_load.py RUN [--config torch] [--config onnx-lite:RUN/model.int8.onnx]
+    .venv/bin/python benchmarks/serve_load.py RUN [--config torch] [--config onnx-lite:RUN/model.int8.onnx]
         [--clients 32] [--duration 60] [--out benchmarks/results/serve_load.md]
 
 Each ``--config`` is ``RUNTIME[:ONNX_FILE]``; per config the script
 
-1. measures the *offline* batch-16 throughput of the same runtime in this process (JPEG bytes -> decode ->
-   ``predict_images`` on 16 photos, the work the server does per photo), before the server starts;
+1. measures the *offline* throughput of the same runtime in this process (JPEG bytes -> decode ->
+   ``predict_images`` on 16 photos, the work the server does per photo; also at the server's forward-pass
+   size), before the server starts and again after step 3: the ratio uses the mean of the two;
 2. starts ``mpoxscope serve RUN --host 127.0.0.1`` (loopback only) and waits for /api/health;
-3. runs ``--clients`` keep-alive clients, each posting real MSLD v2.0 photos back to back for ``--duration``
-   seconds (at most ``--max-requests`` in all): throughput, p50/p99 latency, errors, micro-batch sizes;
+3. runs ``--clients`` keep-alive clients (asyncio, one process, photo bytes read beforehand), each posting real
+   MSLD v2.0 photos back to back for ``--duration`` seconds (at most ``--max-requests`` in all): throughput,
+   p50/p99 latency, errors, micro-batch sizes, and the CPU seconds of the load generator, the server and the
+   rest of the machine;
 4. sends a burst of ``--burst`` concurrent ~15 MB JPEG uploads (``Expect: 100-continue``, as curl sends for
    large bodies, so a refused upload is not transmitted): counts of 200/503/other;
 5. sends 4 concurrent near-limit RGBA PNGs (~64 MP, a few hundred kB each);
 
-sampling the server's resident memory (all its processes, from /proc) every 20 ms throughout. The load
-generator runs on the same machine, so it takes CPU from the server: a lower bound on what the server can do.
+sampling the server's resident memory (all its processes, from /proc) every 20 ms throughout, and reading its
+true peak (VmHWM, reset between phases) so that short spikes are not missed. The load generator runs on the
+same machine, so it takes CPU from the server: a lower bound on what the server can do.
 """
 
 from __future__ import annotations
@@ -75,12 +79,48 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def _tree_pids(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += _children(p)
+    return pids
+
+
+def tree_hwm_bytes(pid: int) -> int:
+    """Sum over the tree of each process's peak RSS (VmHWM) since its last reset: catches spikes shorter
+    than the sampling interval (a forward pass allocates and frees hundreds of MB within 100 ms)."""
+    total = 0
+    for p in _tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def reset_hwm(pid: int) -> bool:
+    """Reset VmHWM of the tree to the current RSS (Linux: write 5 to clear_refs); False where not allowed."""
+    ok = True
+    for p in _tree_pids(pid):
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            ok = False
+    return ok
+
+
 class RssSampler:
-    """Peak RSS of a process tree, sampled in a thread; ``mark()`` starts a new window."""
+    """Peak RSS of a process tree, sampled in a thread and read from VmHWM; ``mark()`` starts a new window."""
 
     def __init__(self, pid: int, every: float = 0.02) -> None:
         self.pid, self.every = pid, every
         self.peak = 0
+        self.hwm_resettable = reset_hwm(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -90,9 +130,12 @@ class RssSampler:
             self.peak = max(self.peak, tree_rss_bytes(self.pid))
 
     def mark(self) -> int:
-        """Peak since the last mark (then reset to the current RSS)."""
+        """Peak since the last mark (then reset to the current RSS): the larger of the samples and VmHWM."""
+        hwm = tree_hwm_bytes(self.pid) if self.hwm_resettable else 0
         peak, self.peak = self.peak, tree_rss_bytes(self.pid)
-        return max(peak, self.peak)
+        if self.hwm_resettable:
+            reset_hwm(self.pid)
+        return max(peak, self.peak, hwm)
 
     def stop(self) -> None:
         self._stop.set()
@@ -265,31 +308,72 @@ def near_limit_png(pixels: int = 63_900_000) -> bytes:
 
 # ----- offline throughput of the same runtime --------------------------------------------------------------------
 
-def offline_throughput(run: str, runtime: str, onnx_file: str | None, photos: list[tuple[bytes, str]],
-                       seconds: float = 20.0) -> float:
-    """Images/s of decode + predict_images in batches of 16, single process, as the server's work per photo."""
-    from mpoxscope.data.images import decode_image
+class Offline:
+    """The runtime the server runs (same registry entry, same file), in this process: images/s of JPEG bytes ->
+    decode -> ``predict_images``, the work the server does per photo, with no HTTP and no queue."""
 
-    if runtime == "torch":
-        from mpoxscope.engine.predict import Predictor
+    def __init__(self, run: str, runtime: str, onnx_file: str | None, photos: list[tuple[bytes, str]]) -> None:
+        from mpoxscope.data.images import decode_image
+        from mpoxscope.engine.runtimes import load_predictor
 
-        predictor = Predictor.from_run(run, device="cpu")
-    elif runtime == "onnx":
-        from mpoxscope.export.onnx import OnnxPredictor
+        self.decode = decode_image
+        self.predictor = load_predictor(run, runtime, "cpu", onnx_file)
+        self.batches = [photos[i:i + 16] for i in range(0, len(photos) - 15, 16)]
+        self.predictor.predict_images([decode_image(d) for d, _ in self.batches[0]])  # warm-up
 
-        predictor = OnnxPredictor.from_run(run, onnx_file=onnx_file) if onnx_file else OnnxPredictor.from_run(run)
-    else:
-        from mpoxscope.export.lite import LiteOnnxPredictor
+    def measure(self, seconds: float, per_pass: int = 16) -> float:
+        """Images/s over ``seconds``: batches of 16 photos, predicted ``per_pass`` photos per call."""
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            batch = [self.decode(d) for d, _ in self.batches[done // 16 % len(self.batches)]]
+            for i in range(0, 16, per_pass):
+                self.predictor.predict_images(batch[i:i + per_pass])
+            done += 16
+        return done / (time.perf_counter() - t0)
 
-        predictor = LiteOnnxPredictor(onnx_file or Path(run, "model.onnx"))
-    batches = [photos[i:i + 16] for i in range(0, len(photos) - 15, 16)]
-    predictor.predict_images([decode_image(d) for d, _ in batches[0]])  # warm-up
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        batch = batches[done // 16 % len(batches)]
-        predictor.predict_images([decode_image(d) for d, _ in batch])
-        done += 16
-    return done / (time.perf_counter() - t0)
+    def close(self) -> None:
+        del self.predictor
+
+
+def model_summary(run: str, predictor: object) -> dict:
+    """What the rows measured: backbone, head, image size, test-time views, photos per forward pass."""
+    from mpoxscope.serve.batching import photos_per_forward, views_per_photo
+
+    meta = json.loads(Path(run, "model.json").read_text())
+    views = views_per_photo(predictor)
+    size = int(meta.get("image_size", 224))
+    cfg = meta.get("model") or {}
+    name = "ensemble" if meta.get("kind") == "ensemble" else f"{cfg.get('backbone')} + {cfg.get('head')}"
+    return {"model": name, "image_size": size, "views": views, "forward_photos": photos_per_forward(views, size)}
+
+
+# ----- CPU accounting: how much of the machine the load generator takes ---------------------------------------
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process tree (all threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_seconds() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 # ----- the server ------------------------------------------------------------------------------------------------
@@ -340,21 +424,51 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def offline_round(offline: Offline | None, seconds: float, forward_photos: int) -> dict:
+    """Offline images/s at batch 16 and at the server's forward-pass size, measured back to back."""
+    if offline is None or seconds <= 0:
+        return {"batch16": float("nan"), "forward": float("nan")}
+    return {"batch16": offline.measure(seconds, 16), "forward": offline.measure(seconds, forward_photos)}
+
+
+def steady_phase(args, port: int, photos, server_pid: int) -> tuple[LoadResult, dict]:
+    """The clients' run, with the CPU seconds of the load generator, the server and the whole machine."""
+    if not args.clients or args.duration <= 0:
+        return LoadResult(seconds=float("nan")), {}
+    cpu0 = (self_cpu_seconds(), tree_cpu_seconds(server_pid), machine_busy_seconds())
+    steady = asyncio.run(steady_load(port, photos, args.clients, args.duration, args.max_requests))
+    cpu1 = (self_cpu_seconds(), tree_cpu_seconds(server_pid), machine_busy_seconds())
+    gen, server, busy = (b - a for a, b in zip(cpu0, cpu1))
+    capacity = steady.seconds * (os.cpu_count() or 1)
+    return steady, {"loadgen_cpu_s": gen, "server_cpu_s": server, "machine_busy_cpu_s": busy,
+                    "others_cpu_s": max(0.0, busy - gen - server), "capacity_cpu_s": capacity}
+
+
 def run_config(args, runtime: str, onnx_file: str | None, photos, big, png) -> dict:
     label = runtime + (f" ({Path(onnx_file).name})" if onnx_file else "")
-    print(f"[{label}] offline batch-16 throughput ...", file=sys.stderr, flush=True)
-    offline = offline_throughput(args.run, runtime, onnx_file, photos, args.offline_seconds) \
-        if args.offline_seconds > 0 else float("nan")
+    measure_offline = args.offline_seconds > 0 and args.clients and args.duration > 0
+    offline = Offline(args.run, runtime, onnx_file, photos) if measure_offline else None
+    if offline is not None:
+        model = model_summary(args.run, offline.predictor)
+    else:
+        from mpoxscope.engine.runtimes import load_predictor
+
+        model = model_summary(args.run, load_predictor(args.run, runtime, "cpu", onnx_file))
+    print(f"[{label}] {model}; offline throughput (before) ...", file=sys.stderr, flush=True)
+    before = offline_round(offline, args.offline_seconds, model["forward_photos"])
     port = free_port()
     proc = start_server(args.run, runtime, onnx_file, port, args.server_arg)
     sampler = RssSampler(proc.pid)
     try:
+        time.sleep(2)
         idle_rss = tree_rss_bytes(proc.pid)
         sampler.mark()
         print(f"[{label}] {args.clients} clients x {args.duration:.0f} s ...", file=sys.stderr, flush=True)
-        steady = asyncio.run(steady_load(port, photos, args.clients, args.duration, args.max_requests)) \
-            if args.clients and args.duration > 0 else LoadResult(seconds=float("nan"))
+        steady, cpu = steady_phase(args, port, photos, proc.pid)
         steady_rss = sampler.mark()
+        print(f"[{label}] offline throughput (after) ...", file=sys.stderr, flush=True)
+        after = offline_round(offline, args.offline_seconds, model["forward_photos"])
+        sampler.mark()
         print(f"[{label}] burst of {args.burst} x {len(big) / 1e6:.0f} MB ...", file=sys.stderr, flush=True)
         burst_result = asyncio.run(burst(port, [(big, f"big{i}.jpg") for i in range(args.burst)]))
         burst_rss = sampler.mark()
@@ -364,65 +478,93 @@ def run_config(args, runtime: str, onnx_file: str | None, photos, big, png) -> d
     finally:
         sampler.stop()
         log = stop_server(proc)
+        if offline is not None:
+            offline.close()
     ok = steady.codes.get("200", 0)
     errors = sum(n for c, n in steady.codes.items() if c != "200")
+    offline_ips = float(np.mean([before["batch16"], after["batch16"]]))
     return {
-        "label": label, "offline_ips": offline, "throughput": ok / steady.seconds, "seconds": steady.seconds,
+        "label": label, **model, "offline_ips": offline_ips, "offline_before": before, "offline_after": after,
+        "throughput": ok / steady.seconds, "seconds": steady.seconds,
         "ok": ok, "errors": errors, "codes": steady.codes, "p50_ms": 1000 * pct(steady.latencies, 50),
-        "p99_ms": 1000 * pct(steady.latencies, 99),
+        "p99_ms": 1000 * pct(steady.latencies, 99), "cpu": cpu,
         "mean_batch": statistics.mean(steady.batch_sizes) if steady.batch_sizes else float("nan"),
         "idle_rss": idle_rss, "steady_rss": steady_rss, "burst_codes": burst_result.codes,
         "burst_seconds": burst_result.seconds, "burst_rss": burst_rss, "png_codes": png_result.codes,
         "png_rss": png_rss, "server_log_tracebacks": log.count("Traceback"),
+        "peak_method": "VmHWM (reset per phase) and 20 ms samples" if sampler.hwm_resettable else "20 ms samples",
     }
+
+
+def _codes(codes: dict) -> str:
+    return ", ".join(f"{n}× {c}" for c, n in sorted(codes.items())) or "none"
+
+
+def _steady_rows(results: list[dict]) -> list[str]:
+    gb = 1e9
+    rows = ["| runtime | model (views, photos per forward pass) | requests/s | offline batch-16 img/s (before, "
+            "after) | ratio | offline img/s at the server's pass size | p50 ms | p99 ms | errors | mean batch | "
+            "peak RSS |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        b, a = r["offline_before"], r["offline_after"]
+        rows.append(
+            f"| {r['label']} | {r['model']} {r['image_size']} px ({r['views']} views, {r['forward_photos']}) | "
+            f"{r['throughput']:.2f} | {r['offline_ips']:.2f} ({b['batch16']:.2f}, {a['batch16']:.2f}) | "
+            f"{100 * r['throughput'] / r['offline_ips']:.0f} % | "
+            f"{(b['forward'] + a['forward']) / 2:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r['errors']} of {r['ok'] + r['errors']} | {r['mean_batch']:.1f} | {r['steady_rss'] / gb:.2f} GB |")
+    rows += ["", "CPU during the steady phase (seconds of CPU; capacity = wall time × cores):", "",
+             "| runtime | load generator | server | other processes | machine busy | capacity | "
+             "load generator share |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        c = r["cpu"]
+        if c:
+            rows.append(f"| {r['label']} | {c['loadgen_cpu_s']:.1f} | {c['server_cpu_s']:.1f} | "
+                        f"{c['others_cpu_s']:.1f} | {c['machine_busy_cpu_s']:.1f} | {c['capacity_cpu_s']:.1f} | "
+                        f"{100 * c['loadgen_cpu_s'] / c['capacity_cpu_s']:.1f} % of the machine, "
+                        f"{100 * c['loadgen_cpu_s'] / max(1e-9, c['server_cpu_s']):.1f} % of the server's |")
+    return rows
 
 
 def render(args, results: list[dict], big_mb: float, png_kb: float, load: tuple, minutes: float) -> str:
     gb = 1e9
     contended = max(load[0][0], load[1][0]) > 0.5 * (os.cpu_count() or 1)
+    nice = os.nice(0)
+    steady_run = bool(args.clients and args.duration > 0)
     lines = [
         "# Web service under load (127.0.0.1)",
         "",
-        f"Command: `nice -n 19 .venv/bin/python benchmarks/serve_load.py {args.run} "
-        + " ".join(f"--config {c}" for c in args.config)
-        + f" --clients {args.clients} --duration {args.duration:g}"
-        + "".join(f" --server-arg={a}" for a in args.server_arg) + f"` ({minutes:.1f} min).",
+        f"Command: `{'nice -n ' + str(nice) + ' ' if nice else ''}.venv/bin/python {' '.join(sys.argv)}` "
+        f"({minutes:.1f} min, finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
         "",
         f"Machine: {os.cpu_count()} logical CPUs shared by the server, the load generator (same machine) and "
         f"other jobs; load average {', '.join(f'{x:.1f}' for x in load[0])} at the start, "
         f"{', '.join(f'{x:.1f}' for x in load[1])} at the end: "
-        + ("**contended** — absolute numbers are pessimistic." if contended else "quiet."),
+        + ("**contended** — absolute numbers are pessimistic, and the ratio compares two contended "
+           "measurements." if contended else "quiet."),
         "",
-        f"Server: `mpoxscope serve` defaults (max batch 16, batch wait 5 ms, queue 64, 256 MB of uploads held) "
-        f"{' '.join(args.server_arg)}. Photos: {args.photos} real MSLD v2.0 JPEGs (about 11 kB, 224 px), "
-        "chosen at random per request. Offline: the same runtime in one process, JPEG bytes -> decode -> "
-        "predict_images on batches of 16, measured just before the server started.",
+        f"Server: `mpoxscope serve` defaults (max batch 16, batch wait 5 ms, queue 64, 128 MB of uploads held) "
+        f"{' '.join(args.server_arg)}. Photos: {args.photos} real MSLD v2.0 JPEGs (about 11 kB, 224 px), read "
+        "into memory before the run, chosen at random per request by an asyncio HTTP/1.1 client (keep-alive, "
+        "one process). Offline: the same runtime (same registry entry and file) in the load generator's "
+        "process, JPEG bytes -> decode -> predict_images, 16 photos per call (the issue's batch 16) and at "
+        "the server's forward-pass size; measured before the server starts and again after the steady phase "
+        f"({args.offline_seconds:g} s each); the ratio uses the mean of the two batch-16 figures. Peak RSS: "
+        f"{results[0]['peak_method'] if results else ''}, of the server process.",
         "",
         f"## {args.clients} concurrent clients, {args.duration:g} s",
         "",
-        "| runtime | requests/s | offline batch-16 img/s | ratio | p50 ms | p99 ms | errors | mean batch | "
-        "peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    if not args.clients or args.duration <= 0:
-        del lines[-4:]
-        lines.append("## Steady load: not run in this invocation (`--clients 0`)")
-    for r in results if args.clients and args.duration > 0 else []:
-        lines.append(f"| {r['label']} | {r['throughput']:.1f} | {r['offline_ips']:.1f} | "
-                     f"{100 * r['throughput'] / r['offline_ips']:.0f} % | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                     f"{r['errors']} of {r['ok'] + r['errors']} | {r['mean_batch']:.1f} | "
-                     f"{r['steady_rss'] / gb:.2f} GB |")
+    lines += _steady_rows(results) if steady_run else ["Not run in this invocation (`--clients 0`)."]
     lines += ["", f"## Burst: {args.burst} concurrent uploads of {big_mb:.1f} MB (JPEG, Expect: 100-continue)", "",
               "| runtime | answers | wall s | peak RSS (idle RSS) |", "|---|---|---:|---:|"]
     for r in results:
-        codes = ", ".join(f"{n}× {c}" for c, n in sorted(r["burst_codes"].items()))
-        lines.append(f"| {r['label']} | {codes} | {r['burst_seconds']:.1f} | {r['burst_rss'] / gb:.2f} GB "
-                     f"({r['idle_rss'] / gb:.2f} GB) |")
+        lines.append(f"| {r['label']} | {_codes(r['burst_codes'])} | {r['burst_seconds']:.1f} | "
+                     f"{r['burst_rss'] / gb:.2f} GB ({r['idle_rss'] / gb:.2f} GB) |")
     lines += ["", f"## 4 concurrent near-limit PNGs (RGBA, ~64 MP, {png_kb:.0f} kB each)", "",
               "| runtime | answers | peak RSS |", "|---|---|---:|"]
     for r in results:
-        codes = ", ".join(f"{n}× {c}" for c, n in sorted(r["png_codes"].items()))
-        lines.append(f"| {r['label']} | {codes} | {r['png_rss'] / gb:.2f} GB |")
+        lines.append(f"| {r['label']} | {_codes(r['png_codes'])} | {r['png_rss'] / gb:.2f} GB |")
     lines += ["", "Tracebacks in the server logs: "
               + ", ".join(f"{r['label']}: {r['server_log_tracebacks']}" for r in results) + "."]
     return "\n".join(lines) + "\n"
@@ -455,7 +597,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": " ".join([".venv/bin/python", *sys.argv]), "nice": os.nice(0), "cpus": os.cpu_count(),
+         "load_average": {"start": load0, "end": os.getloadavg()}, "results": results}, indent=1))
     print(text)
 
 

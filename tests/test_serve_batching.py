@@ -24,6 +24,7 @@ from mpoxscope.serve.batching import (
     PixelBudget,
     QueueFull,
     photos_per_forward,
+    release_free_memory,
     retry_after_seconds,
     views_per_photo,
 )
@@ -93,6 +94,27 @@ def test_batcher_error_fails_the_whole_batch_and_skips_cancelled():
             f.result(5)
     b.close()
     assert calls == [["x"], ["bad", "y"]]
+
+
+def test_batcher_releases_memory_only_when_idle():
+    idle: list[int] = []
+    gate = threading.Event()
+
+    def fn(items):
+        gate.wait(5)
+        return items
+
+    b = MicroBatcher(fn, max_batch=2, max_wait_s=0.0, on_idle=lambda: idle.append(1))
+    futures = [b.submit(0)]
+    time.sleep(0.05)
+    futures += [b.submit(i) for i in range(1, 5)]  # queued behind the first batch: batches of 2, 2
+    gate.set()
+    for f in futures:
+        f.result(5)
+    time.sleep(0.1)
+    b.close()
+    assert idle == [1]  # once, after the queue ran dry; never between busy batches
+    assert release_free_memory() in (True, False)
 
 
 def test_batcher_rejects_bad_settings():
@@ -198,12 +220,12 @@ def test_views_per_photo_and_forward_size():
     assert views_per_photo(ns(model=torch.nn.Linear(2, 2), meta={"tta": {"views": ["id"] * 8}})) == 1
     assert views_per_photo(ns(meta={"tta": {"views": ["id", "hflip"]}})) == 2  # ONNX: from model.json
     assert views_per_photo(ns(meta={"kind": "ensemble"})) == 8 and views_per_photo(ns(meta={})) == 1
-    assert photos_per_forward(8) == 4 and photos_per_forward(1) == 32  # 32 images of 224 px per pass
-    assert photos_per_forward(8, 448) == 1 and photos_per_forward(1, 112) == 128
+    assert photos_per_forward(8) == 2 and photos_per_forward(1) == 16  # 16 images of 224 px per pass
+    assert photos_per_forward(8, 448) == 1 and photos_per_forward(1, 112) == 64
 
 
 def test_micro_batches_run_as_small_forward_passes_with_test_time_views():
-    # 8 views at 224 px: a micro-batch of 8 photos is two passes of 4 (32 images each), answers in order.
+    # 8 views at 224 px: a micro-batch of 8 photos is four passes of 2 (16 images each), answers in order.
     fake = WidthPredictor(delay=0.3)
     fake.meta = {**fake.meta, "image_size": 224, "tta": {"views": ["id"] * 8}}
     widths = [110 + i for i in range(8)]
@@ -220,8 +242,8 @@ def test_micro_batches_run_as_small_forward_passes_with_test_time_views():
             t.start()
         for t in threads:
             t.join(60)
-    assert sum(fake.sizes) == 8 and max(fake.sizes) <= 4
-    assert max(b["timing_ms"]["batch_size"] for b in bodies.values()) > 4  # the micro-batch was larger
+    assert sum(fake.sizes) == 8 and max(fake.sizes) <= 2
+    assert max(b["timing_ms"]["batch_size"] for b in bodies.values()) > 2  # the micro-batch was larger
     for w, body in bodies.items():
         assert body["probabilities"]["Mpox"] == pytest.approx((w % 100) / 100.0)
 

@@ -37,6 +37,7 @@ from mpoxscope.serve.batching import (
     PixelBudget,
     QueueFull,
     photos_per_forward,
+    release_free_memory,
     retry_after_seconds,
     views_per_photo,
 )
@@ -51,7 +52,14 @@ from mpoxscope.serve.service import (
     load_service,
     torch_copy_loader,
 )
-from mpoxscope.serve.upload import MULTIPART_OVERHEAD, DecodedImage, UploadError, read_upload, sniff_image
+from mpoxscope.serve.upload import (
+    MULTIPART_OVERHEAD,
+    DecodedImage,
+    Upload,
+    UploadError,
+    read_upload,
+    sniff_image,
+)
 
 log = logging.getLogger("mpoxscope.serve")
 
@@ -247,6 +255,11 @@ def docs_page(spec: dict[str, Any]) -> str:
 
 # ----- the application ------------------------------------------------------------------------------------
 
+#: After decoding a photo this large, free memory is handed back to the system at once (milliseconds, against
+#: the hundreds of milliseconds such a decode takes).
+LARGE_DECODE_PIXELS = 8_000_000
+
+
 class _Pipeline:
     """Per-application state built on first use: the admission counter, the micro-batcher and the decode
     limiter (an app served without its lifespan, e.g. Starlette's TestClient outside ``with``, still works)."""
@@ -256,12 +269,13 @@ class _Pipeline:
         self.admission = Admission(config.queue_size, config.max_buffered_bytes,
                                    config.max_upload_bytes + MULTIPART_OVERHEAD)
         # A micro-batch runs as forward passes of a few photos: with 8 test-time views, 16 photos are 128
-        # images in one pass (+1.5 GB of activations at 224 px); 4 photos cost +0.46 GB at the same images/s.
+        # images in one pass (+1.5 GB of activations at 224 px); 2 photos (16 images) cost +0.22 GB.
         self.forward_photos = photos_per_forward(views_per_photo(service.predictor),
                                                  int(service.meta.get("image_size", 224)))
         self.batcher: MicroBatcher = MicroBatcher(self.predict_batch, max_batch=config.max_batch,
                                                   max_wait_s=config.batch_wait_ms / 1000.0,
-                                                  workers=config.max_concurrency, name="mpoxscope-batch")
+                                                  workers=config.max_concurrency, name="mpoxscope-batch",
+                                                  on_idle=release_free_memory)
         # Decoding a large photo takes tens of MB: a few at a time, whatever the queue holds, and never more
         # than one pixel limit's worth of photos at once (a 64 MP PNG decodes alone).
         self.decode_threads = max(2, min(4, os.cpu_count() or 2))
@@ -292,6 +306,8 @@ class _Pipeline:
             return self.service.decode(data, name)
         finally:
             self.pixels.release(held)
+            if w * h >= LARGE_DECODE_PIXELS:  # its full-size pixels stay in this thread's arena otherwise
+                release_free_memory()
 
     def decode_limiter(self) -> anyio.CapacityLimiter:
         if self._decode_limiter is None:
@@ -414,15 +430,16 @@ def create_app_from_service(service: InferenceService) -> FastAPI:
                                                head.get("content-length"), UPLOAD_FIELD, config.max_upload_bytes)
             except TimeoutError:
                 raise UploadError(408, f"the upload did not arrive within {config.body_timeout_s:g} s") from None
-            return await classify(upload.data, _safe_name(upload.filename), method)
+            return await classify(upload, method)
         finally:
             admission.leave(cost)
 
-    async def classify(data: bytes, name: str, method: str | None) -> dict[str, Any]:
+    async def classify(upload: Upload, method: str | None) -> dict[str, Any]:
         t_start = time.perf_counter()
-        decoded, decode_ms = await anyio.to_thread.run_sync(pipeline.decode, data, name,
+        decoded, decode_ms = await anyio.to_thread.run_sync(pipeline.decode, upload.data,
+                                                            _safe_name(upload.filename),
                                                             limiter=pipeline.decode_limiter())
-        del data  # the decoded photo is all that is needed from here on
+        upload.data = b""  # the decoded photo is all that is needed from here on: free the upload's bytes
         submitted = time.perf_counter()
         probs, info = await asyncio.wrap_future(pipeline.batcher.submit(decoded.image))
         timing = {"queued": round(max(0.0, info.started - submitted) * 1000.0, 2), "decode": decode_ms,

@@ -47,7 +47,7 @@ class MicroBatcher(Generic[T, R]):
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int = 16, max_wait_s: float = 0.005,
-                 workers: int = 1, name: str = "batcher") -> None:
+                 workers: int = 1, name: str = "batcher", on_idle: Callable[[], Any] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if not max_wait_s >= 0:
@@ -55,6 +55,7 @@ class MicroBatcher(Generic[T, R]):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.fn = fn
+        self.on_idle = on_idle  # called after a batch when nothing is waiting (never between busy batches)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.workers = workers
@@ -131,6 +132,8 @@ class MicroBatcher(Generic[T, R]):
             self._run(batch)
             if stop:
                 return
+            if self.on_idle is not None and self._queue.empty():
+                self.on_idle()
 
     def _run(self, batch: list[Any]) -> None:
         # A request that gave up (client gone, cancelled) drops out here instead of costing a forward pass.
@@ -245,9 +248,30 @@ class PixelBudget:
 
 
 #: Images (photo x test-time view, at 224 px) one forward pass may hold. Activation memory grows with it
-#: (Lite0 + AGFN on a CPU: 128 images +1.5 GB, 32 images +0.46 GB, 16 images +0.22 GB at the peak) while
-#: images/s hardly change above a few dozen, so a micro-batch runs as several passes of this size.
-FORWARD_IMAGES = 32
+#: (Lite0 + AGFN on a CPU: 128 images +1.5 GB, 32 images +0.46 GB, 16 images +0.22 GB at the peak) while a
+#: CPU's images/s hardly grow past a dozen or so, so a micro-batch runs as several passes of this size.
+FORWARD_IMAGES = 16
+
+
+def release_free_memory() -> bool:
+    """Hand memory that is free inside the C allocator back to the system (glibc ``malloc_trim``): each
+    thread's malloc arena otherwise keeps the pages of a large decode or forward pass, so resident memory
+    ratchets up with the number of threads. False where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM is False:
+        return False
+    _TRIM(0)
+    return True
+
+
+_TRIM: Any = None
 
 
 def views_per_photo(predictor: Any) -> int:

@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", type=int, default=64, metavar="N",
                    help="requests held at once per process (uploading, decoding, waiting); beyond it the "
                         "server answers 503 with Retry-After before reading the upload (default 64)")
-    p.add_argument("--max-buffered-mb", type=float, default=256.0, metavar="MB",
-                   help="upload bytes held at once per process, by Content-Length; beyond it 503 (default 256)")
+    p.add_argument("--max-buffered-mb", type=float, default=128.0, metavar="MB",
+                   help="upload bytes held at once per process, by Content-Length; beyond it 503 (default 128)")
     p.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
                    help="an upload must arrive within S seconds, else 408 (default 60)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",

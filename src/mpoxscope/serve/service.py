@@ -61,7 +61,7 @@ class ServeConfig:
     max_batch: int = 16  # photos grouped into one forward pass
     batch_wait_ms: float = 5.0  # how long a batch waits for more photos once it has one
     queue_size: int = 64  # requests held at once (uploading, decoding, waiting, running); more get 503
-    max_buffered_bytes: int = 256_000_000  # upload bytes held at once (by Content-Length); more get 503
+    max_buffered_bytes: int = 128_000_000  # upload bytes held at once (by Content-Length); more get 503
     body_timeout_s: float = 60.0  # a request body must arrive within this many seconds, else 408
     #: Host header values answered (DNS rebinding); None: no check (library use; the CLI always sets it).
     allowed_hosts: tuple[str, ...] | None = None
