@@ -279,3 +279,21 @@ def test_feature_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, d
     victim = data.samples[idx[0]].path
     os.utime(victim, ns=(0, 0))  # the file changed (as far as the cache can tell): never reused
     assert features.load_bank(path, features.bank_key(model, stop, 2, 0, aug), data, idx) is None
+
+
+def test_ensemble_preset_and_backbone_means_one_model():
+    """`--preset ensemble` trains the ensemble chosen on validation; naming a backbone asks for one model of it."""
+    import argparse
+
+    from mpoxscope.engine.cli import add_model_options, configs_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    _, t = configs_from_args(p.parse_args([]))
+    assert t.ensemble == () and t.trainable_stages == -1 and t.epochs == 20
+    _, t = configs_from_args(p.parse_args(["--preset", "ensemble"]))
+    assert t.ensemble == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen") and t.trainable_stages == -1
+    m, t = configs_from_args(p.parse_args(["--preset", "ensemble", "--backbone", "resnet18"]))
+    assert m.backbone == "resnet18" and t.ensemble == ()
+    _, t = configs_from_args(p.parse_args(["--preset", "ensemble", "--ensemble", "none"]))
+    assert t.ensemble == ()

@@ -105,6 +105,8 @@ def configs_from_args(args: argparse.Namespace):
                   if getattr(args, f.name, None) is not None}
     if "ensemble" in train_over:
         train_over["ensemble"] = tuple(e for e in train_over["ensemble"] if e.lower() != "none")
+    elif "backbone" in model_over:  # --backbone X asks for one model of X, not the preset's ensemble members
+        train_over["ensemble"] = ()
     return dataclasses.replace(model_cfg, **model_over), dataclasses.replace(train_cfg, **train_over)
 
 
