@@ -17,6 +17,7 @@ from mpoxscope.errors import MpoxscopeError
 #: Modules with a ``register(subparsers)`` function adding their commands.
 PLUGINS = (
     "mpoxscope.engine.cli",
+    "mpoxscope.engine.protocols",  # official vs leaky protocols
     "mpoxscope.audit.cli",
     "mpoxscope.explain.cli",
     "mpoxscope.serve.cli",

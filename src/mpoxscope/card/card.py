@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mpoxscope.engine import rundir
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import read_json, write_text
 
 CARD_FILE = "MODEL_CARD.md"
-DEFAULT_METRICS = Path("evaluation") / "metrics.json"
+DEFAULT_METRICS = Path(rundir.EVALUATION) / "metrics.json"
 NOT_RECORDED = "not recorded"
 
 DISCLAIMER = (
@@ -490,7 +491,7 @@ def write_card(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     png = metrics_path.parent / "screening_roc_pr.png"
     screening_png = os.path.relpath(png, out_path.parent) if metrics is not None and png.is_file() else None
     text = build_card(meta, metrics, audit, run_name=run_dir.resolve().name,
-                      parameters=count_parameters(run_dir / "best.safetensors"),
+                      parameters=count_parameters(rundir.weights_file(run_dir)),
                       metrics_source=str(metrics_path) if metrics is not None else None, figures=figures,
                       screening_png=screening_png)
     return write_text(out_path, text)

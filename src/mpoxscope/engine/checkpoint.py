@@ -12,21 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mpoxscope.config import ModelConfig, from_dict
+from mpoxscope.engine import rundir
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.fileio import atomic_path, read_json, write_json
+from mpoxscope.fileio import read_json
 from mpoxscope.models.factory import SkinLesionNet, create_model
 
-META_FILE = "model.json"
-FORMAT_VERSION = 1
-
-
-def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "mpoxscope", "version": str(FORMAT_VERSION)})
+META_FILE = rundir.META
+FORMAT_VERSION = rundir.FORMAT_VERSION
+save_weights = rundir.save_weights
+write_meta = rundir.write_meta
 
 
 def build_meta(model: SkinLesionNet, classes: list[str], **extra: Any) -> dict[str, Any]:
@@ -44,10 +41,6 @@ def build_meta(model: SkinLesionNet, classes: list[str], **extra: Any) -> dict[s
         "pretrained_source": getattr(model, "pretrained_source", "unknown"),
         **extra,
     }
-
-
-def write_meta(run_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
-    write_json(Path(run_dir) / META_FILE, meta)
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -152,9 +145,7 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", device: str | to
     """Rebuild a trained model from its run directory (weights ``which``: best or last), in eval mode."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    weights = run_dir / f"{which}.safetensors"
-    if not weights.is_file():
-        raise MpoxscopeError(f"{weights}: weights file not found")
+    weights = rundir.require_weights(run_dir, which)
     config = from_dict(ModelConfig, meta["model"])
     model = create_model(config, len(meta["classes"]), load_weights=False)
     try:

@@ -13,12 +13,14 @@ from mpoxscope.registry import HEADS, RUNTIMES, Choices
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: preset, model, optimisation, device."""
     g = p.add_argument_group("model and training (override the preset)")
-    g.add_argument("--preset", default="default", help="default | paper (ResNet50 AGFN, end to end) | tiny")
+    g.add_argument("--preset", default="default", help="default (Lite0 end to end) | ensemble (default + frozen "
+                   "Lite2, averaged) | frozen | paper (ResNet50 AGFN, end to end) | tiny")
     g.add_argument("--backbone", help="timm model name, e.g. tf_efficientnet_lite0 (offline), resnet50")
     g.add_argument("--head", choices=Choices(HEADS), metavar="HEAD", help="classification head: %(choices)s")
     g.add_argument("--pretrained", help="auto | imagenet | none | PATH to .safetensors/.pth ImageNet weights")
     g.add_argument("--image-size", type=int)
-    g.add_argument("--heads", dest="num_heads", type=int, help="attention heads (default 8)")
+    g.add_argument("--num-heads", dest="num_heads", type=int, help="attention heads of the AGFN head (default 8)")
+    g.add_argument("--heads", dest="num_heads", type=int, action=_Deprecated, help=argparse.SUPPRESS)
     g.add_argument("--d-model", type=int)
     g.add_argument("--fusion", choices=["concat", "gate"])
     g.add_argument("--epochs", type=int)
@@ -50,6 +52,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "tf_efficientnet_lite0 tf_efficientnet_lite2@frozen; --ensemble none trains one model")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (listed in the run) instead of stopping")
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling kept for one release: stores as the new option does, with a note on stderr."""
+
+    NEW = {"--heads": "--num-heads"}
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"note: {option_string} is deprecated; use {self.NEW.get(option_string or '', 'the new name')}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def add_runtime_option(p: argparse.ArgumentParser) -> None:
@@ -130,7 +143,7 @@ def check_train_options(model_cfg, train_cfg) -> None:
     if model_cfg.image_size < 32:
         raise MpoxscopeError("--image-size: must be at least 32")
     if model_cfg.d_model % model_cfg.num_heads:
-        raise MpoxscopeError(f"--heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
+        raise MpoxscopeError(f"--num-heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
     source = model_cfg.pretrained
     if source not in ("auto", "imagenet", "none") and not Path(source).is_file():
         raise MpoxscopeError(f"--pretrained: {source}: file not found")
@@ -301,6 +314,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """The engine's commands: each one's parser is built by its own ``_register_<command>``."""
+    for add in (_register_train, _register_cv, _register_evaluate, _register_predict, _register_screen, _register_demo):
+        add(sub)
+
+
+def _register_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on one fold", description=(
         "Train AGFN (or a linear head) on one fold of DATA. Model selection and early stopping use the fold's "
         "validation part only; its test part is never touched. Reruns resume an interrupted run."))
@@ -317,6 +336,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=run_train)
 
+
+def _register_cv(sub) -> None:
     p = sub.add_parser("cv", help="cross-validate: train and test every fold, report mean ± std", description=(
         "For every fold: train (checkpoint selection on that fold's validation part only), evaluate once on its "
         "test part. Writes cv_report.md, cv_summary.json and plots. Rerunning skips finished folds."))
@@ -333,6 +354,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run_cv)
 
+
+def _register_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained run on a split", description=(
         "Evaluate RUN on a split (default: test) of the fold it was trained on; writes metrics.json, report.md, "
         "confusion_matrix.png and predictions.csv to --out."))
@@ -348,6 +371,8 @@ def register(sub) -> None:
                                                   "--runtime onnx; default RUN/model.onnx)")
     p.set_defaults(handler=run_evaluate)
 
+
+def _register_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify images", description=(
         "Print the decision (possible Mpox - refer / uncertain - refer to a clinician / the class), the top "
         "class and every class probability for each image (files or folders). A file that cannot be read gets "
@@ -361,6 +386,8 @@ def register(sub) -> None:
                                                   "--runtime onnx; default RUN/model.onnx)")
     p.set_defaults(handler=run_predict)
 
+
+def _register_screen(sub) -> None:
     p = sub.add_parser("screen", help="screening results of a finished cv for a new target (no retraining)",
                        description=(
         "Recompute screening.json, screening.md and screening_roc_pr.png of a cross-validation output from its "
@@ -379,6 +406,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="where to write (default CV_OUT)")
     p.set_defaults(handler=run_screen)
 
+
+def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on generated SYNTHETIC images (no data, no network)",
                        description=("Generate a small SYNTHETIC six-class image set, train AGFN on it with the "
                                     "offline pretrained backbone, evaluate on held-out synthetic patients and "
@@ -387,8 +416,3 @@ def register(sub) -> None:
     p.add_argument("--images-per-class", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=run_demo)
-
-    from mpoxscope.engine.protocols import register as register_protocols  # official vs leaky protocols
-
-    register_protocols(sub)
-

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.special import softmax
 
 from mpoxscope.data.samples import SampleSet
+from mpoxscope.engine import rundir
 from mpoxscope.engine.calibration import (
     apply_calibration,
     expected_calibration_error,
@@ -39,7 +40,7 @@ N_BINS = 15
 
 
 def _fold_calibration(fold_dir: Path) -> dict:
-    meta_file = fold_dir / "run" / "model.json"
+    meta_file = fold_dir / "run" / rundir.META
     try:
         return dict(read_json(meta_file).get("calibration") or {}) if meta_file.is_file() else {}
     except ValueError:
@@ -85,7 +86,7 @@ def cv_uncertainty(out: str | Path, folds: list[str], data: SampleSet, protocol:
         return [data.samples[index[n]].group if n in index else n for n in names]
 
     try:
-        tests = {f: _read(out / f / "evaluation" / "predictions.csv", classes) for f in folds}
+        tests = {f: _read(out / f / rundir.EVALUATION / "predictions.csv", classes) for f in folds}
     except MpoxscopeError as e:
         log(f"uncertainty: skipped ({e})")
         return {"skipped": str(e)}

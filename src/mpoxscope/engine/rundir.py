@@ -10,21 +10,29 @@ Files (names defined here only):
   ``weights_only=True``);
 * ``metrics.jsonl`` (METRICS): one line per epoch, rewritten from the committed history (never appended twice);
 * ``train_state.json`` (STATE): running/finished, for humans and for skipping finished runs;
-* ``feature_cache.safetensors`` (FEATURE_CACHE): frozen-trunk outputs, reused only when their digest matches.
+* ``feature_cache.safetensors`` (FEATURE_CACHE): frozen-trunk outputs, reused only when their digest matches;
+* ``model.onnx`` (ONNX) and ``model.int8.onnx`` (INT8): what ``mpoxscope export`` writes by default;
+* ``members/`` (MEMBERS): an ensemble's member runs; ``evaluation/`` (EVALUATION): where ``cv`` and the demo
+  put a run's test evaluation, and where ``card`` looks for it.
+
+This module imports no torch at load time (the card and the torch-free runtimes read the names).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mpoxscope.engine.checkpoint import META_FILE, save_weights, write_meta
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.fileio import atomic_path, write_json, write_text
+from mpoxscope.fileio import atomic_path, read_json, write_json, write_text
 
-META = META_FILE
+if TYPE_CHECKING:
+    import torch
+
+META = "model.json"
 BEST = "best.safetensors"
 LAST = "last.safetensors"
 RESUME = "resume.pt"
@@ -34,6 +42,40 @@ STATE = "train_state.json"
 MEMBERS = "members"
 #: Outputs of a frozen trunk, keyed by everything they depend on (reused by a resumed run or a rerun).
 FEATURE_CACHE = "feature_cache.safetensors"
+ONNX = "model.onnx"
+INT8 = "model.int8.onnx"
+EVALUATION = "evaluation"
+#: Version of the weights/metadata format written here (in model.json and in each weights file).
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """What one epoch's commit carries besides weights and optimiser state."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_score: tuple[float, float] = (-1.0, 0.0)
+    history: list[dict] = field(default_factory=list)
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """The model's tensors as safetensors (no pickle), written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "mpoxscope", "version": str(FORMAT_VERSION)})
+
+
+def write_meta(run_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / META, meta)
+
+
+def weights_file(run_dir: str | Path, which: str = "best") -> Path:
+    """``best.safetensors`` or ``last.safetensors`` of a run."""
+    return Path(run_dir) / {"best": BEST, "last": LAST}.get(which, f"{which}.safetensors")
 
 
 def start(run_dir: Path, meta: dict) -> None:
@@ -48,6 +90,8 @@ def start(run_dir: Path, meta: dict) -> None:
 
 def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state) -> None:
     """Make the epoch that just ended durable: one atomic replace of ``resume.pt``, then the derived files."""
+    import torch
+
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -64,9 +108,9 @@ def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, st
 
 def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, write: bool = True):
     """Restore the last committed epoch into ``model``/``optimizer``/``scheduler`` and the RNG; returns the
-    progress record (see ``train._Progress``). A file that is not what :func:`commit_epoch` writes is refused
+    progress record (:class:`Progress`). A file that is not what :func:`commit_epoch` writes is refused
     with one line."""
-    from mpoxscope.engine.train import _Progress
+    import torch
 
     path = run_dir / RESUME
     try:
@@ -78,7 +122,7 @@ def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, writ
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         history = json.loads(ckpt["history"])
-        state = _Progress(int(ckpt["epoch"]), int(ckpt["best_epoch"]), int(ckpt["bad_epochs"]),
+        state = Progress(int(ckpt["epoch"]), int(ckpt["best_epoch"]), int(ckpt["bad_epochs"]),
                           tuple(float(v) for v in ckpt["best_score"]), history)
     except Exception as e:  # not ours, truncated, another architecture: never a traceback
         raise MpoxscopeError(f"{path}: not a resumable mpoxscope checkpoint ({type(e).__name__}: "
@@ -102,7 +146,7 @@ def member_dirs(run_dir: Path) -> list[Path]:
 
 
 def require_weights(run_dir: Path, which: str = "best") -> Path:
-    path = Path(run_dir) / f"{which}.safetensors"
+    path = weights_file(run_dir, which)
     if not path.is_file():
         raise MpoxscopeError(f"{path}: weights file not found")
     return path
@@ -113,10 +157,11 @@ def weights_sha256(run_dir: str | Path, which: str = "best") -> str:
     ensemble, plus the test-time views. An exported file records it, so a stale export is detected."""
     import hashlib
 
-    from mpoxscope.engine.checkpoint import read_meta
-
     run_dir = Path(run_dir)
-    meta = read_meta(run_dir)
+    try:
+        meta = read_json(run_dir / META)  # the callers have validated it (read_meta); only two fields used here
+    except (OSError, ValueError) as e:
+        raise MpoxscopeError(f"{run_dir / META}: cannot read ({e})") from None
     h = hashlib.sha256(json.dumps((meta.get("tta") or {}).get("views") or ["id"]).encode())
     if meta.get("kind") == "ensemble":
         for entry in meta.get("members") or []:

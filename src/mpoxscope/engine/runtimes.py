@@ -54,9 +54,9 @@ def _onnx_runtime(run_dir: Path, device: str, onnx_file: Path | None) -> Any:
 @register_runtime("onnx-int8", "ONNX Runtime on the int8 file 'mpoxscope export --quantize int8' wrote "
                                "(RUN/model.int8.onnx, or --onnx FILE)", takes_file=True)
 def _onnx_int8(run_dir: Path, device: str, onnx_file: Path | None) -> Any:
-    from mpoxscope.export.quantize import INT8_FILE
+    from mpoxscope.engine.rundir import INT8
 
-    path = onnx_file or run_dir / INT8_FILE
+    path = onnx_file or run_dir / INT8
     if not path.is_file():
         raise MpoxscopeError(f"{path}: int8 file not found; create it with 'mpoxscope export {run_dir} "
                              f"--quantize int8'")

@@ -203,15 +203,7 @@ def _check_same_config(run_dir: Path, meta_now: dict) -> None:
                              f"or pass --overwrite")
 
 
-@dataclass
-class _Progress:
-    """What one epoch's commit carries besides weights and optimiser state."""
-
-    epoch: int = 0
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    best_score: tuple[float, float] = (-1.0, 0.0)
-    history: list[dict] = field(default_factory=list)
+_Progress = rundir.Progress
 
 
 def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path,

@@ -59,9 +59,11 @@ class QuantReport:
     min_agreement: float
     op_types: tuple[str, ...]
     seconds: float
+    settings: str = ""
 
     def summary(self) -> str:
-        return (f"int8 (static QDQ, per-channel, ops {', '.join(self.op_types)}) written to {self.onnx_file} "
+        return (f"int8 (static QDQ, per-channel, ops {', '.join(self.op_types)}{self.settings}) written to "
+                f"{self.onnx_file} "
                 f"({self.file_bytes / 1e6:.1f} MB) in {self.seconds:.0f} s; calibrated on "
                 f"{self.calibration_count} {self.calibration_source}\n"
                 f"top-1 agreement with fp32 PyTorch on {self.check_count} {self.check_source}: "
@@ -317,7 +319,10 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     return QuantReport(onnx_file=out, file_bytes=size, calibration_source=calib_source,
                        calibration_count=len(calib), check_source=check_source, check_count=len(checks),
                        agreement=agree, max_abs_prob_diff=prob_diff, min_agreement=min_agreement,
-                       op_types=tuple(op_types), seconds=time.perf_counter() - start)
+                       op_types=tuple(op_types), seconds=time.perf_counter() - start,
+                       settings=f"; first {float_first} convolutions float; bias correction "
+                                f"{'on' if bias_correction else 'off'}; {method} ranges"
+                                + ("; uint8 pixel input" if pixel_input else ""))
 
 
 def _metadata(path: Path) -> dict[str, str]:
