@@ -13,7 +13,7 @@ import torch
 from mpoxscope.engine import distributed
 
 ARGS = ["--split-file", "none", "--folds", "3", "--epochs", "2", "--image-size", "64", "--d-model", "32",
-        "--heads", "4", "--finetune", "-1", "--cache-views", "0", "--batch-size", "16", "--tta", "none",
+        "--num-heads", "4", "--finetune", "-1", "--cache-views", "0", "--batch-size", "16", "--tta", "none",
         "--precision", "fp32", "--ensemble", "none", "--quiet"]
 
 

@@ -29,7 +29,7 @@ def test_folder_gives_outputs_for_good_files_and_an_error_line_for_a_bad_one(tin
                                                                              capsys):
     out = tmp_path / "out"
     rc = main(["explain", str(tiny_run), str(inputs), "--out", str(out), "--method", "gradcam,gradcam++",
-               "--heads"])
+               "--per-head"])
     captured = capsys.readouterr()
     assert rc == 1  # one input failed, the others were explained
     errors = [line for line in captured.err.splitlines() if line.strip()]

@@ -209,3 +209,14 @@ def _images(root, n):
     from mpoxscope.data.images import load_image
 
     return [load_image(p) for p in sorted((root / "Mpox").iterdir())[:n]]
+
+
+def test_num_heads_and_the_deprecated_spellings(capsys):
+    from mpoxscope.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "d", "--out", "o", "--num-heads", "2"]).num_heads == 2
+    assert parser.parse_args(["train", "d", "--out", "o", "--heads", "4"]).num_heads == 4  # one release more
+    assert "--heads is deprecated; use --num-heads" in capsys.readouterr().err
+    assert parser.parse_args(["explain", "r", "x.jpg", "--out", "o", "--heads"]).per_head is True
+    assert "use --per-head" in capsys.readouterr().err

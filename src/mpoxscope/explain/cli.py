@@ -38,7 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--target-layer", default=None,
                    help="module name for CAMs, e.g. backbone.blocks.5 or backbone.layer3 "
                         "(default: the last backbone stage)")
-    p.add_argument("--heads", action="store_true", help="also save one overlay per attention head")
+    p.add_argument("--per-head", dest="per_head", action="store_true",
+                   help="also save one overlay per part of a method that has parts (attention: per head)")
+    p.add_argument("--heads", dest="per_head", action=_OldPerHead, help=argparse.SUPPRESS)
     p.add_argument("--no-attention", action="store_true", help="do not add the attention map to the panel")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -57,6 +59,15 @@ def register(subparsers) -> None:
     f.add_argument("--rho-threshold", type=float, default=0.5,
                    help="sanity check passes when mean Spearman rho is below this (default 0.5)")
     p.set_defaults(handler=run)
+
+
+class _OldPerHead(argparse._StoreTrueAction):
+    """``--heads``, the old name of ``--per-head`` (kept for one release): ``--heads`` now means only the
+    number of attention heads, in train and cv (``--num-heads``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print("note: explain --heads is deprecated; use --per-head", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _percentiles(text: str) -> tuple[int, ...]:
@@ -104,13 +115,31 @@ class _Done:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpoxscope.data.images import load_image
     from mpoxscope.engine.predict import Predictor, expand_inputs
-    from mpoxscope.errors import ImageError, MpoxscopeError
-    from mpoxscope.explain.gallery import GalleryEntry, write_gallery
-    from mpoxscope.explain.methods import parse_methods, slow_methods
-    from mpoxscope.explain.pipeline import explain_images, panel_methods, resolve_class
+    from mpoxscope.explain.methods import parse_methods
+    from mpoxscope.explain.pipeline import panel_methods, resolve_class
     from mpoxscope.fileio import check_output_dir, mark_output_dir
+
+    _check_numbers(args)
+    percentiles = _percentiles(args.road_percentiles) if args.faithfulness else ()
+    out = check_output_dir(args.out, "explain")
+    chosen = parse_methods(args.method)
+    paths = expand_inputs(args.inputs)
+    predictor = Predictor.from_run(args.run, args.device, which=args.which)
+    methods = panel_methods(chosen, predictor.explain_model, with_attention=not args.no_attention)
+    if args.target_class is not None:
+        resolve_class(args.target_class, predictor.classes)  # fail before any work
+    _note_slow_left_out(args.method, chosen)
+    mark_output_dir(out, "explain")
+    entries, done, failed = _explain_all(args, predictor, paths, methods, out)
+    _write_index(args, predictor, entries, methods, out, len(done), failed)
+    if args.faithfulness and done:
+        _faithfulness(args, predictor, done, methods, percentiles, out)
+    return 1 if failed else 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from mpoxscope.errors import MpoxscopeError
 
     if args.batch_size < 1:
         raise MpoxscopeError("--batch-size: must be at least 1")
@@ -120,19 +149,23 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise MpoxscopeError("--threads: must be at least 1")
         torch.set_num_threads(args.threads)
-    percentiles = _percentiles(args.road_percentiles) if args.faithfulness else ()
-    out = check_output_dir(args.out, "explain")
-    chosen = parse_methods(args.method)
-    paths = expand_inputs(args.inputs)
-    predictor = Predictor.from_run(args.run, args.device, which=args.which)
-    methods = panel_methods(chosen, predictor.explain_model, with_attention=not args.no_attention)
-    if args.target_class is not None:
-        resolve_class(args.target_class, predictor.classes)  # fail before any work
+
+
+def _note_slow_left_out(method_text: str, chosen: list[str]) -> None:
+    from mpoxscope.explain.methods import slow_methods
+
     left_out = [m for m in slow_methods() if m not in chosen]
-    if "all" in [m.strip().lower() for m in args.method.split(",")] and left_out:
+    if "all" in [m.strip().lower() for m in method_text.split(",")] and left_out:
         print(f"note: --method all leaves out {', '.join(left_out)} (minutes per image on a CPU); "
               f"name it to include it: --method all,{','.join(left_out)}", file=sys.stderr)
-    mark_output_dir(out, "explain")
+
+
+def _explain_all(args: argparse.Namespace, predictor, paths: list[Path], methods: list[str], out: Path):
+    """Explain every readable image, a batch at a time, writing its outputs; (gallery entries, done, failed)."""
+    from mpoxscope.data.images import load_image
+    from mpoxscope.errors import ImageError
+    from mpoxscope.explain.gallery import GalleryEntry
+    from mpoxscope.explain.pipeline import explain_images
 
     entries: list[GalleryEntry] = []
     done: list[_Done] = []
@@ -144,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                                  target_layer=args.target_layer, batch_size=args.batch_size)
         for (path, _), ex in zip(pending, results, strict=True):
             key = _unique_key(path, used)
-            entries.append(_write_outputs(ex, path, key, out, predictor, args.heads))
+            entries.append(_write_outputs(ex, path, key, out, predictor, args.per_head))
             done.append(_Done(path, key, predictor.classes.index(ex.target), ex.seconds))
             print(f"{path}: {ex.label} {ex.confidence:.3f} -> {out / key / 'panel.png'}")
         pending.clear()
@@ -161,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
             flush()
     if pending:
         flush()
+    return entries, done, failed
+
+
+def _write_index(args: argparse.Namespace, predictor, entries, methods: list[str], out: Path, n_done: int,
+                 failed: int) -> None:
+    from mpoxscope.explain.gallery import write_gallery
 
     note = (f"run {args.run} ({predictor.meta.get('note', '') or 'trained run'}); "
             f"methods: {', '.join(methods)}; probabilities calibrated with temperature "
@@ -168,11 +207,7 @@ def run(args: argparse.Namespace) -> int:
     gallery = write_gallery(out, entries, f"mpoxscope explanations: {Path(args.run).name}", predictor.classes,
                             note, extra={"run": str(args.run), "methods": methods,
                                          "temperature": predictor.temperature, "classes": predictor.classes})
-    print(f"gallery: {gallery} ({len(done)} explained, {failed} failed)")
-
-    if args.faithfulness and done:
-        _faithfulness(args, predictor, done, methods, percentiles, out)
-    return 1 if failed else 0
+    print(f"gallery: {gallery} ({n_done} explained, {failed} failed)")
 
 
 def _write_outputs(ex, path: Path, key: str, out: Path, predictor, heads: bool):
