@@ -411,6 +411,44 @@ def test_card_names_the_split_train_recorded():
     assert "**Split**: split file folds.csv" in text and "**Split source**" not in text
 
 
+# --- item 10: hidden files and folders are never picked up from a folder --------------------------------------
+
+def test_hidden_files_and_folders_are_never_picked_up(tmp_path):
+    from mpoxscope.data.samples import load_samples
+    from mpoxscope.engine.predict import expand_inputs
+
+    for cls in ("Mpox", "Healthy"):
+        d = tmp_path / "data" / cls
+        (d / ".thumbnails").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(d / f"{cls}_1_01.jpg")
+        (d / f"._{cls}_1_01.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+        Image.new("RGB", (8, 8)).save(d / ".thumbnails" / f"{cls}_9_01.jpg")
+    names = sorted(s.path.name for s in load_samples(tmp_path / "data").samples)
+    assert names == ["Healthy_1_01.jpg", "Mpox_1_01.jpg"]
+    assert sorted(p.name for p in expand_inputs([tmp_path / "data"])) == names
+    assert expand_inputs([tmp_path / "data" / "Mpox" / "._Mpox_1_01.jpg"])  # named explicitly: kept, reported
+
+
+# --- item 13: epoch lines say how long the epoch took ------------------------------------------------------------
+
+def test_epoch_lines_show_seconds(synthetic_root, tmp_path):
+    import re
+
+    from mpoxscope.config import ModelConfig, TrainConfig
+    from mpoxscope.data.protocol import resolve_folds
+    from mpoxscope.data.samples import load_samples
+    from mpoxscope.engine.train import train
+
+    data = load_samples(synthetic_root)
+    folds, _ = resolve_folds(data, None, n_folds=3)
+    lines: list[str] = []
+    train(data, folds[0], ModelConfig(image_size=64, d_model=32, num_heads=4),
+          TrainConfig(epochs=2, batch_size=16, cache_views=1, warmup_epochs=0, patience=10), tmp_path / "run",
+          {"dataset": "synthetic"}, progress=True, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(re.search(r"\s\d+(\.\d+)? s\b", line) for line in epochs), epochs
+
+
 # --- item 15: predict --onnx FILE; item 10: --cache-views 0 on a frozen backbone --------------------------------
 
 @pytest.mark.slow
