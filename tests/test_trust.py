@@ -449,6 +449,21 @@ def test_epoch_lines_show_seconds(synthetic_root, tmp_path):
     assert len(epochs) == 2 and all(re.search(r"\s\d+(\.\d+)? s\b", line) for line in epochs), epochs
 
 
+# --- item 14: a panel of many maps stays readable (rows of four, not one strip of thumbnails) -------------------
+
+def test_panel_of_nine_maps_wraps_into_readable_rows(tmp_path):
+    import numpy as np
+
+    from mpoxscope.explain.render import save_panel_png
+
+    maps = {f"m{i}": np.random.default_rng(i).random((7, 7)).astype(np.float32) for i in range(9)}
+    path = save_panel_png(Image.new("RGB", (224, 224), (200, 150, 120)), maps, tmp_path / "panel.png", "title")
+    with Image.open(path) as panel:
+        w, h = panel.size
+    assert h > 0.5 * w  # 10 tiles in rows of four: three rows, not a 10:1 strip
+    assert w / 4 >= 150  # each tile at least 150 px wide
+
+
 # --- item 15: predict --onnx FILE; item 10: --cache-views 0 on a frozen backbone --------------------------------
 
 @pytest.mark.slow
