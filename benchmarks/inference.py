@@ -7,10 +7,11 @@ Variants: (a) torchvision ResNet50, eager fp32, *random weights* (the seed's bac
 on the weights), (b) the run's model in PyTorch fp32 (``Predictor``), (c) the same under bf16 autocast,
 (d) ONNX Runtime fp32 (``RUN/model.onnx``), (e) ONNX Runtime int8 (``RUN/model.int8.onnx``, static QDQ,
 written by ``mpoxscope export --quantize int8``; made here when missing), and (f, g) ONNX Runtime fp32/int8
-with torch-free preprocessing (Pillow resize + numpy, :mod:`mpoxscope.export.lite`).
+graphs that take uint8 pixels and normalise inside (``export --quantize int8 --pixel-input``;
+:mod:`mpoxscope.export.lite`, torch-free: Pillow resize only), (h) the run as recorded (its test-time views).
 
-Protocol: images are decoded once; "end to end" is decoded RGB image -> probabilities (resize, normalise,
-model, softmax), "model only" is a preprocessed batch -> logits. Decoding is measured separately. Every round
+Protocol: "end to end" is JPEG file bytes -> logits (decode with the product's decoder, resize, normalise,
+model), "model only" is a preprocessed batch -> logits; each preprocessing step is also timed on its own. Every round
 runs every variant once per setting in a shuffled order, so load from other processes hits all variants
 alike; numbers are medians over rounds, in ms per image and images/s. Top-1 agreement is each variant's
 argmax against (b) on all MSLD v2.0 images (the int8 calibration images, from the run's training split, are
@@ -37,9 +38,9 @@ from PIL import Image
 
 from mpoxscope.data.images import IMAGE_EXTENSIONS, decode_image, load_image
 from mpoxscope.data.samples import msld_root
-from mpoxscope.data.transforms import eval_transform
+from mpoxscope.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mpoxscope.engine.predict import Predictor
-from mpoxscope.export.lite import LiteOnnxPredictor, preprocess_numpy
+from mpoxscope.export.lite import LiteOnnxPredictor, preprocess_numpy, resized_pixels, with_pixel_input
 from mpoxscope.export.onnx import OnnxPredictor
 
 TARGET_RATIO, TARGET_AGREEMENT = 15.0, 0.995
@@ -55,8 +56,9 @@ class Variant:
     times: dict[str, list[float]] = field(default_factory=dict)
     agreement: float | None = None
 
-    def e2e(self, images: list[Image.Image]) -> object:
-        return self.model(self.preprocess(images))
+    def e2e(self, photos: list[bytes]) -> object:
+        """JPEG bytes -> logits: decode (the product's decoder), resize, normalise, model."""
+        return self.model(self.preprocess([decode_image(b) for b in photos]))
 
 
 def resnet50_variant(size: int) -> Variant:
@@ -107,43 +109,49 @@ def timed(fn: Callable[[], object]) -> float:
     return CLOCK() - t
 
 
-def warm_up(variants: list[Variant], images: list[Image.Image]) -> None:
+def warm_up(variants: list[Variant], raws: list[bytes]) -> None:
     for v in variants:  # first calls allocate and pick kernels
-        for imgs in (images[:16], images[:1]):
-            v.e2e(imgs)
+        for batch in (raws[:16], raws[:1]):
+            v.e2e(batch)
 
 
-def measure(variants: list[Variant], images: list[Image.Image], rounds: range, b1_reps: int,
-            seed: int = 0) -> None:
+def measure(variants: list[Variant], raws: list[bytes], images: list[Image.Image], rounds: range,
+            b1_reps: int, seed: int = 0) -> None:
+    """One batch of 16 (and ``b1_reps`` single photos) per variant per round, variants in a shuffled order;
+    ``raws[i]`` is the JPEG file of ``images[i]``."""
     rng = random.Random(seed + rounds.start)
-    batches16 = [images[i:i + 16] for i in range(0, len(images) - 15, 16)]
+    starts = list(range(0, len(images) - 15, 16))
     for r in rounds:
         order = variants[:]
         rng.shuffle(order)
         for v in order:
-            imgs = batches16[(r * 7) % len(batches16)]
+            i = starts[(r * 7) % len(starts)]
+            raw, imgs = raws[i:i + 16], images[i:i + 16]
             pre = v.preprocess(imgs)
-            v.times.setdefault("b16_e2e", []).append(timed(lambda v=v, imgs=imgs: v.e2e(imgs)) / 16)
+            v.times.setdefault("b16_e2e", []).append(timed(lambda v=v, raw=raw: v.e2e(raw)) / 16)
             v.times.setdefault("b16_model", []).append(timed(lambda v=v, pre=pre: v.model(pre)) / 16)
             for k in range(b1_reps):
-                one = [imgs[k % 16]]
-                pre1 = v.preprocess(one)
+                one = raw[k % 16:k % 16 + 1]
+                pre1 = v.preprocess(imgs[k % 16:k % 16 + 1])
                 v.times.setdefault("b1_e2e", []).append(timed(lambda v=v, one=one: v.e2e(one)))
                 v.times.setdefault("b1_model", []).append(timed(lambda v=v, pre1=pre1: v.model(pre1)))
         print(f"round {r + 1}/{rounds.stop} done", file=sys.stderr, flush=True)
 
 
-def preprocessing_costs(files: list[Path], images: list[Image.Image], size: int, mean, std,
+def preprocessing_costs(raws: list[bytes], images: list[Image.Image], size: int, mean, std,
                         rounds: int) -> dict[str, float]:
     """Median ms per image of decoding (JPEG bytes -> RGB) and of resize+normalise (torch / numpy)."""
-    raw = [p.read_bytes() for p in files[:64]]
+    raw = raws[:64]
     sample = images[:64]
     transform = eval_transform(size, tuple(mean), tuple(std))
     fns = {
         "decode (JPEG bytes -> RGB, Pillow)": lambda: [decode_image(b) for b in raw],
         "resize + normalise, torchvision (PyTorch/ONNX predictors)": lambda: torch.stack(
             [transform(i) for i in sample]),
-        "resize + normalise, Pillow + numpy (torch-free)": lambda: preprocess_numpy(sample, size, mean, std),
+        "resize + normalise, Pillow + numpy float (torch-free)": lambda: preprocess_numpy(sample, size, mean,
+                                                                                          std),
+        "resize only, Pillow -> uint8 pixels (pixel-input graphs normalise inside)": lambda: resized_pixels(
+            sample, size),
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
@@ -203,12 +211,12 @@ def render(args, run_desc: str, variants: list[Variant], pre: dict[str, float], 
     lines = [
         "# CPU inference throughput: ResNet50 vs mpoxscope runtimes",
         "",
-        f"Command: `nice -n 19 .venv/bin/python benchmarks/inference.py {args.run} --rounds {args.rounds} "
-        f"--b1-reps {args.b1_reps} --threads {args.threads} --clock {args.clock}` ({seconds / 60:.1f} min).",
+        f"Command: `.venv/bin/python benchmarks/inference.py {' '.join(sys.argv[1:])}` (niceness {os.nice(0)}; "
+        f"{seconds / 60:.1f} min).",
         "",
         "Times are " + ("**CPU time of the benchmark process** (time.process_time), not elapsed time: the "
-                        "machine's cores were taken by other jobs at normal priority while this ran at nice 19, "
-                        "so elapsed times measured mostly waiting. With one thread, CPU time is what an idle core "
+                        "machine's cores were shared with other jobs (see the load average below), so elapsed "
+                        "times would measure mostly waiting. With one thread, CPU time is what an idle core "
                         "needs; images/s are per core." if args.clock == "cpu" else "elapsed (wall-clock) time."),
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs ({cpu_flags()}), {args.threads} threads per "
@@ -222,9 +230,9 @@ def render(args, run_desc: str, variants: list[Variant], pre: dict[str, float], 
         f"Model: {run_desc}.",
         "",
         f"Protocol: {args.rounds} rounds; each round runs every variant in a shuffled order: one batch of 16 and "
-        f"{args.b1_reps} single images, end to end (decoded RGB image -> resize, normalise, model) and model "
-        "only (preprocessed batch -> logits). Medians over rounds, per image. Decoding is excluded here and "
-        f"measured below. Agreement: top-1 class vs (b) PyTorch fp32 on "
+        f"{args.b1_reps} single images, end to end (JPEG file bytes -> decode, resize, normalise, model: all of "
+        "preprocessing included) and model only (preprocessed batch -> logits). Medians over rounds, per image. "
+        f"Preprocessing steps are also measured separately below. Agreement: top-1 class vs (b) PyTorch fp32 on "
         + (f"all {n_images}" if AGREEMENT_N[0] >= n_images else f"the first {AGREEMENT_N[0]} (of {n_images}, "
            "in a fixed shuffled order; the run was cut short)") + " MSLD v2.0 images "
         "(the int8 calibration images, 96 from the fold's training split, are among them).",
@@ -257,6 +265,10 @@ def render(args, run_desc: str, variants: list[Variant], pre: dict[str, float], 
         lines.append(f"Fastest variant with ≥ {100 * TARGET_AGREEMENT:.1f} % agreement at batch 16, preprocessing "
                      f"included: **({best.key}) {best.label}**, {ratio:.1f}× ResNet50 eager fp32 "
                      f"(target ≥ {TARGET_RATIO:.0f}×: {verdict} it).")
+    if "h" in med:
+        lines.append(f"The default model as recorded (row h, test-time views): "
+                     f"{ref['b16_e2e'] / med['h']['b16_e2e']:.2f}× ResNet50 eager fp32 at batch 16, preprocessing "
+                     "included (PyTorch fp32; its views run inside the exported ONNX graph too).")
     for v in variants:
         if v.agreement is not None and v.agreement < TARGET_AGREEMENT:
             lines.append(f"({v.key}) misses the {100 * TARGET_AGREEMENT:.1f} % agreement bar by "
@@ -324,34 +336,43 @@ def main() -> None:
     if not files:
         sys.exit(f"no MSLD v2.0 images under {msld_root()}/images (set MPOXSCOPE_MSLD)")
     files = files[:args.limit] if args.limit else files
+    random.Random(0).shuffle(files)  # batches mix classes
+    raws = [p.read_bytes() for p in files]
     images = [load_image(p) for p in files]
-    random.Random(0).shuffle(images)  # batches mix classes
     recorded = run
     run, note = single_model_dir(run)
-    int8 = run / "model.int8.onnx"
-    if not int8.is_file():
-        from mpoxscope.export.quantize import quantize_int8
+    int8, int8_pixels = run / "model.int8.onnx", run / "model.int8.pixels.onnx"
+    for path, pixels in ((int8, False), (int8_pixels, True)):
+        if not path.is_file():  # as 'mpoxscope export RUN --quantize int8 [--pixel-input] --out PATH' writes it
+            from mpoxscope.export.quantize import quantize_int8
 
-        print(quantize_int8(run, min_agreement=0.0).summary(), file=sys.stderr)
+            print(quantize_int8(run, out_file=path, min_agreement=0.0, pixel_input=pixels).summary(),
+                  file=sys.stderr)
     fp32_onnx = OnnxPredictor.from_run(run, threads=args.threads)
-    int8_onnx = OnnxPredictor.from_run(run, onnx_file=int8, threads=args.threads)
     torch_p = Predictor.from_run(run, device="cpu")
     size = torch_p.image_size
+    norm = torch_p.meta.get("normalization", {})
+    mean, std = tuple(norm.get("mean", IMAGENET_MEAN)), tuple(norm.get("std", IMAGENET_STD))
+    fp32_pixels = run / "model.pixels.onnx"  # benchmark-only: fp32 with the pixel input, for comparison
+    import onnx
+
+    onnx.save(with_pixel_input(onnx.load(str(run / "model.onnx")), mean, std), str(fp32_pixels))
     variants = [
         resnet50_variant(224),
         torch_variant(torch_p, bf16=False),
         torch_variant(torch_p, bf16=True),
         onnx_variant("d", "ONNX Runtime fp32", fp32_onnx),
-        onnx_variant("e", "ONNX Runtime int8 (static QDQ, per-channel)", int8_onnx),
-        lite_variant("f", "ONNX Runtime fp32, torch-free preprocessing", LiteOnnxPredictor(run / "model.onnx",
-                                                                                          args.threads)),
-        lite_variant("g", "ONNX Runtime int8, torch-free preprocessing", LiteOnnxPredictor(int8, args.threads)),
+        onnx_variant("e", "ONNX Runtime int8 (static QDQ, per-channel, bias-corrected, stem float)",
+                     OnnxPredictor.from_run(run, onnx_file=int8, threads=args.threads)),
+        lite_variant("f", "ONNX Runtime fp32, uint8 pixel input (Pillow resize only)",
+                     LiteOnnxPredictor(fp32_pixels, args.threads)),
+        lite_variant("g", "ONNX Runtime int8, uint8 pixel input (export --quantize int8 --pixel-input)",
+                     LiteOnnxPredictor(int8_pixels, args.threads)),
     ]
     if note and not args.skip_recorded:
         as_recorded = Predictor.from_run(recorded, device="cpu")
         variants.append(Variant("h", "the run as recorded (" + describe(as_recorded.meta) + "), PyTorch fp32",
                                 as_recorded.preprocess, as_recorded.logits, None))
-    norm = torch_p.meta.get("normalization", {})
     desc = describe(torch_p.meta) + (f". Note: {note}" if note else "")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -367,16 +388,15 @@ def main() -> None:
         return text
 
     # Phases in order of what matters most: one timing round, preprocessing, agreement, further rounds.
-    warm_up(variants, images)
-    measure(variants, images, range(0, 1), args.b1_reps)
-    pre = preprocessing_costs(files, images, size, tuple(norm.get("mean", (0.485, 0.456, 0.406))),
-                              tuple(norm.get("std", (0.229, 0.224, 0.225))), 3)
+    warm_up(variants, raws)
+    measure(variants, raws, images, range(0, 1), args.b1_reps)
+    pre = preprocessing_costs(raws, images, size, mean, std, 3)
     write(pre, "\n(partial: 1 timing round, agreement pending)\n")
     agreement(variants, images, after_chunk=lambda n: write(pre, f"\n(partial: agreement on {n} of "
                                                                   f"{len(images)} images so far)\n"))
     for r in range(1, args.rounds):
         write(pre, f"\n(partial: {r} of {args.rounds} timing rounds)\n")
-        measure(variants, images, range(r, r + 1), args.b1_reps)
+        measure(variants, raws, images, range(r, r + 1), args.b1_reps)
     print(write(pre, ""))
 
 

@@ -182,8 +182,13 @@ def test_cli_pixel_input_int8(quantized, tmp_path, capsys):
     assert lite.takes_pixels and lite.session.get_inputs()[0].name == "pixels"
     img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 70, 3), dtype=np.uint8))
     assert lite.predict_images([img]).shape == (1, 6)
-    assert main(["export", str(run), "--pixel-input"]) == 2  # needs --quantize
-    assert "--quantize" in capsys.readouterr().err
+    fp32 = tmp_path / "px.fp32.onnx"
+    assert main(["export", str(run), "--pixel-input", "--out", str(fp32)]) == 0
+    assert "uint8 pixel input written" in capsys.readouterr().out
+    lite32 = LiteOnnxPredictor(fp32, threads=1)
+    full = LiteOnnxPredictor(run / "model.onnx", threads=1)
+    assert lite32.takes_pixels
+    np.testing.assert_allclose(lite32.predict_images([img]), full.predict_images([img]), atol=0.05)
 
 
 def test_bias_correction_removes_the_mean_rounding_error():

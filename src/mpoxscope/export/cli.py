@@ -44,9 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-method", choices=["minmax", "percentile"], default="minmax",
                    help="with --quantize: activation ranges from min/max (default) or the 99.999th percentile")
     p.add_argument("--pixel-input", action="store_true",
-                   help="with --quantize: the int8 file takes raw RGB pixels, input 'pixels' (N,S,S,3) uint8, "
-                        "and normalises inside the graph: the client only decodes and resizes (the fastest end "
-                        "to end; predict/serve/evaluate --onnx and LiteOnnxPredictor read it)")
+                   help="the file takes raw RGB pixels, input 'pixels' (N,S,S,3) uint8, and normalises inside "
+                        "the graph: the client only decodes and resizes (fastest end to end; predict/serve/"
+                        "evaluate --onnx and LiteOnnxPredictor read it). Alone: fp32, --out default "
+                        "RUN/model.pixels.onnx; with --quantize: the int8 file")
     p.add_argument("--float-first", type=int, default=3, metavar="N",
                    help="with --quantize: keep the first N convolutions float (default 3: the stem and first "
                         "block, where int8 rounding cost the most agreement)")
@@ -64,17 +65,26 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out, (".onnx",))
-    if args.quantize is None and (args.calibration_images or args.check_images or args.pixel_input):
-        raise MpoxscopeError("--calibration-images/--check-images/--pixel-input: need --quantize int8")
+    if args.quantize is None and (args.calibration_images or args.check_images):
+        raise MpoxscopeError("--calibration-images/--check-images: need --quantize int8")
     if args.float_first < 0:
         raise MpoxscopeError(f"--float-first: must be at least 0, got {args.float_first}")
     if args.calibration_count < 1:
         raise MpoxscopeError(f"--calibration-count: must be at least 1, got {args.calibration_count}")
-    fp32_out = None if args.quantize else args.out  # with --quantize, --out names the int8 file
+    # With --quantize or --pixel-input, --out names that file; RUN/model.onnx is the checked fp32 export.
+    fp32_out = None if args.quantize or args.pixel_input else args.out
     report = export_onnx(args.run, fp32_out, opset=args.opset, dynamic_batch=not args.static_batch,
                          parity_images=args.parity_images, which=args.which, exporter=args.exporter,
                          tolerance=args.tolerance)
     print(report.summary())
+    if args.pixel_input and args.quantize is None:
+        from pathlib import Path
+
+        from mpoxscope.export.lite import write_pixel_copy
+
+        target = Path(args.out) if args.out else Path(args.run) / "model.pixels.onnx"
+        print(f"fp32 with uint8 pixel input written to {write_pixel_copy(report.onnx_file, target)} "
+              "(same probabilities within 1e-4)")
     if args.quantize == "int8":
         from mpoxscope.export.quantize import quantize_int8
 
