@@ -573,3 +573,31 @@ def test_reduced_images_keep_colours_and_orientation(tmp_path, mode):
     corner, rest = np.asarray(out)[:40, -40:].mean(), np.asarray(out)[-40:, :40].mean()
     ref_corner, ref_rest = np.asarray(ref)[:160, -160:].mean(), np.asarray(ref)[-160:, :160].mean()
     assert (corner < rest) == (ref_corner < ref_rest)  # the red corner moved top-right in both
+
+
+def test_export_parity_uses_the_data_model_json_records(synthetic_root, tmp_path, monkeypatch):
+    """Issue 11 item 15: the export parity check runs on the run's own training data when it is there (its
+    location is recorded in model.json), not on synthetic pictures."""
+    from mpoxscope.export.onnx import default_parity_images
+
+    monkeypatch.setenv("MPOXSCOPE_MSLD", str(tmp_path / "absent"))
+    images, source = default_parity_images(128, n=3, data_root=synthetic_root)
+    assert len(images) == 3 and source.startswith("real images of the run's training data")
+    _, fallback = default_parity_images(128, n=2, data_root=tmp_path / "moved")
+    assert "synthetic" in fallback
+
+
+def test_interrupt_message_tells_the_truth(monkeypatch, capsys):
+    """Issue 11 item 3: Ctrl-C gives one line (no traceback), exit 130, and says what resuming keeps; finished
+    epochs are kept by the atomic per-epoch commit (tests/test_train.py resumes after an interrupt)."""
+    import mpoxscope.cli as cli
+    import mpoxscope.engine.cli as engine_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_cli, "run_demo", interrupted)
+    assert cli.main(["demo", "--out", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "resume from the last finished epoch" in err
+    assert "Traceback" not in err
