@@ -19,7 +19,7 @@ from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import read_json, write_text
 
 CARD_FILE = "MODEL_CARD.md"
-DEFAULT_METRICS = Path(rundir.EVALUATION) / "metrics.json"
+DEFAULT_METRICS = Path(rundir.EVALUATION) / rundir.EVAL_METRICS
 NOT_RECORDED = "not recorded"
 
 DISCLAIMER = (
@@ -457,7 +457,7 @@ def find_test_metrics(run_dir: str | os.PathLike) -> Path | None:
     ``evaluate RUN --out RUN/eval``), else the newest ``RUN/*/metrics.json`` whose protocol names the test
     split. A validation evaluation is never taken for the test metrics."""
     run_dir = Path(run_dir)
-    preferred = [run_dir / DEFAULT_METRICS, run_dir / "eval" / "metrics.json"]
+    preferred = [run_dir / DEFAULT_METRICS, run_dir / "eval" / rundir.EVAL_METRICS]
     others = sorted((p for p in run_dir.glob("*/metrics.json") if p not in preferred),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     return next((p for p in (*preferred, *others) if p.is_file() and _is_test_evaluation(p)), None)

@@ -18,7 +18,7 @@ import numpy as np
 
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from mpoxscope.data.splits import Fold
-from mpoxscope.engine import distributed
+from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.cv_uncertainty import cv_uncertainty, uncertainty_report_lines
 from mpoxscope.engine.device import resolve_device
@@ -132,7 +132,7 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     folds = [f for f in prepared.folds if cv.folds is None or f.name in cv.folds]
     log(f"cross-validation: {len(prepared.data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
-    todo = [f for f in folds if not (out / f.name / "evaluation" / "metrics.json").is_file()]
+    todo = [f for f in folds if not (out / f.name / rundir.EVALUATION / rundir.EVAL_METRICS).is_file()]
     bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress,
                        out / FEATURE_CACHE) if len(todo) > 1 and not train_cfg.ensemble else None
     images = shared_images(prepared, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
@@ -167,7 +167,7 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
               member_banks: dict[str, FeatureBank] | None = None) -> dict | None:
     """Train one fold (or read its finished evaluation) and evaluate it on validation, then test, once; the
     test metrics with the fold's validation block. None on torchrun ranks other than 0."""
-    done = fold_dir / "evaluation" / "metrics.json"
+    done = fold_dir / rundir.EVALUATION / rundir.EVAL_METRICS
     if done.is_file():
         log(f"{fold.name}: already evaluated, skipping")
         m = read_json(done)
@@ -175,23 +175,24 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
         tf = time.perf_counter()
         data = prepared.data
         if train_cfg.ensemble:
-            train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / "run",
+            train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / rundir.CV_RUN,
                            prepared.info(fold), images=images, progress=progress, log=log, banks=member_banks)
         else:
-            train(data, fold, model_cfg, train_cfg, fold_dir / "run", prepared.info(fold), bank=bank,
+            train(data, fold, model_cfg, train_cfg, fold_dir / rundir.CV_RUN, prepared.info(fold), bank=bank,
                   images=images, progress=progress, log=log)
         if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
             return None
-        predictor = Predictor.from_run(fold_dir / "run", device=train_cfg.device)
+        predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=train_cfg.device)
         # Validation predictions (what screening and pooled calibration are fitted on), then test, once.
-        evaluate(predictor, data, fold.validation, fold_dir / "validation", _protocol(prepared, fold, "validation"))
-        m = evaluate(predictor, data, fold.test, fold_dir / "evaluation", _protocol(prepared, fold))
+        evaluate(predictor, data, fold.validation, fold_dir / rundir.VALIDATION,
+                 _protocol(prepared, fold, "validation"))
+        m = evaluate(predictor, data, fold.test, fold_dir / rundir.EVALUATION, _protocol(prepared, fold))
         m["wall_time_s"] = round(time.perf_counter() - tf, 1)
         write_json(done, {**m, "fold": fold.name})
     if not distributed.is_main():
         return None
     m["fold"] = fold.name
-    m["validation"] = read_meta(fold_dir / "run").get("validation", {})
+    m["validation"] = read_meta(fold_dir / rundir.CV_RUN).get("validation", {})
     return m
 
 
@@ -199,13 +200,13 @@ def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_fil
                     device: str) -> dict:
     """The fold's test score without the test images the audit links to its training/validation images."""
     leaked = leak_filter(prepared, fold)
-    lf_done = fold_dir / "evaluation_leak_free" / "metrics.json"
+    lf_done = fold_dir / rundir.EVALUATION_LEAK_FREE / rundir.EVAL_METRICS
     if lf_done.is_file():
         lm = read_json(lf_done)
     else:
-        predictor = Predictor.from_run(fold_dir / "run", device=device)
+        predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=device)
         keep = [i for i in fold.test if i not in leaked]
-        lm = evaluate(predictor, prepared.data, keep, fold_dir / "evaluation_leak_free",
+        lm = evaluate(predictor, prepared.data, keep, fold_dir / rundir.EVALUATION_LEAK_FREE,
                       _protocol(prepared, fold) + f", leak-free ({len(leaked)} linked test images dropped)",
                       predictions=_test_predictions(fold_dir, {prepared.data.samples[i].filename for i in keep},
                                                     predictor.classes))
@@ -220,10 +221,10 @@ def _test_predictions(fold_dir: Path, names: set[str], classes: list[str]) -> tu
     part, so its images need not be predicted twice); None when they cannot be read unambiguously."""
     from mpoxscope.engine.screening import read_predictions_csv
 
-    path = fold_dir / "evaluation" / "predictions.csv"
+    path = fold_dir / rundir.EVALUATION / rundir.PREDICTIONS
     try:
         pred, header = read_predictions_csv(path)
-        failed = read_json(fold_dir / "evaluation" / "metrics.json").get("failed_files") or []
+        failed = read_json(fold_dir / rundir.EVALUATION / rundir.EVAL_METRICS).get("failed_files") or []
     except (OSError, ValueError, AttributeError, MpoxscopeError):
         return None
     if header != list(classes) or len(set(pred.names)) != len(pred.names):  # same file name in two classes

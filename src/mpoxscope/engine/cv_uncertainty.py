@@ -40,7 +40,7 @@ N_BINS = 15
 
 
 def _fold_calibration(fold_dir: Path) -> dict:
-    meta_file = fold_dir / "run" / rundir.META
+    meta_file = fold_dir / rundir.CV_RUN / rundir.META
     try:
         return dict(read_json(meta_file).get("calibration") or {}) if meta_file.is_file() else {}
     except ValueError:
@@ -86,7 +86,7 @@ def cv_uncertainty(out: str | Path, folds: list[str], data: SampleSet, protocol:
         return [data.samples[index[n]].group if n in index else n for n in names]
 
     try:
-        tests = {f: _read(out / f / rundir.EVALUATION / "predictions.csv", classes) for f in folds}
+        tests = {f: _read(out / f / rundir.EVALUATION / rundir.PREDICTIONS, classes) for f in folds}
     except MpoxscopeError as e:
         log(f"uncertainty: skipped ({e})")
         return {"skipped": str(e)}
@@ -128,7 +128,7 @@ def _pooled_validation_variant(out: Path, folds: list[str], tests: dict, cals: d
                                groups_of, log) -> dict[str, Any] | None:
     """Each fold recalibrated by one temperature fitted on all folds' validation predictions (its own test
     images excluded), from saved probabilities: no retraining, nothing fitted on test labels."""
-    paths = {f: out / f / "validation" / "predictions.csv" for f in folds}
+    paths = {f: out / f / rundir.VALIDATION / rundir.PREDICTIONS for f in folds}
     if len(folds) < 2 or not all(p.is_file() for p in paths.values()):
         return None
     if any(c.get("method") == "vector" for c in cals.values()):

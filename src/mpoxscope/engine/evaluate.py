@@ -10,6 +10,7 @@ import numpy as np
 
 from mpoxscope.data.images import load_image
 from mpoxscope.data.samples import SampleSet
+from mpoxscope.engine import rundir
 from mpoxscope.engine.metrics import classification_metrics
 from mpoxscope.engine.predict import Predictor
 from mpoxscope.errors import ImageError, MpoxscopeError
@@ -188,7 +189,7 @@ def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path
     m.update(uncertainty_metrics(probs, targets, predictor.classes, _groups_of(data, names), m["calibration"]))
     write_uncertainty_plots(out, probs, targets, m, m["protocol"])
     m["screening"] = _screening_metrics(predictor, probs, targets, data, names, out, m["protocol"])
-    write_json(out / "metrics.json", m)
+    write_json(out / rundir.EVAL_METRICS, m)
     write_text(out / "report.md", markdown_report(m, m["protocol"], predictor.meta))
     write_bytes(out / "confusion_matrix.png", confusion_png(m["confusion_matrix"], predictor.classes, m["protocol"]))
     buf = io.StringIO()
@@ -197,7 +198,7 @@ def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path
     for name, t, p in zip(names, targets, probs):
         w.writerow([name, predictor.classes[t], predictor.classes[int(p.argmax())], f"{p.max():.4f}",
                     *(f"{v:.6f}" for v in p)])  # 6 decimals: enough to refit a temperature later
-    write_text(out / "predictions.csv", buf.getvalue())
+    write_text(out / rundir.PREDICTIONS, buf.getvalue())
     return m
 
 

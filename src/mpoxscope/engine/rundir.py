@@ -44,7 +44,15 @@ MEMBERS = "members"
 FEATURE_CACHE = "feature_cache.safetensors"
 ONNX = "model.onnx"
 INT8 = "model.int8.onnx"
+#: An evaluation folder (``evaluate``, and each cv fold) holds these two files, among its report and plots.
+EVAL_METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
+#: A cross-validation's fold folder: the fold's run, its validation predictions, its test and leak-free test
+#: evaluations.
+CV_RUN = "run"
+VALIDATION = "validation"
 EVALUATION = "evaluation"
+EVALUATION_LEAK_FREE = "evaluation_leak_free"
 #: Version of the weights/metadata format written here (in model.json and in each weights file).
 FORMAT_VERSION = 1
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from mpoxscope.data.classes import canonical_class
+from mpoxscope.engine import rundir
 from mpoxscope.errors import MpoxscopeError
 
 #: Abstain threshold used when a run has no fitted calibration (the web service's long-standing default): with
@@ -577,11 +578,11 @@ def _fold_dirs(cv_out: Path) -> list[Path]:
         except (ValueError, KeyError, TypeError):
             raise MpoxscopeError(f"{summary}: not a cross-validation summary (no per_fold list)") from None
         return [cv_out / n for n in names]
-    return sorted(d for d in cv_out.iterdir() if (d / "evaluation" / "predictions.csv").is_file())
+    return sorted(d for d in cv_out.iterdir() if (d / rundir.EVALUATION / rundir.PREDICTIONS).is_file())
 
 
 def _calibration_of(fold_dir: Path) -> dict | None:
-    meta = fold_dir / "run" / "model.json"
+    meta = fold_dir / rundir.CV_RUN / rundir.META
     if not meta.is_file():
         return None
     from mpoxscope.fileio import read_json
@@ -605,8 +606,8 @@ def _read_cv_predictions(dirs: list[Path]) -> tuple[dict, dict, dict, list[str]]
     """Validation and test predictions and the calibration block of every fold folder."""
     val, test, cal, classes = {}, {}, {}, None
     for d in dirs:
-        for split, store in (("validation", val), ("evaluation", test)):
-            f = d / split / "predictions.csv"
+        for split, store in ((rundir.VALIDATION, val), (rundir.EVALUATION, test)):
+            f = d / split / rundir.PREDICTIONS
             if not f.is_file():
                 raise MpoxscopeError(f"{f}: missing (folds need validation and test predictions; rerun cv with "
                                      f"this version to write them)")
