@@ -587,7 +587,7 @@ def test_export_parity_uses_the_data_model_json_records(synthetic_root, tmp_path
     assert "synthetic" in fallback
 
 
-def test_interrupt_message_tells_the_truth(monkeypatch, capsys):
+def test_interrupt_message_tells_the_truth(monkeypatch, capsys, tmp_path):
     """Issue 11 item 3: Ctrl-C gives one line (no traceback), exit 130, and says what resuming keeps; finished
     epochs are kept by the atomic per-epoch commit (tests/test_train.py resumes after an interrupt)."""
     import mpoxscope.cli as cli
@@ -597,7 +597,7 @@ def test_interrupt_message_tells_the_truth(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine_cli, "run_demo", interrupted)
-    assert cli.main(["demo", "--out", "x"]) == 130
+    assert cli.main(["demo", "--out", str(tmp_path / "x")]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "resume from the last finished epoch" in err
     assert "Traceback" not in err
