@@ -327,7 +327,9 @@ def _screening_section(meta: dict, metrics: dict | None, screening_png: str | No
         ("Rule", f"\"possible {target} — refer\" when P({target}) ≥ {_fmt(scr.get('threshold'))}; else "
                  "\"uncertain — refer to a clinician\" below the abstain threshold; else the top class "
                  f"({target} as the top class is referred too)"),
-        ("Target sensitivity", scr.get("target_sensitivity")),
+        ("Target sensitivity", f"{_fmt(scr.get('target_sensitivity'))}"
+         + (f", met on validation with {_fmt(scr['confidence'])} confidence (one-sided patient-bootstrap lower "
+            "bound)" if isinstance(scr.get("confidence"), (int, float)) else " (point estimate on validation)")),
         ("Chosen on", f"{scr.get('source') or NOT_RECORDED} ({_fmt(scr.get('n_validation_target'))} {target} "
                       "images)"),
         ("Validation sensitivity / specificity / referral rate (fit, optimistic)",
