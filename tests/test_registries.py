@@ -220,3 +220,38 @@ def test_num_heads_and_the_deprecated_spellings(capsys):
     assert "--heads is deprecated; use --num-heads" in capsys.readouterr().err
     assert parser.parse_args(["explain", "r", "x.jpg", "--out", "o", "--heads"]).per_head is True
     assert "use --per-head" in capsys.readouterr().err
+
+
+@pytest.fixture
+def toy_family():
+    """ResNet-18 cut in two halves instead of the built-in stem + four layers: a family the tool did not know."""
+    from mpoxscope.registry import BACKBONE_FAMILIES, register_backbone_family
+
+    calls = []
+
+    @register_backbone_family("toy-halves", "ResNet-18 in two halves",
+                              lambda m: type(m).__name__ == "ResNet" and len(m.layer1) == 2)
+    def halves(model):
+        calls.append(1)
+        stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool, model.layer1, model.layer2)
+        return [stem, nn.Sequential(model.layer3, model.layer4)]
+
+    yield calls
+    BACKBONE_FAMILIES.remove("toy-halves")
+
+
+def test_toy_backbone_family_through_the_cli(toy_family, synthetic_root, tmp_path):
+    from mpoxscope.config import ModelConfig
+    from mpoxscope.models import create_model
+    from mpoxscope.models.backbones import backbone_stages, create_backbone
+
+    assert len(backbone_stages(create_backbone("resnet18"))) == 2 and toy_family
+    net = create_model(ModelConfig(backbone="resnet18", pretrained="none", image_size=64, d_model=32, num_heads=2), 6)
+    assert len(net.stages) == 2
+    fast = [a for a in FAST if a != "--freeze"]
+    run = tmp_path / "run"
+    # --finetune 1: the second half trains, the first is the cached frozen trunk
+    assert main(["train", str(synthetic_root), "--out", str(run), "--backbone", "resnet18", "--pretrained", "none",
+                 "--finetune", "1", *fast]) == 0
+    assert json.loads((run / "model.json").read_text())["model"]["backbone"] == "resnet18"
+    assert len(backbone_stages(create_backbone("tf_efficientnet_lite0"))) == 9  # built-ins untouched

@@ -1,6 +1,6 @@
 """Small registries that entries join by declaring themselves: heads, runtimes, explanation methods, dataset
-layouts. Adding one is one new entry (a decorated class or function) — the CLI choices, the card and the
-factories read these tables.
+layouts, backbone families. Adding one is one new entry (a decorated class or function) — the CLI choices, the
+card and the factories read these tables.
 
 This module imports neither torch nor timm: built-in entries live in the modules named by each registry's
 ``builtins`` and are imported on first lookup, so ``mpoxscope --help`` stays fast. A registry is also an
@@ -234,5 +234,36 @@ def register_layout(name: str, summary: str, detect: Callable[[Any], bool]) -> C
     def wrap(scan: Callable) -> Callable:
         LAYOUTS.add(name, LayoutSpec(name, detect, scan, summary))
         return scan
+
+    return wrap
+
+
+# ----- backbone families -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How to cut one family of timm models into an ordered list of stages ending in a (B, C, H, W) grid.
+    ``detect(model) -> bool``; ``stages(model) -> list[nn.Module]``. The last stage is where the CAMs read."""
+
+    name: str
+    detect: Callable[[Any], bool]
+    stages: Callable[[Any], list]
+    summary: str
+
+
+BACKBONE_FAMILIES: Registry[BackboneFamily] = Registry("backbone family", "--backbone",
+                                                      builtins=("mpoxscope.models.backbones",))
+
+
+def register_backbone_family(name: str, summary: str, detect: Callable[[Any], bool]) -> Callable[[Callable], Callable]:
+    """Decorate ``stages(model)``; ``detect(model)`` says whether a timm model belongs to the family. Families
+    are tried last-registered first (a specific family added later wins); a model no family claims is one
+    indivisible stage."""
+
+    BACKBONE_FAMILIES.load()  # built-ins first, so an entry added later is tried before them
+
+    def wrap(stages: Callable) -> Callable:
+        BACKBONE_FAMILIES.add(name, BackboneFamily(name, detect, stages, summary))
+        return stages
 
     return wrap

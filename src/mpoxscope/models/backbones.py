@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mpoxscope.errors import MpoxscopeError
+from mpoxscope.registry import BACKBONE_FAMILIES, register_backbone_family
 
 
 def create_backbone(name: str, image_size: int | None = None) -> nn.Module:
@@ -31,25 +32,49 @@ def create_backbone(name: str, image_size: int | None = None) -> nn.Module:
 
 
 def backbone_stages(model: nn.Module) -> list[nn.Module]:
-    """Modules that, applied in order, compute the backbone's (B, C, H, W) feature grid.
+    """Modules that, applied in order, compute the backbone's (B, C, H, W) feature grid: those of the
+    last-registered family in :data:`mpoxscope.registry.BACKBONE_FAMILIES` that claims ``model``, else one
+    indivisible stage.
 
     Convolutional families whose split was fixed before (EfficientNet/MobileNet, ResNet/ResNeXt, ConvNeXt,
-    RegNet) keep it, so ``--finetune K`` means what it meant. Other timm models are split at the stages their
-    ``feature_info`` names (ViT/DeiT blocks, Swin layers), between a stem and a token-to-grid tail; a model
-    neither covers is one indivisible stage.
+    RegNet) keep it, so ``--finetune K`` means what it meant. Token models are split at the stages their
+    ``feature_info`` names (ViT/DeiT blocks, Swin layers), between a stem and a token-to-grid tail.
     """
-    names = {n for n, _ in model.named_children()}
-    if {"conv_stem", "bn1", "blocks"} <= names:  # EfficientNet, MobileNetV3 (timm _gen_efficientnet family)
-        stem = nn.Sequential(model.conv_stem, model.bn1)
-        head = [nn.Sequential(model.conv_head, model.bn2)] if "conv_head" in names else []
-        return [stem, *model.blocks, *head]
-    if {"conv1", "bn1", "layer4"} <= names:  # ResNet family
-        stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
-        return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
-    if {"stem", "stages"} <= names:  # ConvNeXt, RegNet, ...
-        tail = [model.norm_pre] if hasattr(model, "norm_pre") else []
-        return [model.stem, *model.stages, *tail]
+    for _, family in reversed(BACKBONE_FAMILIES.items()):
+        if family.detect(model):
+            return list(family.stages(model))
+    return [_ForwardFeatures(model)]
+
+
+def _children(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_children()}
+
+
+@register_backbone_family("feature-info", "token models split at their feature_info stages (ViT, DeiT, Swin)",
+                          lambda m: _feature_info_stages(m) is not None)
+def _token_stages(model: nn.Module) -> list[nn.Module]:
     return _feature_info_stages(model) or [_ForwardFeatures(model)]
+
+
+@register_backbone_family("stem-stages", "ConvNeXt, RegNet and other stem + stages models",
+                          lambda m: {"stem", "stages"} <= _children(m))
+def _stem_stages(model: nn.Module) -> list[nn.Module]:
+    tail = [model.norm_pre] if hasattr(model, "norm_pre") else []
+    return [model.stem, *model.stages, *tail]
+
+
+@register_backbone_family("resnet", "ResNet, ResNeXt: stem, layer1..layer4",
+                          lambda m: {"conv1", "bn1", "layer4"} <= _children(m))
+def _resnet_stages(model: nn.Module) -> list[nn.Module]:
+    return [nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool), model.layer1, model.layer2,
+            model.layer3, model.layer4]
+
+
+@register_backbone_family("efficientnet", "EfficientNet, EfficientNet-Lite, MobileNetV3: stem, blocks, head conv",
+                          lambda m: {"conv_stem", "bn1", "blocks"} <= _children(m))
+def _efficientnet_stages(model: nn.Module) -> list[nn.Module]:
+    head = [nn.Sequential(model.conv_head, model.bn2)] if "conv_head" in _children(model) else []
+    return [nn.Sequential(model.conv_stem, model.bn1), *model.blocks, *head]
 
 
 def _feature_info_stages(model: nn.Module) -> list[nn.Module] | None:
