@@ -24,6 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from mpoxscope.engine.passes import FORWARD_IMAGES, photos_per_forward, views_per_photo  # noqa: F401 (re-exported)
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -247,12 +249,6 @@ class PixelBudget:
             self._cond.notify_all()
 
 
-#: Images (photo x test-time view, at 224 px) one forward pass may hold. Activation memory grows with it
-#: (Lite0 + AGFN on a CPU: 128 images +1.5 GB, 32 images +0.46 GB, 16 images +0.22 GB at the peak) while a
-#: CPU's images/s hardly grow past a dozen or so, so a micro-batch runs as several passes of this size.
-FORWARD_IMAGES = 16
-
-
 def release_free_memory() -> bool:
     """Hand memory that is free inside the C allocator back to the system (glibc ``malloc_trim``): each
     thread's malloc arena otherwise keeps the pages of a large decode or forward pass, so resident memory
@@ -272,23 +268,3 @@ def release_free_memory() -> bool:
 
 
 _TRIM: Any = None
-
-
-def views_per_photo(predictor: Any) -> int:
-    """How many images one photo becomes in the forward pass: its test-time views (an ensemble runs its
-    members one after another, so the most any member uses). Read from the torch model when there is one,
-    else from ``model.json`` (an ensemble's own file does not list its members' views: 8, the most there are)."""
-    model = getattr(predictor, "model", None)
-    modules = getattr(model, "modules", None)
-    if callable(modules):
-        return max((len(m.views) for m in modules() if isinstance(getattr(m, "views", None), tuple)), default=1)
-    meta = getattr(predictor, "meta", None) or {}
-    if meta.get("kind") == "ensemble":
-        return 8
-    return max(1, len((meta.get("tta") or {}).get("views") or ["id"]))
-
-
-def photos_per_forward(views: int, image_size: int = 224, images: int = FORWARD_IMAGES) -> int:
-    """Photos per forward pass so that photos x views x (image_size / 224)^2 stays within ``images``."""
-    per_photo = max(1, views) * (max(1, image_size) / 224) ** 2
-    return max(1, int(images // per_photo))
