@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from mpoxscope.engine.calibration import apply_calibration, calibrate, expected_calibration_error, logits_from_probs
+from mpoxscope.engine.calibration import apply_calibration, calibrate, expected_calibration_error
 from mpoxscope.engine.screening import read_predictions_csv
-from mpoxscope.fileio import read_json
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -35,12 +34,10 @@ def scores(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 
 def member_probs(cv: Path, fold: str, split: str, order: list[str] | None) -> tuple[np.ndarray, np.ndarray, list]:
-    """Raw-equivalent logits (temperature undone) of one member, rows in ``order`` (default: the file's)."""
-    pred, classes = read_predictions_csv(cv / fold / split / "predictions.csv")
-    cal = read_json(cv / fold / "run" / "model.json").get("calibration")
-    x = logits_from_probs(pred.probs, cal)
-    # back to the member's calibrated probabilities, which is what the ensemble averages
-    p = softmax(apply_calibration(x, cal))
+    """One member's calibrated probabilities as its cv wrote them (what the ensemble averages), rows in ``order``
+    (default: the file's)."""
+    pred, _ = read_predictions_csv(cv / fold / split / "predictions.csv")
+    p = pred.probs / pred.probs.sum(1, keepdims=True)  # saved with 6 decimals
     if order is not None:
         idx = {n: i for i, n in enumerate(pred.names)}
         rows = [idx[n] for n in order]

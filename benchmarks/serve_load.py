@@ -337,7 +337,7 @@ class Offline:
 
 def model_summary(run: str, predictor: object) -> dict:
     """What the rows measured: backbone, head, image size, test-time views, photos per forward pass."""
-    from mpoxscope.serve.batching import photos_per_forward, views_per_photo
+    from mpoxscope.engine.passes import photos_per_forward, views_per_photo
 
     meta = json.loads(Path(run, "model.json").read_text())
     views = views_per_photo(predictor)

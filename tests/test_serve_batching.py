@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_serve import FakePredictor, encode, fake_explain_module, photo, post_from_threads, upload
 
+from mpoxscope.engine.passes import photos_per_forward, views_per_photo
 from mpoxscope.serve import ServeConfig, create_app, create_app_from_predictor
 from mpoxscope.serve.app import default_allowed_hosts, host_allowed, host_of
 from mpoxscope.serve.batching import (
@@ -23,10 +24,8 @@ from mpoxscope.serve.batching import (
     MicroBatcher,
     PixelBudget,
     QueueFull,
-    photos_per_forward,
     release_free_memory,
     retry_after_seconds,
-    views_per_photo,
 )
 
 BOUNDARY = "b0undary"

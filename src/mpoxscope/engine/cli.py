@@ -84,15 +84,15 @@ def _sensitivity(text: str) -> float:
 
 def _confidence(text: str) -> float | None:
     """0 means 'no confidence margin' (the point estimate); else a confidence in [0.5, 1)."""
+    from mpoxscope.engine.screening import check_confidence
+    from mpoxscope.errors import MpoxscopeError
+
     try:
-        c = float(text)
+        return None if float(text) == 0 else check_confidence(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if c == 0:
-        return None
-    if not 0.5 <= c < 1:
-        raise argparse.ArgumentTypeError(f"must be 0 or in [0.5, 1), got {text}")
-    return c
+    except MpoxscopeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 0 for the point estimate)") from None
 
 
 def add_screening_options(p: argparse.ArgumentParser) -> None:

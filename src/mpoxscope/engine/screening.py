@@ -122,12 +122,13 @@ def choose_threshold(scores: np.ndarray, is_target: np.ndarray, sensitivity: flo
     g = np.asarray(groups if groups is not None else np.arange(len(x)))
     if g.shape != x.shape:
         raise MpoxscopeError(f"groups: {len(g)} labels for {len(x)} cases")
-    lower = _sensitivity_lower_bounds(pos, g[y.astype(bool)][order], _check_confidence(confidence), resamples,
+    lower = _sensitivity_lower_bounds(pos, g[y.astype(bool)][order], check_confidence(confidence), resamples,
                                       seed)
     return float(pos[int(np.argmax(lower >= s - 1e-9))])  # the last case always reaches 1.0, so one exists
 
 
-def _check_confidence(confidence: float) -> float:
+def check_confidence(confidence: float) -> float:
+    """``confidence`` as a float in [0.5, 1); a clear error otherwise."""
     try:
         c = float(confidence)
     except (TypeError, ValueError):
@@ -651,7 +652,7 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
     if not cv_out.is_dir():
         raise MpoxscopeError(f"{cv_out}: not a folder")
     sensitivity = check_sensitivity(sensitivity, "--sensitivity")
-    confidence = _check_confidence(confidence) if confidence else None
+    confidence = check_confidence(confidence) if confidence else None
     dirs = [cv_out / f for f in folds] if folds is not None else _fold_dirs(cv_out)
     if not dirs:
         raise MpoxscopeError(f"{cv_out}: no fold folders with evaluation/predictions.csv (is this a cv output?)")
@@ -682,7 +683,8 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
     result = _pooled_result(test, classes, idx, sensitivity, confidence, all_dec, all_own, own_missing,
                             per_fold, (protocol or "cross-validation outputs in " + cv_out.name) +
                             f"; test parts pooled over {len(per_fold)} folds; threshold per fold: {how}")
-    _write_cv_screening(Path(out) if out is not None else cv_out, result, test, idx)
+    y, scores = _pooled_test(test, idx)
+    _write_cv_screening(Path(out) if out is not None else cv_out, result, scores, y == idx)
     return result
 
 
@@ -699,8 +701,7 @@ def _pooled_result(test: dict, classes: list[str], idx: int, sensitivity: float,
                    all_dec: list, all_own: list, own_missing: list[str], per_fold: list[dict],
                    protocol: str) -> dict:
     """The JSON of :func:`screen_cv_output`: per fold and pooled over the test parts."""
-    y = np.concatenate([p.targets for p in test.values()])
-    scores = np.concatenate([p.probs[:, idx] for p in test.values()])
+    y, scores = _pooled_test(test, idx)
     groups = [g for p in test.values() for g in patient_groups(p.names)]
     target = classes[idx]
     pooled_m = {"target_class": target, "target_sensitivity": sensitivity,
@@ -718,13 +719,17 @@ def _pooled_result(test: dict, classes: list[str], idx: int, sensitivity: float,
     }
 
 
-def _write_cv_screening(dest: Path, result: dict, test: dict, idx: int) -> None:
+def _pooled_test(test: dict, idx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (N,) and target-class scores (N,) of every fold's test part, pooled in fold order."""
+    return (np.concatenate([p.targets for p in test.values()]),
+            np.concatenate([p.probs[:, idx] for p in test.values()]))
+
+
+def _write_cv_screening(dest: Path, result: dict, scores: np.ndarray, is_target: np.ndarray) -> None:
     from mpoxscope.fileio import write_bytes, write_json, write_text
 
-    y = np.concatenate([p.targets for p in test.values()])
-    scores = np.concatenate([p.probs[:, idx] for p in test.values()])
     write_json(dest / "screening.json", result)
-    write_bytes(dest / "screening_roc_pr.png", curves_png(scores, y == idx, result["pooled"],
+    write_bytes(dest / "screening_roc_pr.png", curves_png(scores, is_target, result["pooled"],
                                                           f"pooled test parts, {len(result['per_fold'])} folds"))
     write_text(dest / "screening.md", cv_screening_markdown(result))
 

@@ -31,15 +31,14 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from mpoxscope import __version__
+from mpoxscope.engine.passes import photos_per_forward, views_per_photo
 from mpoxscope.serve.batching import (
     Admission,
     MicroBatcher,
     PixelBudget,
     QueueFull,
-    photos_per_forward,
     release_free_memory,
     retry_after_seconds,
-    views_per_photo,
 )
 from mpoxscope.serve.service import (
     DISCLAIMER,

@@ -24,8 +24,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from mpoxscope.engine.passes import FORWARD_IMAGES, photos_per_forward, views_per_photo  # noqa: F401 (re-exported)
-
 T = TypeVar("T")
 R = TypeVar("R")
 
