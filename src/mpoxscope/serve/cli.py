@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "only the --host address and localhost names are answered, others get 400 (DNS "
                         "rebinding). '*.example.org' allows sub-domains, '*' disables the check")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(handler=run_serve)
+    # A long-lived server keeps its C allocator's defaults (it trims freed memory itself): no batch tuning.
+    p.set_defaults(handler=run_serve, long_lived=True)
 
 
 def bind(host: str, port: int) -> socket.socket:
