@@ -282,18 +282,19 @@ def test_feature_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, d
 
 
 def test_ensemble_preset_and_backbone_means_one_model():
-    """`--preset ensemble` trains the ensemble chosen on validation; naming a backbone asks for one model of it."""
+    """The default preset trains the ensemble chosen on validation; `--preset lite0` its first member alone;
+    naming a backbone asks for one model of it."""
     import argparse
 
     from mpoxscope.engine.cli import add_model_options, configs_from_args
 
     p = argparse.ArgumentParser()
     add_model_options(p)
-    _, t = configs_from_args(p.parse_args([]))
+    _, t = configs_from_args(p.parse_args(["--preset", "lite0"]))
     assert t.ensemble == () and t.trainable_stages == -1 and t.epochs == 20
-    _, t = configs_from_args(p.parse_args(["--preset", "ensemble"]))
+    _, t = configs_from_args(p.parse_args([]))
     assert t.ensemble == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen") and t.trainable_stages == -1
-    m, t = configs_from_args(p.parse_args(["--preset", "ensemble", "--backbone", "resnet18"]))
+    m, t = configs_from_args(p.parse_args(["--backbone", "resnet18"]))
     assert m.backbone == "resnet18" and t.ensemble == ()
-    _, t = configs_from_args(p.parse_args(["--preset", "ensemble", "--ensemble", "none"]))
+    _, t = configs_from_args(p.parse_args(["--ensemble", "none"]))
     assert t.ensemble == ()

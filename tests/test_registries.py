@@ -13,8 +13,8 @@ from mpoxscope.cli import main
 from mpoxscope.registry import HEADS, register_head
 
 # A tiny, fast recipe for training through the CLI on the synthetic images.
-FAST = ["--split-file", "none", "--folds", "3", "--image-size", "64", "--epochs", "1", "--batch-size", "16",
-        "--cache-views", "1", "--freeze", "--warmup-epochs", "0", "--tta", "none", "--quiet"]
+FAST = ["--preset", "lite0", "--split-file", "none", "--folds", "3", "--image-size", "64", "--epochs", "1",
+        "--batch-size", "16", "--cache-views", "1", "--freeze", "--warmup-epochs", "0", "--tta", "none", "--quiet"]
 
 
 @pytest.fixture
