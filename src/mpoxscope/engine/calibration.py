@@ -11,8 +11,9 @@ probabilities (rows sum to 1), ``targets`` (N,) integer class indices. Torch ten
   clinician", chosen so that the cases it keeps reach a target accuracy.
 * :func:`fit_vector_scaling`: per-class scale and bias (Guo et al., 2017), for a class-dependent bias.
 * :func:`calibrate`: chooses none / temperature (/ vector) on held-out parts of the validation set, applying a
-  step only when it lowers held-out NLL without raising held-out ECE; returns the ``"calibration"`` block of
-  a run's ``model.json``. :func:`apply_calibration` applies such a block to logits (torch or NumPy).
+  step only when it lowers held-out NLL without raising held-out ECE (an ensemble, ``ENSEMBLE_METHODS``: always
+  a temperature); returns the ``"calibration"`` block of a run's ``model.json``. :func:`apply_calibration`
+  applies such a block to logits (torch or NumPy).
 * :func:`fit_pooled_calibration`: one calibration on the validation logits of all folds pooled (a fold's own
   test images excluded), for cross-validation, where one fold's ~150 validation images are too few.
 """
@@ -276,6 +277,12 @@ def apply_calibration(logits: Any, calibration: dict[str, Any] | None) -> Any:
 #: a predictor must call :func:`apply_calibration` to honour it (a temperature-only predictor would not).
 DEFAULT_METHODS = ("none", "temperature")
 ALL_METHODS = ("none", "temperature", "vector")
+#: An ensemble's own step: always a temperature, with no held-out gate against "none". Chosen on validation only
+#: (benchmarks/calibration_posthoc.py, results/calibration.md): on the default ensemble's pooled out-of-fold
+#: validation predictions it had a lower ECE and NLL than the gated choice, whose ECE check on ~30 held-out images
+#: is noise that sometimes keeps a useful temperature out. Still never worse in-sample: fit_temperature returns 1
+#: when no temperature lowers the NLL.
+ENSEMBLE_METHODS = ("temperature",)
 
 
 def _fit(method: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -316,14 +323,21 @@ def choose_calibration(x: np.ndarray, y: np.ndarray, methods: tuple[str, ...] = 
                        n_bins: int = 15) -> tuple[str, dict[str, dict[str, float]], str]:
     """(chosen method, scores per method, how they were scored), from validation logits only.
 
-    Methods are tried from the simplest ("none") up; a more complex one replaces the current choice only when
-    it lowers the held-out NLL *and* does not raise the held-out ECE, so a step that worsens calibration on
-    validation is never applied. With fewer than 25 validation images there is too little to hold out:
-    only "none" and "temperature" are compared, on the fitting data itself.
+    The allowed ``methods`` are tried from the simplest up; a more complex one replaces the current choice only
+    when it lowers the held-out NLL *and* does not raise the held-out ECE, so a step that worsens calibration on
+    validation is never applied. Without "none" in ``methods`` the simplest allowed method is the starting point
+    and is applied ungated ("none" is still scored, for the record). With fewer than 25 validation images there is
+    too little to hold out: "vector" is dropped and the rest are compared on the fitting data itself.
     """
-    methods = tuple(m for m in ALL_METHODS if m in set(methods) | {"none"})
+    allowed = tuple(m for m in ALL_METHODS if m in set(methods))
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown or not allowed:
+        raise MpoxscopeError(f"unknown calibration method {sorted(unknown) or methods!r}; choose from "
+                             f"{', '.join(ALL_METHODS)}")
     if len(y) < 25:
-        methods = tuple(m for m in methods if m != "vector")
+        allowed = tuple(m for m in allowed if m != "vector") or ("temperature",)
+    methods = tuple(m for m in ALL_METHODS if m in set(allowed) | {"none"})
+    if len(y) < 25:
         scores, how = {}, "in-sample on validation (fewer than 25 images)"
         for m in methods:
             probs = softmax(_calibrated_logits(x, _fit(m, x, y)), axis=1)
@@ -331,11 +345,15 @@ def choose_calibration(x: np.ndarray, y: np.ndarray, methods: tuple[str, ...] = 
                          "ece": expected_calibration_error(probs, y, n_bins)}
     else:
         scores, how = cross_validated_scores(x, y, methods, n_bins=n_bins), "5-fold cross-validation on validation"
-    chosen = "none"
-    for m in methods[1:]:
+    chosen = allowed[0]
+    for m in allowed[1:]:
         if scores[m]["nll"] < scores[chosen]["nll"] - 1e-9 and scores[m]["ece"] <= scores[chosen]["ece"] + 1e-9:
             chosen = m
-    return chosen, scores, how
+    rule = ("lowest held-out NLL without a higher held-out ECE, simplest first" if len(allowed) > 1 else
+            f"{allowed[0]} always (the only method allowed)")
+    if "none" not in allowed and len(allowed) > 1:
+        rule += f", starting from {allowed[0]} (no gate against none)"
+    return chosen, scores, f"{how}: {rule}"
 
 
 def calibrate(val_logits: Any, val_targets: Any, target_accuracy: float = 0.95, min_coverage: float = 0.5,
@@ -345,11 +363,12 @@ def calibrate(val_logits: Any, val_targets: Any, target_accuracy: float = 0.95, 
 
     Returns the ``"calibration"`` block of ``model.json``. The method ("none", "temperature" or, if allowed in
     ``methods``, "vector") is chosen by :func:`choose_calibration` on held-out parts of the validation set,
-    then refitted on all of it. ``temperature`` is always present (1.0 unless the method is "temperature"), so
-    a predictor that only knows temperatures stays correct for "none" and "temperature"; "vector" adds
-    ``vector_w``/``vector_b`` and needs :func:`apply_calibration`. Before/after numbers are measured on the
-    data the calibration was fitted on, so they show the fit, not generalisation; report test ECE from the
-    evaluation. The threshold is chosen on the calibrated probabilities, which are what the predictor outputs.
+    then refitted on all of it; ``methods=ENSEMBLE_METHODS`` always fits a temperature (what an ensemble uses).
+    ``temperature`` is always present (1.0 unless the method is "temperature"), so a predictor that only knows
+    temperatures stays correct for "none" and "temperature"; "vector" adds ``vector_w``/``vector_b`` and needs
+    :func:`apply_calibration`. Before/after numbers are measured on the data the calibration was fitted on, so
+    they show the fit, not generalisation; report test ECE from the evaluation. The threshold is chosen on the
+    calibrated probabilities, which are what the predictor outputs.
     """
     x, y = _check(val_logits, val_targets, "validation logits")
     chosen, scores, how = choose_calibration(x, y, methods, n_bins)
@@ -373,7 +392,7 @@ def calibrate(val_logits: Any, val_targets: Any, target_accuracy: float = 0.95, 
         "abstain_accuracy_kept": choice.accuracy_kept,
         "abstain_coverage": choice.coverage,
         "candidates": scores,
-        "selected_by": how + ": lowest held-out NLL without a higher held-out ECE, simplest first",
+        "selected_by": how,
         "fitted_on": fitted_on,
         "n": len(y),
     }
