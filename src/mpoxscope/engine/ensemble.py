@@ -98,7 +98,7 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
 def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images: ImageCache,
             train_cfg: TrainConfig, data_info: dict, specs: tuple[str, ...]) -> dict:
     """Write the ensemble's ``model.json`` from trained members (no test data involved)."""
-    from mpoxscope.engine.calibration import calibrate
+    from mpoxscope.engine.calibration import ENSEMBLE_METHODS, calibrate
 
     first = read_meta(run_dir / rundir.MEMBERS / names[0])
     meta = {k: first[k] for k in ("format_version", "mpoxscope_version", "classes", "image_size", "normalization")}
@@ -116,7 +116,8 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
     member_val = {n: read_meta(run_dir / rundir.MEMBERS / n).get("validation", {}) for n in names}
     meta["validation"] = {**brief(val), "protocol": protocol(data_info, "validation"),
                           "members": {n: brief(v) for n, v in member_val.items()}}
-    meta["calibration"] = calibrate(logits, targets)
+    # Always the ensemble's temperature: chosen on validation (benchmarks/results/calibration.md)
+    meta["calibration"] = calibrate(logits, targets, methods=ENSEMBLE_METHODS)
     meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
                                         data.classes, train_cfg, protocol(data_info, "validation"),
                                         [data.groups[i] for i in fold.validation])
