@@ -123,3 +123,18 @@ def test_finetune_paths_update_backbone(tmp_path, data_and_fold, stages, views):
     assert last_stage_changed
     assert first_stage_changed == (stages == -1)
     assert meta["trainable_stages_resolved"]["cached"] == (views > 0)
+
+
+def test_a_run_from_a_version_without_a_newer_setting_is_still_the_same_run():
+    """Settings added later (with the default that reproduces the old behaviour) do not orphan older runs."""
+    from mpoxscope.engine.train import same_settings
+
+    defaults = {"lr": 0.001, "tta": "auto", "augment": {"hflip": True, "hue": 0.0}}
+    now = {"lr": 0.001, "tta": "auto", "augment": {"hflip": True, "hue": 0.0}}
+    older = {"lr": 0.001, "augment": {"hflip": True}}  # written before "tta" and "hue" existed
+    assert same_settings(older, now, defaults)
+    assert not same_settings(older, {**now, "tta": "d4"}, defaults)  # asking for a non-default new setting
+    assert not same_settings(older, {**now, "augment": {"hflip": True, "hue": 0.1}}, defaults)
+    assert not same_settings({**older, "lr": 0.01}, now, defaults)  # an old setting that differs
+    assert not same_settings({**now, "gone": 1}, now, defaults)  # a setting this version does not know
+    assert not same_settings(None, now, defaults)

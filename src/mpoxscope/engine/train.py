@@ -196,11 +196,30 @@ def validate(model: SkinLesionNet, batches, stop: int, classes: list[str], devic
 def _check_same_config(run_dir: Path, meta_now: dict) -> None:
     meta = read_meta(run_dir)
     now = json.loads(json.dumps({k: meta_now.get(k) for k in ("model", "train")}))  # tuples read back as lists
-    same = all(meta.get(k) == now[k] for k in ("model", "train")) and \
+    defaults = json.loads(json.dumps({"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())}))
+    same = all(same_settings(meta.get(k), now[k], defaults[k]) for k in ("model", "train")) and \
         meta.get("data", {}).get("fold") == meta_now["data"].get("fold")
     if not same:
         raise MpoxscopeError(f"{run_dir}: holds a run with another configuration; choose a new --out "
                              f"or pass --overwrite")
+
+
+def same_settings(stored: dict | None, now: dict, defaults: dict) -> bool:
+    """Whether a run written with ``stored`` settings is the one ``now`` asks for. A setting missing from
+    ``stored`` (a run from a version without it) matches only its default: new settings are added with the
+    default that reproduces the old behaviour, so such a run can still be resumed or reused."""
+    if not isinstance(stored, dict) or set(stored) - set(now):
+        return stored == now
+    for key, value in now.items():
+        if key not in stored:
+            if value != defaults.get(key):
+                return False
+        elif isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            if not same_settings(stored[key], value, defaults[key]):
+                return False
+        elif stored[key] != value:
+            return False
+    return True
 
 
 _Progress = rundir.Progress
