@@ -6,9 +6,11 @@
 Variants: (a) torchvision ResNet50, eager fp32, *random weights* (the seed's backbone; speed does not depend
 on the weights), (b) the run's model in PyTorch fp32 (``Predictor``), (c) the same under bf16 autocast,
 (d) ONNX Runtime fp32 (``RUN/model.onnx``), (e) ONNX Runtime int8 (``RUN/model.int8.onnx``, static QDQ,
-written by ``mpoxscope export --quantize int8``; made here when missing), and (f, g) ONNX Runtime fp32/int8
-graphs that take uint8 pixels and normalise inside (``export --quantize int8 --pixel-input``;
-:mod:`mpoxscope.export.lite`, torch-free: Pillow resize only), (h) the run as recorded (its test-time views).
+with the fp32 fallback for near ties that ``mpoxscope export --quantize int8`` writes; made here when
+missing), and (f, g) ONNX Runtime fp32/int8 graphs that take uint8 pixels and normalise inside
+(``export --quantize int8 --pixel-input``; :mod:`mpoxscope.export.lite`, torch-free: Pillow resize only),
+(i) the same int8 graph without the fallback (``--fallback-margin off``), (h) the run as recorded (its
+test-time views).
 
 Protocol: "end to end" is JPEG file bytes -> logits (decode with the product's decoder, resize, normalise,
 model), "model only" is a preprocessed batch -> logits; each preprocessing step is also timed on its own. Every round
@@ -55,6 +57,7 @@ class Variant:
     probs: Callable[[list[Image.Image]], np.ndarray] | None  # None: no agreement (random weights)
     times: dict[str, list[float]] = field(default_factory=dict)
     agreement: float | None = None
+    session: object = None  # the ONNX Runtime session (a FallbackSession counts its fp32 recomputations)
 
     def e2e(self, photos: list[bytes]) -> object:
         """JPEG bytes -> logits: decode (the product's decoder), resize, normalise, model."""
@@ -93,11 +96,15 @@ def torch_variant(p: Predictor, bf16: bool) -> Variant:
 
 
 def onnx_variant(key: str, label: str, p: OnnxPredictor) -> Variant:
-    return Variant(key, label, p.preprocess, p.logits, p.predict_images)
+    return Variant(key, label, p.preprocess, p.logits, p.predict_images, session=p.session)
 
 
 def lite_variant(key: str, label: str, p: LiteOnnxPredictor) -> Variant:
-    return Variant(key, label, p.preprocess, p.logits, p.predict_images)
+    return Variant(key, label, p.preprocess, p.logits, p.predict_images, session=p.session)
+
+
+#: variant key -> (photos recomputed in fp32, photos run, margin) during the agreement pass
+FALLBACK_SHARE: dict[str, tuple[int, int, float]] = {}
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time, for a machine where this process is starved
@@ -253,6 +260,8 @@ def render(args, run_desc: str, variants: list[Variant], pre: dict[str, float], 
             f"{ref['b1_model'] / m['b1_model']:.1f} | {agree} |")
     ok = [v for v in variants if v.agreement is not None and v.agreement >= TARGET_AGREEMENT]
     best = min(ok, key=lambda v: med[v.key]["b16_e2e"]) if ok else None
+    lines += [f"({k}) recomputed {r} of {n} photos ({100 * r / n:.1f} %) in fp32 during the agreement pass "
+              f"(int8 top-2 logit gap below {m:.3f})." for k, (r, n, m) in FALLBACK_SHARE.items() if n]
     lines += ["", "Preprocessing, per image (median of rounds over 64 photos):", "",
               "| step | ms/img |", "|---|---:|"]
     lines += [f"| {k} | {ms:.3f} |" for k, ms in pre.items()]
@@ -342,12 +351,13 @@ def main() -> None:
     recorded = run
     run, note = single_model_dir(run)
     int8, int8_pixels = run / "model.int8.onnx", run / "model.int8.pixels.onnx"
-    for path, pixels in ((int8, False), (int8_pixels, True)):
+    plain_pixels = run / "model.int8.pixels.plain.onnx"
+    for path, pixels, fallback in ((int8, False, "auto"), (int8_pixels, True, "auto"), (plain_pixels, True, "off")):
         if not path.is_file():  # as 'mpoxscope export RUN --quantize int8 [--pixel-input] --out PATH' writes it
             from mpoxscope.export.quantize import quantize_int8
 
-            print(quantize_int8(run, out_file=path, min_agreement=0.0, pixel_input=pixels).summary(),
-                  file=sys.stderr)
+            print(quantize_int8(run, out_file=path, min_agreement=0.0, pixel_input=pixels,
+                                fallback=fallback).summary(), file=sys.stderr)
     fp32_onnx = OnnxPredictor.from_run(run, threads=args.threads)
     torch_p = Predictor.from_run(run, device="cpu")
     size = torch_p.image_size
@@ -362,12 +372,15 @@ def main() -> None:
         torch_variant(torch_p, bf16=False),
         torch_variant(torch_p, bf16=True),
         onnx_variant("d", "ONNX Runtime fp32", fp32_onnx),
-        onnx_variant("e", "ONNX Runtime int8 (static QDQ, per-channel, bias-corrected, stem float)",
-                     OnnxPredictor.from_run(run, onnx_file=int8, threads=args.threads)),
+        onnx_variant("e", "ONNX Runtime int8 (static QDQ, per-channel, bias-corrected, stem float, pads folded) "
+                          "+ fp32 fallback for near ties", OnnxPredictor.from_run(run, onnx_file=int8,
+                                                                                   threads=args.threads)),
         lite_variant("f", "ONNX Runtime fp32, uint8 pixel input (Pillow resize only)",
                      LiteOnnxPredictor(fp32_pixels, args.threads)),
-        lite_variant("g", "ONNX Runtime int8, uint8 pixel input (export --quantize int8 --pixel-input)",
-                     LiteOnnxPredictor(int8_pixels, args.threads)),
+        lite_variant("g", "ONNX Runtime int8 + fp32 fallback for near ties, uint8 pixel input (export --quantize "
+                          "int8 --pixel-input)", LiteOnnxPredictor(int8_pixels, args.threads)),
+        lite_variant("i", "ONNX Runtime int8 alone, uint8 pixel input (export --quantize int8 --pixel-input "
+                          "--fallback-margin off)", LiteOnnxPredictor(plain_pixels, args.threads)),
     ]
     if note and not args.skip_recorded:
         as_recorded = Predictor.from_run(recorded, device="cpu")
@@ -392,8 +405,12 @@ def main() -> None:
     measure(variants, raws, images, range(0, 1), args.b1_reps)
     pre = preprocessing_costs(raws, images, size, mean, std, 3)
     write(pre, "\n(partial: 1 timing round, agreement pending)\n")
+    sessions = {v.key: v.session for v in variants if hasattr(v.session, "recomputed")}
+    for s in sessions.values():
+        s.rows = s.recomputed = 0
     agreement(variants, images, after_chunk=lambda n: write(pre, f"\n(partial: agreement on {n} of "
                                                                   f"{len(images)} images so far)\n"))
+    FALLBACK_SHARE.update({k: (s.recomputed, s.rows, s.margin) for k, s in sessions.items()})
     for r in range(1, args.rounds):
         write(pre, f"\n(partial: {r} of {args.rounds} timing rounds)\n")
         measure(variants, raws, images, range(r, r + 1), args.b1_reps)

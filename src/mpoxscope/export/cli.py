@@ -53,6 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "block, where int8 rounding cost the most agreement)")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="with --quantize: do not fold the mean int8 weight-rounding error into the biases")
+    p.add_argument("--fallback-margin", default="auto", metavar="auto|off|GAP",
+                   help="with --quantize: photos whose int8 top-2 logit gap is below this margin are recomputed "
+                        "by the fp32 graph, written beside the int8 file as <out>.fallback.onnx (default auto: "
+                        "1.25 x the largest int8 logit error on training images calibration did not use; off: "
+                        "plain int8)")
     p.add_argument("--min-agreement", type=float, default=0.99, metavar="F",
                    help="with --quantize: least top-1 agreement with fp32 PyTorch to write the file (default 0.99)")
     p.set_defaults(handler=run_export)
@@ -92,6 +97,7 @@ def run_export(args: argparse.Namespace) -> int:
                               calibration_count=args.calibration_count, check=args.check_images,
                               min_agreement=args.min_agreement, which=args.which,
                               method=args.calibration_method, float_first=args.float_first,
-                              bias_correction=not args.no_bias_correction, pixel_input=args.pixel_input)
+                              bias_correction=not args.no_bias_correction, pixel_input=args.pixel_input,
+                              fallback=args.fallback_margin)
         print(quant.summary())
     return 0

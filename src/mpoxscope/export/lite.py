@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 META_KEY = "mpoxscope.meta"  # as written by mpoxscope.export.onnx (not imported: that module needs torch)
@@ -107,14 +106,11 @@ class LiteOnnxPredictor:
     def __init__(self, onnx_file: str | os.PathLike, threads: int | None = None, meta: dict | None = None) -> None:
         """``meta``: the run's model.json, overriding the copy embedded at export time (e.g. after the run was
         re-calibrated)."""
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, int(threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        from mpoxscope.export.fallback import open_session
+
         self.onnx_file = Path(onnx_file)
-        self.session = ort.InferenceSession(str(onnx_file), sess_options=opts, providers=["CPUExecutionProvider"])
+        # An int8 file with an fp32 fallback (export --quantize int8) opens as a FallbackSession.
+        self.session = open_session(onnx_file, int(threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if raw is None and meta is None:
             raise ValueError(f"{onnx_file}: no embedded mpoxscope metadata (export it with 'mpoxscope export')")

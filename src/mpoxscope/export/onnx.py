@@ -93,16 +93,13 @@ def weights_sha256(path: str | os.PathLike) -> str:
 def make_session(onnx_file: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
     """A CPU ONNX Runtime session with ``threads`` intra-op threads (default: ``torch.get_num_threads()``, so
     one setting, e.g. ``OMP_NUM_THREADS``, governs both runtimes) and no inter-op parallelism (one image batch
-    is one chain of operators)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(threads or torch.get_num_threads()))
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    is one chain of operators). An int8 file exported with an fp32 fallback gives a
+    :class:`~mpoxscope.export.fallback.FallbackSession` (same interface)."""
+    from mpoxscope.export.fallback import open_session
+
     try:
-        return ort.InferenceSession(str(onnx_file), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # missing, truncated or not an ONNX file
+        return open_session(onnx_file, max(1, int(threads or torch.get_num_threads())))
+    except Exception as e:  # missing, truncated or not an ONNX file; a missing fallback companion
         raise MpoxscopeError(f"{onnx_file}: cannot load ONNX model ({type(e).__name__}: {e})") from None
 
 
