@@ -104,10 +104,14 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
         pooled = ci(unc["ci"][key]) if unc.get("ci", {}).get(key) else "n/a"
         leak = f"{pct(lf[key]['mean'])} ± {pct(lf[key]['std'])}" if lf else "n/a"
         lines.append(f"| {name} | {pct(s[key]['mean'])} ± {pct(s[key]['std'])} | {pooled} | {leak} |")
-    lines += ["", "| fold | n test | accuracy | macro-F1 | validation macro-F1 | wall (s) |",
+    lines += ["", "| fold | n test | accuracy, 95 % CI | macro-F1, 95 % CI | validation macro-F1 | wall (s) |",
               "|---|---|---|---|---|---|"]
+    fold_ci = summary.get("uncertainty", {}).get("per_fold", {})
     for r in summary["per_fold"]:
-        lines.append(f"| {r['fold']} | {r['n_images']} | {pct(r['accuracy'])} | {pct(r['f1_macro'])} | "
+        c = fold_ci.get(r["fold"], {}).get("ci", {})  # test images resampled by patient, within the fold
+        acc = ci(c["accuracy"]) if "accuracy" in c else pct(r["accuracy"])
+        f1 = ci(c["f1_macro"]) if "f1_macro" in c else pct(r["f1_macro"])
+        lines.append(f"| {r['fold']} | {r['n_images']} | {acc} | {f1} | "
                      f"{pct(r.get('validation_f1_macro'))} | {r.get('wall_time_s') or ''} |")
     if unc:
         lines += ["", f"Pooled test ECE (15 bins): {unc.get('ece', float('nan')):.3f}; AURC {unc.get('aurc', 0):.3f}."]
@@ -147,6 +151,11 @@ def main() -> int:
     wall = None
     if not args.render_only:
         cmd, wall = run_cv(data, out, args.extra)
+    else:  # keep the command and wall time recorded when this output was measured
+        recorded = HERE / "results" / f"{args.name}.json"
+        prev = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        if str(out) in prev.get("command", []):
+            cmd, wall = prev["command"], prev.get("wall_time_s")
     summary = json.loads((out / "cv_summary.json").read_text())
     for r, m in zip(summary["per_fold"], summary["per_fold"]):
         meta = json.loads((out / m["fold"] / "run" / "model.json").read_text())
