@@ -8,6 +8,7 @@ run it (fp32, the evaluation transform), once per candidate view set; the chosen
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from mpoxscope.data.splits import Fold
 from mpoxscope.engine import rundir
 from mpoxscope.engine.imagecache import build_image_cache
 from mpoxscope.engine.metrics import classification_metrics
+from mpoxscope.engine.passes import photos_per_forward, views_per_photo
 from mpoxscope.engine.predict import calibrated_softmax
 from mpoxscope.models.tta import TTA_SETS, TTAModel, resolve_views
 
@@ -46,7 +48,13 @@ def validation_images(batches, data: SampleSet, fold: Fold, image_size: int, mea
 
 
 @torch.no_grad()
-def logits_of(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 32) -> np.ndarray:
+def logits_of(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int | None = None
+              ) -> np.ndarray:
+    """Logits (N, K) of ``model`` on ``x`` (N, 3, S, S). By default in forward passes of at most
+    ``passes.FORWARD_IMAGES`` images (photos x test-time views), as the Predictor runs them: 32 photos x 8 views
+    in one pass held several GB of activations at the peak of a cross-validation, for no gain in speed."""
+    if batch_size is None:
+        batch_size = photos_per_forward(views_per_photo(SimpleNamespace(model=model)), x.shape[-1])
     model.eval()
     return torch.cat([model(x[s:s + batch_size].to(device)).float().cpu()
                       for s in range(0, len(x), batch_size)]).numpy()
