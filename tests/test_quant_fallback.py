@@ -109,6 +109,7 @@ def test_export_writes_the_int8_file_and_its_fp32_fallback(quantized):
     assert not any(n.op_type == "Pad" for n in onnx.load(str(companion)).graph.node)
     p = LiteOnnxPredictor(report.onnx_file, 1)
     assert isinstance(p.session, FallbackSession) and p.takes_pixels
+    assert p.session.get_session_options().intra_op_num_threads == 1  # engine/runtimes.py reads it
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)) for _ in range(5)]
     p.session.margin = np.inf  # every photo recomputed: exactly the fp32 companion's probabilities

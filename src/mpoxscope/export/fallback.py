@@ -50,6 +50,10 @@ class FallbackSession:
         self.fast, self.exact, self.margin = fast, exact, float(margin)
         self.rows = self.recomputed = 0  # running counts: how often the fallback ran
 
+    def __getattr__(self, name: str) -> object:
+        """Anything else (get_session_options, get_providers...) is the int8 session's."""
+        return getattr(self.fast, name)
+
     def get_inputs(self):  # noqa: ANN201 - onnxruntime's own NodeArg list
         return self.fast.get_inputs()
 

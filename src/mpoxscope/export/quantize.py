@@ -10,9 +10,10 @@ are quantised: the attention head is a sliver of the compute and its softmax is 
 Measured on the fold-1 default (EfficientNet-Lite0 + AGFN, 441 training images calibration did not use): int8
 moves the logits by 0.052 rms (fp32 ONNX: 0.001), mostly through activation rounding spread over every block:
 with every activation float (int8 weights, bias-corrected) it is 0.023, and making any single activation float
-brings it at best to 0.040. So no small set of float layers reaches 99.5 % agreement with fp32. The int8 file therefore comes with an fp32 fallback for near
-ties by default (:mod:`mpoxscope.export.fallback`), paid for by folding the graph's run-time "same" padding into
-the convolutions (:mod:`mpoxscope.export.graph`: 30 % less int8 time).
+brings it at best to 0.040. So no small set of float layers reaches 99.5 % agreement with fp32. The int8 file
+therefore comes with an fp32 fallback for near ties by default (:mod:`mpoxscope.export.fallback`), paid for by
+folding the graph's run-time "same" padding into the convolutions (:mod:`mpoxscope.export.graph`: 30 % less
+int8 time).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def _set_fallback(path: Path, margin: float, companion: Path) -> None:
 
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = FALLBACK_KEY, json.dumps({"margin": round(margin, 6), "file": companion.name})
+    entry.key, entry.value = FALLBACK_KEY, json.dumps({"margin": margin, "file": companion.name})
     onnx.save(proto, str(path))
 
 
