@@ -298,3 +298,19 @@ def test_ensemble_preset_and_backbone_means_one_model():
     assert m.backbone == "resnet18" and t.ensemble == ()
     _, t = configs_from_args(p.parse_args(["--ensemble", "none"]))
     assert t.ensemble == ()
+
+
+def test_building_a_feature_bank_leaves_the_global_rng_as_it_was(data_and_fold):
+    """Its per-image seeds must not leak into training: a run that builds its bank, one that reads it from the
+    cache file (resumed) and one given cv's shared bank must then draw the same random numbers."""
+    from mpoxscope.engine import features
+    from mpoxscope.models import create_model
+
+    data, fold = data_and_fold
+    model = create_model(SMALL, len(data.classes))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    bank = features.build_feature_bank(model, model.trunk_stop(1), data, list(fold.train[:3]), 2, 0,
+                                       AugmentConfig(), torch.device("cpu"), progress=False)
+    assert bank.views.shape[0] == 2 and torch.equal(torch.rand(3), expected)
