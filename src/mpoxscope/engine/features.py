@@ -78,40 +78,29 @@ def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices
     bar = make_progress(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=not progress)
     # The per-image seeds below reset the global RNG; restoring it afterwards makes training draw the same random
     # numbers whether the bank was built here, read from its cache file (a resumed run) or shared by cv.
+    views: list[torch.Tensor] = []
+    clean: list[torch.Tensor] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        views, clean = _bank_tensors(model, stop, data, indices, n_views, seed, (clean_tf, aug_tf), device,
-                                     batch_size, bar)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            images = [load_image(data.samples[i].path) for i in chunk]
+            clean.append(_run(model, stop, torch.stack([clean_tf(im) for im in images]), device))
+            small = [_fit_for_crops(im, size) for im in images]
+            per_view = []
+            for v in range(n_views):
+                batch = []
+                for i, im in zip(chunk, small):
+                    torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
+                    batch.append(aug_tf(im))
+                per_view.append(_run(model, stop, torch.stack(batch), device))
+            views.append(torch.stack(per_view) if per_view else torch.empty(0))
+            bar.update(len(chunk) * (n_views + 1))
     bar.close()
     model.train(trunk_was_training)
     key = bank_key(model, stop, n_views, seed, augment)
     clean_t = torch.cat(clean)
     views_t = torch.cat(views, dim=1) if n_views else clean_t.new_empty((0, *clean_t.shape))
     return FeatureBank(key, {i: r for r, i in enumerate(indices)}, views_t, clean_t)
-
-
-def _bank_tensors(model: SkinLesionNet, stop: int, data: SampleSet, indices: list, n_views: int, seed: int,
-                  transforms: tuple, device: torch.device, batch_size: int, bar) -> tuple[list, list]:
-    """The trunk's outputs per chunk of ``indices``: (augmented views (V, n, ...) per chunk, clean (n, ...) per
-    chunk)."""
-    clean_tf, aug_tf = transforms
-    size = model.config.image_size
-    views: list[torch.Tensor] = []
-    clean: list[torch.Tensor] = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        images = [load_image(data.samples[i].path) for i in chunk]
-        clean.append(_run(model, stop, torch.stack([clean_tf(im) for im in images]), device))
-        small = [_fit_for_crops(im, size) for im in images]
-        per_view = []
-        for v in range(n_views):
-            batch = []
-            for i, im in zip(chunk, small):
-                torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
-                batch.append(aug_tf(im))
-            per_view.append(_run(model, stop, torch.stack(batch), device))
-        views.append(torch.stack(per_view) if per_view else torch.empty(0))
-        bar.update(len(chunk) * (n_views + 1))
-    return views, clean
 
 
 def _run(model: SkinLesionNet, stop: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 #: Metadata key of an int8 file with a fallback: JSON {"margin": logit gap, "file": fp32 file name beside it}.
 FALLBACK_KEY = "mpoxscope.fallback"
-SHA_KEY = "mpoxscope.weights_sha256"  # as in mpoxscope.export.onnx (not imported: that module needs torch)
+SHA_KEY = "mpoxscope.weights_sha256"  # defined here, torch-free; mpoxscope.export.onnx imports it
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -51,17 +51,11 @@ class FallbackSession:
         self.rows = self.recomputed = 0  # running counts: how often the fallback ran
 
     def __getattr__(self, name: str) -> object:
-        """Anything else (get_session_options, get_providers...) is the int8 session's."""
+        """Anything else (get_inputs, get_modelmeta, get_session_options...) is the int8 session's."""
         return getattr(self.fast, name)
 
-    def get_inputs(self):  # noqa: ANN201 - onnxruntime's own NodeArg list
-        return self.fast.get_inputs()
-
-    def get_outputs(self):  # noqa: ANN201
-        return self.fast.get_outputs()[:1]
-
-    def get_modelmeta(self):  # noqa: ANN201
-        return self.fast.get_modelmeta()
+    def get_outputs(self):  # noqa: ANN201 - onnxruntime's own NodeArg list
+        return self.fast.get_outputs()[:1]  # run() returns the logits only
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray], *args: object) -> list[np.ndarray]:
         logits = self.fast.run(None, feeds)[0]

@@ -36,13 +36,14 @@ from mpoxscope.engine.checkpoint import load_inference_model, read_meta
 from mpoxscope.engine.predict import Predictor, expand_inputs
 from mpoxscope.engine.rundir import weights_sha256 as run_weights_sha256
 from mpoxscope.errors import MpoxscopeError
+from mpoxscope.export.fallback import SHA_KEY  # defined torch-free there, for the lite runtime
 from mpoxscope.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = rundir.ONNX  # the run directory's file names live in engine/rundir.py
 INPUT, OUTPUT = "image", "logits"
-META_KEY, WEIGHTS_KEY, SHA_KEY = "mpoxscope.meta", "mpoxscope.weights", "mpoxscope.weights_sha256"
+META_KEY, WEIGHTS_KEY = "mpoxscope.meta", "mpoxscope.weights"
 #: The TorchScript-based exporter handles opset 17; the dynamo exporter (onnxscript) needs 18 or later.
 DEFAULT_OPSET, DYNAMO_MIN_OPSET = 17, 18
 EXPORTERS = ("auto", "classic", "dynamo")

@@ -308,7 +308,7 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     the convolutions first (:mod:`mpoxscope.export.graph`).
     """
     from mpoxscope.engine.rundir import weights_sha256 as run_weights_sha256
-    from mpoxscope.export.onnx import ONNX_FILE, SHA_KEY, OnnxPredictor
+    from mpoxscope.export.onnx import ONNX_FILE, SHA_KEY, OnnxPredictor, make_session
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -336,10 +336,11 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     pixel_meta = meta if pixel_input else None
     try:
         with tempfile.TemporaryDirectory(prefix="mpoxscope-quant-") as tmp:
-            prepared, float_proto = _prepare(fp32_path, Path(tmp), int(fp32.image_size), batches,
-                                             fp32.session.get_inputs()[0].name, float_first, bias_correction)
+            prepared, float_graph, excluded = _prepare(fp32_path, Path(tmp), int(fp32.image_size), batches,
+                                                       fp32.session.get_inputs()[0].name, float_first,
+                                                       bias_correction)
             with atomic_path(out) as target:
-                _quantize(prepared, target, fp32.session.get_inputs()[0].name, batches, float_proto[1],
+                _quantize(prepared, target, fp32.session.get_inputs()[0].name, batches, excluded,
                           op_types, method)
                 note = (f"static QDQ int8, per-channel, {method} ranges, ops {','.join(op_types)}, first "
                         f"{float_first} convolutions float, bias correction {'on' if bias_correction else 'off'}"
@@ -347,13 +348,13 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
                         f"calibrated on {len(calib)} {calib_source}")
                 _copy_metadata(fp32_path, target, note, pixel_meta)
                 if margin != 0.0:
-                    _write_fp32_companion(float_proto[0], companion, fp32_path, pixel_meta)
+                    _write_fp32_companion(float_graph, companion, fp32_path, pixel_meta)
                     if margin is None:  # auto: from training images calibration did not use
                         images = margin_images(run_dir, {str(f) for f in run_images(run_dir, "train",
                                                                                      calibration_count)[0]})
                         margin = _auto_margin(target, companion, meta, images)
                     _set_fallback(target, margin, companion)
-                candidate = OnnxPredictor(_session(target), meta, target)
+                candidate = OnnxPredictor(make_session(target), meta, target)
                 agree, prob_diff = agreement(expected, candidate.predict_images(checks))
                 share = _share(candidate.session)
                 if not agree >= min_agreement:
@@ -398,8 +399,8 @@ def _fallback_setting(fallback: str | float) -> float | None:
 
 
 def _prepare(fp32_path: Path, tmp: Path, image_size: int, batches: list[np.ndarray], input_name: str,
-             float_first: int, bias_correction: bool) -> tuple[Path, tuple[onnx.ModelProto, list[str]]]:
-    """(graph to quantise, (float graph for the fallback, nodes kept float)): shape inference and clean-up as
+             float_first: int, bias_correction: bool) -> tuple[Path, onnx.ModelProto, list[str]]:
+    """(graph to quantise, float graph for the fallback, nodes kept float): shape inference and clean-up as
     ONNX Runtime recommends before quantising, static pads folded, then bias correction."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -415,7 +416,7 @@ def _prepare(fp32_path: Path, tmp: Path, image_size: int, batches: list[np.ndarr
     if bias_correction:
         bias_correct(proto, batches, input_name, set(excluded))
     onnx.save(proto, str(prepared))
-    return prepared, (plain, excluded)
+    return prepared, plain, excluded
 
 
 def _quantize(prepared: Path, target: Path, input_name: str, batches: list[np.ndarray], excluded: list[str],
@@ -435,12 +436,6 @@ def _auto_margin(target: Path, companion: Path, meta: dict, images: list[Image.I
     from mpoxscope.export.fallback import choose_margin
 
     return choose_margin(_logits_of(target, meta, images), _logits_of(companion, meta, images))
-
-
-def _session(path: Path):  # noqa: ANN202 - an InferenceSession or a FallbackSession
-    from mpoxscope.export.onnx import make_session
-
-    return make_session(path)
 
 
 def _share(session: object) -> float:
