@@ -152,3 +152,31 @@ def test_protocols_cli_refuses_bad_options(tmp_path, synthetic_root, capsys):
     (repo / ".git").mkdir(parents=True)
     assert main(["protocols", str(synthetic_root), "--out", str(repo / "out"), "--quick"]) == 2
     assert "inside the git repository" in capsys.readouterr().err
+
+
+def test_protocols_trains_ensembles_and_reads_the_official_row_from_cv(tmp_path, synthetic_root, capsys, one_thread):
+    """The default preset is an ensemble: protocols must train the same ensemble per fold that cv trains, and
+    ``--official-from`` must reproduce cv's own test predictions (and refuse a cv of another configuration)."""
+    from mpoxscope.cli import main
+
+    opts = ["--split-file", "none", "--folds", "2", "--preset", "tiny", "--epochs", "1", "--image-size", "96",
+            "--ensemble", "tf_efficientnet_lite0", "tf_efficientnet_lite0:1", "--quiet"]
+    cv_dir, out = tmp_path / "cv", tmp_path / "protocols"
+    assert main(["cv", str(synthetic_root), "--out", str(cv_dir), *opts]) == 0
+    assert main(["protocols", str(synthetic_root), "--out", str(out), "--protocols", "official,image-level",
+                 "--official-from", str(cv_dir), *opts]) == 0
+    report = json.loads((out / "protocols.json").read_text())
+    cv_summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    official = report["protocols"]["official"]
+    assert official["pooled"]["accuracy"]["value"] == pytest.approx(
+        cv_summary["uncertainty"]["pooled"]["ci"]["accuracy"]["value"])
+    assert official["n_test_per_fold"] == [f["n_images"] for f in cv_summary["per_fold"]]
+    assert not (out / "work" / "official").exists()  # read from cv, not trained again
+    members = out / "work" / "image-level" / "fold1" / "members"
+    assert sorted(p.name for p in members.iterdir()) == ["tf_efficientnet_lite0-seed0", "tf_efficientnet_lite0-seed1"]
+    assert "ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite0:1" in report["config"]
+    capsys.readouterr()
+    other = [o if o != "1" else "2" for o in opts]  # --epochs 2
+    assert main(["protocols", str(synthetic_root), "--out", str(tmp_path / "p2"), "--official-from", str(cv_dir),
+                 *other]) == 2
+    assert "other settings (epochs)" in capsys.readouterr().err

@@ -174,12 +174,8 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
     else:
         tf = time.perf_counter()
         data = prepared.data
-        if train_cfg.ensemble:
-            train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, fold_dir / rundir.CV_RUN,
-                           prepared.info(fold), images=images, progress=progress, log=log, banks=member_banks)
-        else:
-            train(data, fold, model_cfg, train_cfg, fold_dir / rundir.CV_RUN, prepared.info(fold), bank=bank,
-                  images=images, progress=progress, log=log)
+        train_model(data, fold, model_cfg, train_cfg, fold_dir / rundir.CV_RUN, prepared.info(fold), bank=bank,
+                    images=images, progress=progress, log=log, member_banks=member_banks)
         if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
             return None
         predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=train_cfg.device)
@@ -194,6 +190,18 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
     m["fold"] = fold.name
     m["validation"] = read_meta(fold_dir / rundir.CV_RUN).get("validation", {})
     return m
+
+
+def train_model(data, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, info: dict,
+                bank: FeatureBank | None = None, images: ImageCache | None = None, progress: bool = True, log=print,
+                member_banks: dict[str, FeatureBank] | None = None) -> None:
+    """Train what the configuration describes on one fold: an ensemble of its members when
+    ``train_cfg.ensemble`` names any, else one model (what ``cv`` and ``protocols`` both train per fold)."""
+    if train_cfg.ensemble:
+        train_ensemble(data, fold, model_cfg, train_cfg, train_cfg.ensemble, run_dir, info, images=images,
+                       progress=progress, log=log, banks=member_banks)
+    else:
+        train(data, fold, model_cfg, train_cfg, run_dir, info, bank=bank, images=images, progress=progress, log=log)
 
 
 def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_filter: LeakFilter,

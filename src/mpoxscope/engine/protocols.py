@@ -215,9 +215,9 @@ def full_runner(model_cfg, train_cfg, log: Callable[[str], None] = print) -> Run
     fold's validation part), then used to predict the test part."""
 
     def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
+        from mpoxscope.engine.cv import train_model
         from mpoxscope.engine.evaluate import predict_split
         from mpoxscope.engine.predict import Predictor
-        from mpoxscope.engine.train import train
 
         results = []
         for fold in folds:
@@ -225,13 +225,60 @@ def full_runner(model_cfg, train_cfg, log: Callable[[str], None] = print) -> Run
             info = {"dataset": f"{label} protocol", "root": str(data.root), "split_source": label,
                     "classes": data.classes, "n_train": len(fold.train), "n_validation": len(fold.validation),
                     "n_test": len(fold.test)}
-            train(data, fold, model_cfg, train_cfg, run_dir, info, progress=False, log=log)
+            # cv's own per-fold training (an ensemble when the configuration has members), so the official
+            # protocol here scores what `mpoxscope cv` scores.
+            train_model(data, fold, model_cfg, train_cfg, run_dir, info, progress=False, log=log)
             predictor = Predictor.from_run(run_dir, device=train_cfg.device)
             probs, targets, names, _ = predict_split(predictor, data, fold.test)
             results.append(FoldResult(fold.name, names, targets, probs))
         return results
 
     return run
+
+
+def cv_runner(cv_dir: str | Path) -> Runner:
+    """The official protocol read from a finished ``mpoxscope cv`` of the same configuration: each fold's saved
+    test predictions (``CV/<fold>/evaluation/predictions.csv``) instead of training it again, so the table's
+    official row is exactly cv's."""
+    from mpoxscope.engine import rundir
+    from mpoxscope.engine.screening import read_predictions_csv
+
+    cv_dir = Path(cv_dir)
+
+    def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
+        results = []
+        for fold in folds:
+            path = cv_dir / fold.name / rundir.EVALUATION / rundir.PREDICTIONS
+            pred, _ = read_predictions_csv(path, data.classes)
+            expected = sorted(data.samples[i].filename for i in fold.test)
+            if sorted(pred.names) != expected:
+                raise MpoxscopeError(f"{path}: its {len(pred.names)} test images are not {fold.name}'s "
+                                     f"{len(expected)}; was that cv run on these folds?")
+            results.append(FoldResult(fold.name, pred.names, pred.targets, pred.probs, {"from": str(path)}))
+        return results
+
+    return run
+
+
+def check_cv_config(cv_dir: str | Path, model_cfg, train_cfg) -> None:
+    """Refuse a cv output whose model or training configuration differs from this run's (device, precision
+    and loader threads aside): its official row would describe another model."""
+    from mpoxscope.config import to_dict
+    from mpoxscope.fileio import read_json
+
+    path = Path(cv_dir) / "cv_summary.json"
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as e:
+        raise MpoxscopeError(f"--official-from: {path}: cannot read a finished cv summary ({e})") from None
+    ignore = {"device", "precision", "num_workers"}
+    want = {**to_dict(model_cfg), **{k: v for k, v in to_dict(train_cfg).items() if k not in ignore}}
+    have = {**summary.get("model", {}), **{k: v for k, v in summary.get("train", {}).items() if k not in ignore}}
+    want["ensemble"] = list(want.get("ensemble") or [])
+    differ = sorted(k for k in want if k in have and have[k] != want[k])
+    if differ:
+        raise MpoxscopeError(f"--official-from: {path} was run with other settings ({', '.join(differ)}); "
+                             "pass the same preset and options")
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -280,8 +327,11 @@ def summarize_protocol(protocol: str, results: list[FoldResult], classes: list[s
 
 def run_protocols(data: SampleSet, official: list[Fold], official_source: str, out: str | Path, runner: Runner,
                   config_name: str, protocols: tuple[str, ...] = PROTOCOLS, copies: int = 5, n_folds: int = 5,
-                  seed: int = 0, command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate ``runner`` under each protocol; write protocols.json/.md/.png to ``out``; return the results."""
+                  seed: int = 0, command: str = "", log: Callable[[str], None] = print,
+                  runners: dict[str, Runner] | None = None) -> dict[str, Any]:
+    """Evaluate ``runner`` under each protocol (``runners[protocol]`` instead where given, e.g. the official
+    protocol read from a finished cv); write protocols.json/.md/.png to ``out``; return the results."""
+    runners = runners or {}
     from mpoxscope.fileio import write_bytes, write_json, write_text
 
     out = Path(out)
@@ -293,7 +343,7 @@ def run_protocols(data: SampleSet, official: list[Fold], official_source: str, o
         if protocol in LEAKY:
             log(f"*** {BANNER} *** protocol {protocol}: {_DESCRIPTION[protocol]}")
         pdata, folds = protocol_folds(protocol, data, official, out, copies, n_folds, seed, log)
-        fold_results = runner(pdata, folds, out / "work", protocol)
+        fold_results = runners.get(protocol, runner)(pdata, folds, out / "work", protocol)
         summary = summarize_protocol(protocol, fold_results, data.classes,
                                      groups if protocol == "official" else None)
         summary["split"] = official_source if protocol == "official" else \
@@ -443,6 +493,9 @@ def register(sub) -> None:
     p.add_argument("--protocols", default=",".join(PROTOCOLS),
                    help=f"comma-separated subset of {', '.join(PROTOCOLS)} (default all)")
     p.add_argument("--copies", type=int, default=5, help="augmented copies per image for augment-then-split")
+    p.add_argument("--official-from", metavar="CV_DIR",
+                   help="take the official protocol's test predictions from a finished 'mpoxscope cv' of the same "
+                        "configuration instead of training it again")
     p.add_argument("--quick", action="store_true",
                    help="frozen backbone features + logistic regression (C on validation) instead of training the "
                         "model configuration: minutes on a CPU")
@@ -468,10 +521,13 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
                              f"{', '.join(PROTOCOLS)}")
     if args.copies < 1:
         raise MpoxscopeError(f"--copies must be at least 1, got {args.copies}")
-    if getattr(args, "ensemble", None):
-        raise MpoxscopeError("--ensemble: protocols trains one model per fold; compare ensembles with 'cv'")
     _refuse_inside_repository(Path(args.out))
     model_cfg, train_cfg = configs_from_args(args)
+    official_from = getattr(args, "official_from", None)
+    if official_from and args.quick:
+        raise MpoxscopeError("--official-from reads a cv of the model configuration; it cannot stand for --quick")
+    if official_from:
+        check_cv_config(official_from, model_cfg, train_cfg)
     check_output_dir(args.out, "protocols")
     prepared = prepare(DataConfig(root=args.data, split_file=args.split_file, folds=args.folds,
                                   groups_csv=args.groups_csv), train_cfg.seed)
@@ -486,9 +542,13 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
         runner = full_runner(model_cfg, train_cfg, log=log)
         config = (f"{model_cfg.backbone} + {model_cfg.head} head, {model_cfg.image_size} px, trainable stages "
                   f"{train_cfg.trainable_stages}, {train_cfg.epochs} epochs (preset {args.preset})")
+        if train_cfg.ensemble:
+            config = (f"ensemble of {' + '.join(train_cfg.ensemble)} (AGFN heads, {model_cfg.image_size} px, "
+                      f"preset {args.preset})")
+    runners = {"official": cv_runner(official_from)} if official_from else {}
     command = "mpoxscope protocols " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     report = run_protocols(prepared.data, prepared.folds, prepared.split_source, args.out, runner, config,
-                           protocols, args.copies, args.folds, train_cfg.seed, command, log=print)
+                           protocols, args.copies, args.folds, train_cfg.seed, command, log=print, runners=runners)
     for p, r in report["protocols"].items():
         tag = f"*** {BANNER} *** " if r["leaky"] else ""
         print(f"{tag}[{p}] pooled accuracy {_ci(r['pooled']['accuracy'])} %, macro-F1 "
