@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from mpoxscope.data.samples import SampleSet
 from mpoxscope.data.splits import Fold
 from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.checkpoint import read_meta
@@ -84,7 +85,7 @@ def _mean_std(vals: list[float]) -> dict:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
 
 
-def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+def shared_bank(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
                 progress: bool = True, cache_file: Path | None = None) -> FeatureBank | None:
     """One feature bank over every image any fold trains or validates on, when the trunk is frozen (kept in
     ``cache_file`` so an interrupted cross-validation does not compute it again)."""
@@ -92,34 +93,34 @@ def shared_bank(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfi
         return None
     seed_everything(train_cfg.seed)
     device = resolve_device(train_cfg.device)
-    model = create_model(model_cfg, len(prepared.data.classes)).to(device)
+    model = create_model(model_cfg, len(data.classes)).to(device)
     stop = model.trunk_stop(train_cfg.trainable_stages)
     if stop == 0:
         return None
     needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
-    return cached_feature_bank(cache_file, model, stop, prepared.data, needed, train_cfg.cache_views, train_cfg.seed,
+    return cached_feature_bank(cache_file, model, stop, data, needed, train_cfg.cache_views, train_cfg.seed,
                                train_cfg.augment, device, progress=progress, desc="caching features (all folds)")
 
 
-def _member_banks(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
-                  out: Path, progress: bool) -> dict[str, FeatureBank]:
+def member_banks(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 out: Path, progress: bool) -> dict[str, FeatureBank]:
     """One shared feature bank per frozen-trunk ensemble member (e.g. ``tf_efficientnet_lite2@frozen``), kept in
     ``OUT/<member>.feature_cache.safetensors``: computed once for all folds instead of once per fold."""
     from mpoxscope.engine.ensemble import member_configs
 
     banks = {}
     for name, mc, tc in member_configs(train_cfg.ensemble, model_cfg, train_cfg):
-        bank = shared_bank(prepared, folds, mc, tc, progress, out / f"{name}.{FEATURE_CACHE}")
+        bank = shared_bank(data, folds, mc, tc, progress, out / f"{name}.{FEATURE_CACHE}")
         if bank is not None:
             banks[name] = bank
     return banks
 
 
-def shared_images(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
+def shared_images(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
                   progress: bool = True) -> ImageCache:
     """Every image any fold trains or validates on, decoded once for all folds (and all ensemble members)."""
     needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
-    return build_image_cache(prepared.data, needed, model_cfg.image_size, workers=train_cfg.num_workers,
+    return build_image_cache(data, needed, model_cfg.image_size, workers=train_cfg.num_workers,
                              progress_bar=progress)
 
 
@@ -133,14 +134,14 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     log(f"cross-validation: {len(prepared.data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
     todo = [f for f in folds if not (out / f.name / rundir.EVALUATION / rundir.EVAL_METRICS).is_file()]
-    bank = shared_bank(prepared, todo, model_cfg, train_cfg, progress,
+    data = prepared.data
+    bank = shared_bank(data, todo, model_cfg, train_cfg, progress,
                        out / FEATURE_CACHE) if len(todo) > 1 and not train_cfg.ensemble else None
-    images = shared_images(prepared, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
-    member_banks = _member_banks(prepared, todo, model_cfg, train_cfg, out, progress) if len(todo) > 1 else {}
+    images = shared_images(data, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
+    banks = member_banks(data, todo, model_cfg, train_cfg, out, progress) if len(todo) > 1 else {}
     per_fold, leak_free = [], []
     for fold in folds:
-        m = _run_fold(prepared, fold, out / fold.name, model_cfg, train_cfg, bank, images, progress, log,
-                      member_banks)
+        m = _run_fold(prepared, fold, out / fold.name, model_cfg, train_cfg, bank, images, progress, log, banks)
         if m is None:  # a torchrun rank other than 0
             continue
         per_fold.append(m)

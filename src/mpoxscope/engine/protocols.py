@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import io
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,31 +99,40 @@ def augment_image(img, rng: np.random.Generator):
 
 
 def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, max_side: int = 512,
-                   log: Callable[[str], None] = print) -> tuple[SampleSet, np.ndarray]:
+                   log: Callable[[str], None] = print, workers: int | None = None) -> tuple[SampleSet, np.ndarray]:
     """Write ``copies`` augmented JPEGs of every image to ``out_dir/<class>/<stem>__aug<j>.jpg`` (kept across
-    reruns: each copy is seeded by its file name) and return them as a sample set (each copy its own group)
-    with ``origin`` (M,): the index in ``data`` each copy came from."""
-    from mpoxscope.data.images import load_image
+    reruns: each copy is seeded by its file name, so threads and reruns give the same pixels) and return them as
+    a sample set (each copy its own group) with ``origin`` (M,): the index in ``data`` each copy came from."""
+    from concurrent.futures import ThreadPoolExecutor
 
     if copies < 1:
         raise MpoxscopeError(f"--copies must be at least 1, got {copies}")
-    samples, origin, written = [], [], 0
-    for i, s in enumerate(data.samples):
-        paths = [out_dir / s.label / f"{Path(s.filename).stem}__aug{j}.jpg" for j in range(copies)]
-        if not all(p.is_file() for p in paths):
-            img = load_image(s.path, max_side=max_side)
-            for j, p in enumerate(paths):
-                if p.is_file():
-                    continue
-                digest = hashlib.sha256(f"{seed}:{s.filename}:{j}".encode()).digest()
-                rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-                p.parent.mkdir(parents=True, exist_ok=True)
-                augment_image(img, rng).save(p, quality=92)
-                written += 1
-        samples += [Sample(p, s.label, p.name) for p in paths]
-        origin += [i] * copies
+    paths = [[out_dir / s.label / f"{Path(s.filename).stem}__aug{j}.jpg" for j in range(copies)]
+             for s in data.samples]
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # PIL's resampling and JPEG coding release the GIL
+        written = sum(pool.map(lambda a: _write_copies(*a, seed, max_side), zip(data.samples, paths)))
+    samples = [Sample(p, s.label, p.name) for s, ps in zip(data.samples, paths) for p in ps]
     log(f"augment-then-split: {len(samples)} augmented copies under {out_dir} ({written} written now)")
-    return SampleSet(samples, list(data.classes), out_dir), np.asarray(origin)
+    return SampleSet(samples, list(data.classes), out_dir), np.repeat(np.arange(len(data)), copies)
+
+
+def _write_copies(sample: Sample, paths: list[Path], seed: int, max_side: int) -> int:
+    """The augmented copies of one image that are not on disk yet; returns how many were written."""
+    from mpoxscope.data.images import load_image
+    from mpoxscope.fileio import atomic_path
+
+    todo = [(j, p) for j, p in enumerate(paths) if not p.is_file()]
+    if not todo:
+        return 0
+    img = load_image(sample.path, max_side=max_side)
+    for j, p in todo:
+        digest = hashlib.sha256(f"{seed}:{sample.filename}:{j}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(p) as tmp:  # a copy cut short by a kill is never taken for a finished one
+            augment_image(img, rng).save(tmp, format="JPEG", quality=92)
+    return len(todo)
 
 
 # --------------------------------------------------------------------------------------- model runners
@@ -215,10 +225,18 @@ def full_runner(model_cfg, train_cfg, log: Callable[[str], None] = print) -> Run
     fold's validation part), then used to predict the test part."""
 
     def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
-        from mpoxscope.engine.cv import train_model
+        from mpoxscope.engine.cv import member_banks, shared_bank, shared_images, train_model
         from mpoxscope.engine.evaluate import predict_split
         from mpoxscope.engine.predict import Predictor
+        from mpoxscope.engine.rundir import FEATURE_CACHE
 
+        # As in cv: images decoded once and frozen trunks run once for all folds (augment-then-split has k times
+        # the images; per-fold banks would augment and encode each copy once per fold).
+        cache_dir = work / label
+        bank = None if train_cfg.ensemble else shared_bank(data, folds, model_cfg, train_cfg, False,
+                                                           cache_dir / FEATURE_CACHE)
+        images = shared_images(data, folds, model_cfg, train_cfg, False) if bank is None else None
+        banks = member_banks(data, folds, model_cfg, train_cfg, cache_dir, False) if train_cfg.ensemble else {}
         results = []
         for fold in folds:
             run_dir = work / label / fold.name
@@ -227,7 +245,8 @@ def full_runner(model_cfg, train_cfg, log: Callable[[str], None] = print) -> Run
                     "n_test": len(fold.test)}
             # cv's own per-fold training (an ensemble when the configuration has members), so the official
             # protocol here scores what `mpoxscope cv` scores.
-            train_model(data, fold, model_cfg, train_cfg, run_dir, info, progress=False, log=log)
+            train_model(data, fold, model_cfg, train_cfg, run_dir, info, bank=bank, images=images, progress=False,
+                        log=log, member_banks=banks)
             predictor = Predictor.from_run(run_dir, device=train_cfg.device)
             probs, targets, names, _ = predict_split(predictor, data, fold.test)
             results.append(FoldResult(fold.name, names, targets, probs))
@@ -331,39 +350,54 @@ def run_protocols(data: SampleSet, official: list[Fold], official_source: str, o
                   runners: dict[str, Runner] | None = None) -> dict[str, Any]:
     """Evaluate ``runner`` under each protocol (``runners[protocol]`` instead where given, e.g. the official
     protocol read from a finished cv); write protocols.json/.md/.png to ``out``; return the results."""
-    runners = runners or {}
-    from mpoxscope.fileio import write_bytes, write_json, write_text
+    from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
 
+    runners = runners or {}
     out = Path(out)
     t_all = time.perf_counter()
     results: dict[str, Any] = {}
     groups = {s.filename: s.group for s in data.samples}
     for protocol in protocols:
-        t0 = time.perf_counter()
-        if protocol in LEAKY:
-            log(f"*** {BANNER} *** protocol {protocol}: {_DESCRIPTION[protocol]}")
-        pdata, folds = protocol_folds(protocol, data, official, out, copies, n_folds, seed, log)
-        fold_results = runners.get(protocol, runner)(pdata, folds, out / "work", protocol)
-        summary = summarize_protocol(protocol, fold_results, data.classes,
-                                     groups if protocol == "official" else None)
-        summary["split"] = official_source if protocol == "official" else \
-            f"stratified random {n_folds}-fold over {len(pdata)} images (seed {seed})"
-        if protocol == "augment-then-split":
-            summary["copies"] = copies
-        summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
-        results[protocol] = summary
+        done = out / "work" / f"{protocol}.summary.json"
+        previous = read_json(done) if done.is_file() else {}
+        if previous.get("config") == config_name and previous.get("copies", copies) == copies:
+            log(f"[{protocol}] already evaluated ({done}), not run again")
+            results[protocol] = summary = previous
+        else:
+            results[protocol] = summary = _run_protocol(protocol, data, official, official_source, out,
+                                                        runners.get(protocol, runner), copies, n_folds, seed, groups,
+                                                        log)
+            write_json(done, {**summary, "config": config_name})
         tag = f"*** {BANNER} *** " if protocol in LEAKY else ""
         log(f"{tag}[{protocol}: {summary['split']}] accuracy {100 * summary['accuracy_mean']:.2f} ± "
             f"{100 * summary['accuracy_std']:.2f} %, macro-F1 {100 * summary['f1_macro_mean']:.2f} ± "
             f"{100 * summary['f1_macro_std']:.2f} % (mean ± std over folds); pooled accuracy "
             f"{_ci(summary['pooled']['accuracy'])} %, test images per fold {_sizes(summary['n_test_per_fold'])}")
-    report = {"dataset_images": len(data), "config": config_name, "command": command, "protocols": results,
-              "arithmetic": accuracy_arithmetic(0.9981, len(data)),
-              "wall_time_s": round(time.perf_counter() - t_all, 1)}
-    write_json(out / "protocols.json", report)
-    write_bytes(out / "protocols.png", protocols_png(results, config_name))
-    write_text(out / "protocols.md", protocols_markdown(report))
+        # The table so far after every protocol: a run stopped during the next one still leaves a report.
+        report = {"dataset_images": len(data), "config": config_name, "command": command, "protocols": results,
+                  "arithmetic": accuracy_arithmetic(0.9981, len(data)),
+                  "wall_time_s": round(time.perf_counter() - t_all, 1)}
+        write_json(out / "protocols.json", report)
+        write_bytes(out / "protocols.png", protocols_png(results, config_name))
+        write_text(out / "protocols.md", protocols_markdown(report))
     return report
+
+
+def _run_protocol(protocol: str, data: SampleSet, official: list[Fold], official_source: str, out: Path,
+                  runner: Runner, copies: int, n_folds: int, seed: int, groups: dict[str, str],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if protocol in LEAKY:
+        log(f"*** {BANNER} *** protocol {protocol}: {_DESCRIPTION[protocol]}")
+    pdata, folds = protocol_folds(protocol, data, official, out, copies, n_folds, seed, log)
+    fold_results = runner(pdata, folds, out / "work", protocol)
+    summary = summarize_protocol(protocol, fold_results, data.classes, groups if protocol == "official" else None)
+    summary["split"] = official_source if protocol == "official" else \
+        f"stratified random {n_folds}-fold over {len(pdata)} images (seed {seed})"
+    if protocol == "augment-then-split":
+        summary["copies"] = copies
+    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------ arithmetic
