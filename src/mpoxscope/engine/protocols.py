@@ -456,7 +456,9 @@ def protocols_markdown(report: dict) -> str:
     lines += [f"**Dataset:** {report['dataset_images']} original images  ",
               f"**Model configuration (the same under every protocol):** {report['config']}  ",
               f"**Command:** `{report['command']}`  " if report.get("command") else "",
-              f"**Wall time:** {report['wall_time_s']:.0f} s", "",
+              f"**Wall time:** {report['wall_time_s']:.0f} s for this command; each protocol as it ran: "
+              + ", ".join(f"{p} {r['wall_time_s']:.0f} s" for p, r in report["protocols"].items()
+                          if r.get("wall_time_s") is not None), "",
               "| protocol | leak | split | test images per fold | test predictions (distinct images) | "
               "accuracy, mean ± std over folds (%) | pooled accuracy [95% CI] (%) | macro-F1, mean ± std (%) | "
               "pooled macro-F1 [95% CI] (%) |", "|---|---|---|---|---|---|---|---|---|"]
