@@ -82,6 +82,8 @@ def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, syn
     summary = cross_validate(data_cfg, SMALL, e2e, CVConfig(out=str(tmp_path / "cv")), progress=False,
                              log=lambda *_: None)
     assert summary["summary"]["n_folds"] == 2 and len(calls) == 1
+    report = (tmp_path / "cv" / "cv_report.md").read_text()
+    assert "**Model:** ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite0:1@tiny" in report
     assert (tmp_path / "cv" / "tf_efficientnet_lite0-seed1-tiny.feature_cache.safetensors").is_file()
     assert (tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed1-tiny" / "model.json").is_file()
 

@@ -303,9 +303,13 @@ def _ms(d: dict) -> str:
 def cv_report(summary: dict) -> str:
     s = summary["summary"]
     m = summary["model"]
-    lines = ["# mpoxscope cross-validation", "", f"**Protocol:** {summary['protocol']}  ",
-             f"**Model:** {m['backbone']} + {m['head']} head, {m['image_size']} px, trainable backbone stages "
-             f"{summary['train']['trainable_stages']}, cached views {summary['train']['cache_views']}  ",
+    t = summary["train"]
+    model = (f"{m['backbone']} + {m['head']} head, {m['image_size']} px, trainable backbone stages "
+             f"{t['trainable_stages']}, cached views {t['cache_views']}")
+    if t.get("ensemble"):  # the members' recipes differ from the top-level one (e.g. @frozen): name them
+        model = (f"ensemble of {' + '.join(t['ensemble'])} ({m['head']} heads, {m['image_size']} px; members "
+                 f"without @PRESET follow trainable stages {t['trainable_stages']}, cached views {t['cache_views']})")
+    lines = ["# mpoxscope cross-validation", "", f"**Protocol:** {summary['protocol']}  ", f"**Model:** {model}  ",
              f"**Wall time:** {summary['wall_time_s']:.0f} s (folds already finished are not re-run)", "",
              "| metric (test, %) | mean ± std over folds |", "|---|---|"]
     for key in SUMMARY_KEYS:
