@@ -54,6 +54,7 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     acc = u["pooled"]["ci"]["accuracy"]
     assert f"{100 * acc['value']:.1f} [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]" in report
     assert (tmp_path / "cv" / "reliability.png").is_file() and "pooled_validation_temperature" in u
+    _assert_validation_reused_and_exact(tmp_path / "cv", data_cfg, "fold2")
 
     # resume: fold1 and fold2 are skipped; fold3 is re-evaluated from its finished run without retraining
     (tmp_path / "cv" / "fold3" / "evaluation" / "metrics.json").unlink()
@@ -84,8 +85,28 @@ def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, syn
     assert summary["summary"]["n_folds"] == 2 and len(calls) == 1
     report = (tmp_path / "cv" / "cv_report.md").read_text()
     assert "**Model:** ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite0:1@tiny" in report
+    _assert_validation_reused_and_exact(tmp_path / "cv", data_cfg)
     assert (tmp_path / "cv" / "tf_efficientnet_lite0-seed1-tiny.feature_cache.safetensors").is_file()
     assert (tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed1-tiny" / "model.json").is_file()
+
+
+def _assert_validation_reused_and_exact(cv_dir, data_cfg, fold="fold1"):
+    """cv's validation predictions come from the run (no second scoring) and equal the Predictor's own."""
+    from mpoxscope.engine.evaluate import predict_split
+    from mpoxscope.engine.finish import load_validation_probs
+    from mpoxscope.engine.predict import Predictor
+    from mpoxscope.engine.runner import prepare
+    from mpoxscope.engine.screening import read_predictions_csv
+
+    assert (cv_dir / fold / "run" / "validation_probs.npz").is_file()
+    prepared = prepare(data_cfg, 0)
+    f = next(x for x in prepared.folds if x.name == fold)
+    predictor = Predictor.from_run(cv_dir / fold / "run", device="cpu")
+    probs, _, names, _ = predict_split(predictor, prepared.data, f.validation)
+    assert load_validation_probs(predictor.run_dir, names, predictor.meta) is not None  # what cv used
+    saved, _ = read_predictions_csv(cv_dir / fold / "validation" / "predictions.csv")
+    assert saved.names == names
+    np.testing.assert_allclose(saved.probs, probs, atol=1e-5)
 
 
 def test_feature_cache_reports_progress_outside_a_terminal(synthetic_root, capsys):

@@ -180,9 +180,10 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
         if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
             return None
         predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=train_cfg.device)
-        # Validation predictions (what screening and pooled calibration are fitted on), then test, once.
+        # Validation predictions (what screening and pooled calibration are fitted on; those the training run
+        # already computed when it chose views and calibration), then test, once.
         evaluate(predictor, data, fold.validation, fold_dir / rundir.VALIDATION,
-                 _protocol(prepared, fold, "validation"))
+                 _protocol(prepared, fold, "validation"), predictions=_validation_predictions(data, fold, predictor))
         m = evaluate(predictor, data, fold.test, fold_dir / rundir.EVALUATION, _protocol(prepared, fold))
         m["wall_time_s"] = round(time.perf_counter() - tf, 1)
         write_json(done, {**m, "fold": fold.name})
@@ -203,6 +204,18 @@ def train_model(data, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig
                        progress=progress, log=log, banks=member_banks)
     else:
         train(data, fold, model_cfg, train_cfg, run_dir, info, bank=bank, images=images, progress=progress, log=log)
+
+
+def _validation_predictions(data, fold: Fold, predictor: Predictor) -> tuple | None:
+    """The run's own calibrated validation probabilities, as :func:`evaluate` takes them; None for runs that did
+    not keep them (older ones), which are then scored again."""
+    from mpoxscope.engine.finish import load_validation_probs
+
+    names = [data.samples[i].filename for i in fold.validation]
+    probs = load_validation_probs(predictor.run_dir, names, predictor.meta)
+    if probs is None:
+        return None
+    return probs, np.array([data.targets[i] for i in fold.validation]), names, []
 
 
 def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_filter: LeakFilter,

@@ -21,7 +21,7 @@ from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.checkpoint import load_inference_model, read_meta, write_meta
 from mpoxscope.engine.device import resolve_device
 from mpoxscope.engine.features import FeatureBank
-from mpoxscope.engine.finish import brief, logits_of, protocol, scored, screening_block
+from mpoxscope.engine.finish import brief, logits_of, protocol, save_validation_probs, scored, screening_block
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import calibrated_softmax
 from mpoxscope.engine.train import TrainResult, train
@@ -118,9 +118,10 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
                           "members": {n: brief(v) for n, v in member_val.items()}}
     # Always the ensemble's temperature: chosen on validation (benchmarks/results/calibration.md)
     meta["calibration"] = calibrate(logits, targets, methods=ENSEMBLE_METHODS)
-    meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
-                                        data.classes, train_cfg, protocol(data_info, "validation"),
+    probs = calibrated_softmax(torch.as_tensor(logits), meta["calibration"])
+    meta["screening"] = screening_block(probs, targets, data.classes, train_cfg, protocol(data_info, "validation"),
                                         [data.groups[i] for i in fold.validation])
+    save_validation_probs(run_dir, [data.samples[i].filename for i in fold.validation], probs, meta)
     write_meta(run_dir, meta)
     write_json(run_dir / rundir.STATE, {"status": "finished", "members": names})
     return meta

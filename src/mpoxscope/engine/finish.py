@@ -104,10 +104,42 @@ def finish_run(run_dir: Path, model, batches, stop: int, data: SampleSet, fold: 
     meta["validation"] = {**brief(val), "epoch": best_epoch, "tta": name,
                           "protocol": protocol(meta.get("data", {}), "validation")}
     meta["calibration"] = calibrate(logits, targets)
-    meta["screening"] = screening_block(calibrated_softmax(torch.as_tensor(logits), meta["calibration"]), targets,
-                                        data.classes, cfg, protocol(meta.get("data", {}), "validation"),
+    probs = calibrated_softmax(torch.as_tensor(logits), meta["calibration"])
+    meta["screening"] = screening_block(probs, targets, data.classes, cfg, protocol(meta.get("data", {}), "validation"),
                                         [data.groups[i] for i in fold.validation])
+    save_validation_probs(run_dir, [data.samples[i].filename for i in fold.validation], probs, meta)
     return meta
+
+
+def _outputs_digest(meta: dict) -> str:
+    """What a model's probabilities depend on beyond its weights file: views and calibration."""
+    import hashlib
+    import json
+
+    blob = json.dumps({k: meta.get(k) for k in ("tta", "calibration", "members")}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_validation_probs(run_dir: Path, names: list[str], probs: np.ndarray, meta: dict) -> None:
+    """Keep the calibrated validation probabilities (N, K) computed here: the fp32 model, its views and the same
+    decoded pixels as the Predictor (max |dp| 2e-6 on MSLD fold 1), so ``cv`` need not score them again."""
+    from mpoxscope.fileio import atomic_path
+
+    with atomic_path(Path(run_dir) / rundir.VALIDATION_PROBS) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, names=np.asarray(names, dtype=str), probs=np.asarray(probs, dtype=np.float64),
+                 digest=np.asarray(_outputs_digest(meta)))
+
+
+def load_validation_probs(run_dir: Path, names: list[str], meta: dict) -> np.ndarray | None:
+    """The saved validation probabilities when they belong to ``names`` (in order) and to this model.json's views
+    and calibration; else None (an older run, or a run recalibrated since)."""
+    try:
+        with np.load(Path(run_dir) / rundir.VALIDATION_PROBS, allow_pickle=False) as z:
+            if list(z["names"]) != list(names) or str(z["digest"]) != _outputs_digest(meta):
+                return None
+            return z["probs"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def screening_block(probs: np.ndarray, targets: np.ndarray, classes: list[str], cfg: TrainConfig,

@@ -42,6 +42,9 @@ STATE = "train_state.json"
 MEMBERS = "members"
 #: Outputs of a frozen trunk, keyed by everything they depend on (reused by a resumed run or a rerun).
 FEATURE_CACHE = "feature_cache.safetensors"
+#: The finished model's calibrated validation probabilities, as the Predictor gives them (cv reads them instead of
+#: scoring the validation part a second time).
+VALIDATION_PROBS = "validation_probs.npz"
 ONNX = "model.onnx"
 INT8 = "model.int8.onnx"
 #: An evaluation folder (``evaluate``, and each cv fold) holds these two files, among its report and plots.
