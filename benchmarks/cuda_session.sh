@@ -2,9 +2,9 @@
 # One GPU session (about 9 minutes on one H100/H200) for the measurements a CPU cannot make in time:
 #   A. the default's 5-fold cv on the official folds, alone on the GPU, timed (issue 8: "under 5 minutes, GPU-bound"),
 #      with GPU utilisation sampled every 0.5 s;
-#   B. the default configuration under the two LEAKY protocols (image-level; augment-then-split with --copies
-#      COPIES), two processes side by side on the same GPU, then one protocols table whose official row is A's
-#      test predictions (--official-from), assembled from the finished protocol summaries (issue 9).
+#   B. the default configuration under the two LEAKY protocols (image-level, then augment-then-split with --copies
+#      COPIES), then one protocols table whose official row is A's test predictions (--official-from), assembled
+#      from the finished protocol summaries (issue 9).
 # Nothing new starts after DEADLINE seconds; running steps are stopped then, and what finished is packed.
 # Needs mpoxscope importable (PYTHONPATH=src) and its wheels (.whl/, see benchmarks/results/cuda.md); writes logs
 # and tar.gz files of the reports (no weights, no images) to $OUT.
@@ -41,15 +41,16 @@ stamp "A: rc=$? wall $((SECONDS - s)) s"
 pack cv_default
 
 P=(protocols "$DATA" --split-file "$SPLIT" --device "$DEVICE" --workers 8 --copies "$COPIES" "${EXTRA[@]}")
-stamp "B: image-level and augment-then-split (copies $COPIES) side by side"
+# One after the other: side by side (2026-11-26) both sat in their frozen member's PIL-augmented feature bank, one
+# CPU thread each, with the GPU idle, and neither finished.
+stamp "B: image-level"
 s=$SECONDS
-timeout --signal=INT "$(left)" "${MS[@]}" "${P[@]}" --protocols image-level --out "$W/p_il" > "$OUT/b_il.log" 2>&1 &
-IL=$!
+timeout --signal=INT "$(left)" "${MS[@]}" "${P[@]}" --protocols image-level --out "$W/p_il" > "$OUT/b_il.log" 2>&1
+stamp "B: image-level rc=$? wall $((SECONDS - s)) s"
+s=$SECONDS
 timeout --signal=INT "$(left)" "${MS[@]}" "${P[@]}" --protocols augment-then-split --out "$W/protocols" \
     > "$OUT/b_ats.log" 2>&1
-stamp "B: augment-then-split rc=$? wall $((SECONDS - s)) s"
-wait $IL
-stamp "B: image-level rc=$? wall $((SECONDS - s)) s"
+stamp "B: augment-then-split (copies $COPIES) rc=$? wall $((SECONDS - s)) s"
 mkdir -p "$W/protocols/work"
 cp "$W"/p_il/work/*.summary.json "$W/protocols/work/" 2>/dev/null
 # One table of what finished (a protocol without its summary would be run again here: leave it out).
