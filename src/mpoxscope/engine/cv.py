@@ -124,6 +124,18 @@ def shared_images(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, tr
                              progress_bar=progress)
 
 
+def shared_inputs(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
+                  progress: bool = True) -> tuple[FeatureBank | None, ImageCache | None, dict[str, FeatureBank]]:
+    """What the folds still to train share, computed once: the frozen trunk's feature bank (one model), else the
+    decoded images, and each frozen-trunk ensemble member's bank (caches kept under ``out``)."""
+    several = len(folds) > 1
+    bank = shared_bank(data, folds, model_cfg, train_cfg, progress,
+                       out / FEATURE_CACHE) if several and not train_cfg.ensemble else None
+    images = shared_images(data, folds, model_cfg, train_cfg, progress) if bank is None and folds else None
+    banks = member_banks(data, folds, model_cfg, train_cfg, out, progress) if several else {}
+    return bank, images, banks
+
+
 def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, cv: CVConfig,
                    leak_filter: LeakFilter | None = None, progress: bool = True, log=print) -> dict:
     """Run every fold; returns the summary dict that is also written to ``OUT/cv_summary.json``."""
@@ -134,11 +146,7 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     log(f"cross-validation: {len(prepared.data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
     todo = [f for f in folds if not (out / f.name / rundir.EVALUATION / rundir.EVAL_METRICS).is_file()]
-    data = prepared.data
-    bank = shared_bank(data, todo, model_cfg, train_cfg, progress,
-                       out / FEATURE_CACHE) if len(todo) > 1 and not train_cfg.ensemble else None
-    images = shared_images(data, todo, model_cfg, train_cfg, progress) if bank is None and todo else None
-    banks = member_banks(data, todo, model_cfg, train_cfg, out, progress) if len(todo) > 1 else {}
+    bank, images, banks = shared_inputs(prepared.data, todo, model_cfg, train_cfg, out, progress)
     per_fold, leak_free = [], []
     for fold in folds:
         m = _run_fold(prepared, fold, out / fold.name, model_cfg, train_cfg, bank, images, progress, log, banks)

@@ -225,18 +225,13 @@ def full_runner(model_cfg, train_cfg, log: Callable[[str], None] = print) -> Run
     fold's validation part), then used to predict the test part."""
 
     def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
-        from mpoxscope.engine.cv import member_banks, shared_bank, shared_images, train_model
+        from mpoxscope.engine.cv import shared_inputs, train_model
         from mpoxscope.engine.evaluate import predict_split
         from mpoxscope.engine.predict import Predictor
-        from mpoxscope.engine.rundir import FEATURE_CACHE
 
         # As in cv: images decoded once and frozen trunks run once for all folds (augment-then-split has k times
         # the images; per-fold banks would augment and encode each copy once per fold).
-        cache_dir = work / label
-        bank = None if train_cfg.ensemble else shared_bank(data, folds, model_cfg, train_cfg, False,
-                                                           cache_dir / FEATURE_CACHE)
-        images = shared_images(data, folds, model_cfg, train_cfg, False) if bank is None else None
-        banks = member_banks(data, folds, model_cfg, train_cfg, cache_dir, False) if train_cfg.ensemble else {}
+        bank, images, banks = shared_inputs(data, folds, model_cfg, train_cfg, work / label, False)
         results = []
         for fold in folds:
             run_dir = work / label / fold.name
@@ -579,8 +574,8 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
         config = (f"{model_cfg.backbone} + {model_cfg.head} head, {model_cfg.image_size} px, trainable stages "
                   f"{train_cfg.trainable_stages}, {train_cfg.epochs} epochs (preset {args.preset})")
         if train_cfg.ensemble:
-            config = (f"ensemble of {' + '.join(train_cfg.ensemble)} (AGFN heads, {model_cfg.image_size} px, "
-                      f"preset {args.preset})")
+            config = (f"ensemble of {' + '.join(train_cfg.ensemble)} ({model_cfg.head.upper()} heads, "
+                      f"{model_cfg.image_size} px, preset {args.preset})")
     runners = {"official": cv_runner(official_from)} if official_from else {}
     command = "mpoxscope protocols " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     report = run_protocols(prepared.data, prepared.folds, prepared.split_source, args.out, runner, config,
