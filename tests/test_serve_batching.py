@@ -57,14 +57,15 @@ def test_batcher_groups_waiting_items_and_keeps_order():
 
 def test_batcher_waits_briefly_for_company():
     sizes: list[int] = []
-    b = MicroBatcher(lambda items: sizes.append(len(items)) or list(items), max_batch=8, max_wait_s=0.3)
+    # a wide window (1 s for a 0.05 s gap) so a loaded CI machine does not split the pair
+    b = MicroBatcher(lambda items: sizes.append(len(items)) or list(items), max_batch=8, max_wait_s=1.0)
     first = b.submit("a")
     time.sleep(0.05)
     second = b.submit("b")  # arrives within the wait window: same batch
     assert first.result(5)[0] == "a" and second.result(5)[0] == "b"
     t0 = time.perf_counter()
-    b.submit("c").result(5)  # alone: runs after at most the wait
-    assert time.perf_counter() - t0 < 2.0
+    b.submit("c").result(10)  # alone: runs after the wait, not never
+    assert time.perf_counter() - t0 < 5.0
     b.close()
     assert sizes == [2, 1]
 
