@@ -107,6 +107,22 @@ def test_end_to_end_run_stores_tta_and_predictor_reproduces_validation(tmp_path,
     assert [r["epoch"] for r in records] == [1, 2, 3]
 
 
+def test_weight_average_is_what_is_validated_kept_and_predicted(tmp_path, data_and_fold):
+    """With --ema-decay the averaged network is selected and saved (best/last), not the raw training weights,
+    and the Predictor reproduces the validation score from it; mixed batches train through the same path."""
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, tta="none", **EMA_MIX)
+    result = train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    ckpt = torch.load(tmp_path / "run" / rundir.RESUME, map_location="cpu", weights_only=True)
+    last = load_file(str(tmp_path / "run" / rundir.LAST))
+    key = "head.classifier.weight" if "head.classifier.weight" in last else next(iter(last))
+    assert torch.equal(last[key], ckpt["ema"][key]) and not torch.equal(last[key], ckpt["model"][key])
+    predictor = Predictor.from_run(tmp_path / "run", device="cpu")
+    probs = predictor.predict_images([load_image(data.samples[i].path) for i in fold.validation])
+    targets = np.array([data.targets[i] for i in fold.validation])
+    assert abs(float(np.mean(probs.argmax(1) == targets)) - result.validation["accuracy"]) < 1e-9
+
+
 @pytest.mark.parametrize("stages", [3])
 def test_partial_finetune_on_images_keeps_the_trunk_frozen(tmp_path, data_and_fold, stages):
     """Frozen stages on the image path (no cache) run without gradients: their weights do not move."""
@@ -125,10 +141,16 @@ class _Kill(Exception):
     pass
 
 
-@pytest.mark.parametrize("where", ["after_best", "after_resume_file", "before_finish"])
-def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, data_and_fold, monkeypatch, where):
+#: The recipe-search regularisers: a weight average and mixed batches (their draws must resume exactly too).
+EMA_MIX = dict(ema_decay=0.99, mixup=0.4, cutmix=1.0)
+
+
+@pytest.mark.parametrize("where,extra", [("after_best", {}), ("after_resume_file", {}), ("before_finish", {}),
+                                         ("after_best", EMA_MIX), ("after_resume_file", EMA_MIX)])
+def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, data_and_fold, monkeypatch, where,
+                                                                     extra):
     data, fold = data_and_fold
-    cfg = dataclasses.replace(E2E, tta="none")
+    cfg = dataclasses.replace(E2E, tta="none", **extra)
     train(data, fold, SMALL, cfg, tmp_path / "ref", progress=False)
 
     calls = {"n": 0}
@@ -139,17 +161,20 @@ def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, da
         calls["n"] += 1
         raise _Kill
 
-    def commit_then_kill(run_dir, model, optimizer, scheduler, state):  # resume.pt of epoch 2 written, rest not
+    def commit_then_kill(run_dir, model, optimizer, scheduler, state, ema=None):  # resume.pt of epoch 2 only
         if state.epoch == 2:
             from mpoxscope.fileio import atomic_path
 
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "rng": {"cpu": torch.get_rng_state()},
+                       "epoch": state.epoch, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
+                       "best_score": list(state.best_score), "history": json.dumps(state.history)}
+            if ema is not None:
+                payload["ema"] = ema.module.state_dict()
             with atomic_path(run_dir / rundir.RESUME) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": {"cpu": torch.get_rng_state()},
-                            "epoch": state.epoch, "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
-                            "best_score": list(state.best_score), "history": json.dumps(state.history)}, tmp)
+                torch.save(payload, tmp)
             raise _Kill
-        real_commit(run_dir, model, optimizer, scheduler, state)
+        real_commit(run_dir, model, optimizer, scheduler, state, ema=ema)
 
     def kill_before_finish(*a, **k):
         raise _Kill

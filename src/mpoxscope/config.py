@@ -54,6 +54,9 @@ class TrainConfig:
     num_workers: int = 2  # threads decoding images into the in-memory cache
     skip_bad_images: bool = False
     layer_decay: float = 1.0  # backbone lr multiplier per stage, from the last stage down (1 = none)
+    ema_decay: float = 0.0  # exponential moving average of the weights, validated and kept (0 = off)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup (0 = off)
+    cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix (0 = off); with mixup, one of the two per batch
     tta: str = "auto"  # test-time views: "auto" (chosen on validation) | "none" | "flips" | "d4"
     screen_class: str = "Mpox"  # the class the screening rule must catch
     screen_sensitivity: float = 0.90  # its target sensitivity, met on validation

@@ -43,6 +43,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--layer-decay", type=float,
                    help="backbone learning-rate factor per stage, from the last stage down (default 1: none)")
+    g.add_argument("--ema-decay", type=float, metavar="D",
+                   help="validate, select and keep an exponential moving average of the weights (timm ModelEmaV3 "
+                        "with warm-up; e.g. 0.999; default 0: off)")
+    g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (default 0: off)")
+    g.add_argument("--cutmix", type=float, metavar="ALPHA",
+                   help="CutMix with Beta(ALPHA, ALPHA) (default 0: off); with --mixup, one of the two per batch")
     g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
                    help="test-time views stored with the model: auto (default) picks none, flips (identity + "
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
@@ -140,6 +146,11 @@ def check_train_options(model_cfg, train_cfg) -> None:
             raise MpoxscopeError(f"--{name.replace('_', '-')}: must be at least 1")
     if train_cfg.cache_views < 0:
         raise MpoxscopeError("--cache-views: must be 0 (no cache) or more")
+    if not 0 <= train_cfg.ema_decay < 1:
+        raise MpoxscopeError(f"--ema-decay: must be in [0, 1) (0: off), got {train_cfg.ema_decay}")
+    for name in ("mixup", "cutmix"):
+        if getattr(train_cfg, name) < 0:
+            raise MpoxscopeError(f"--{name}: must be 0 (off) or a positive Beta alpha, got {getattr(train_cfg, name)}")
     if model_cfg.image_size < 32:
         raise MpoxscopeError("--image-size: must be at least 32")
     if model_cfg.d_model % model_cfg.num_heads:

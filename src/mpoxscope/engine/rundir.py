@@ -99,8 +99,10 @@ def start(run_dir: Path, meta: dict) -> None:
     write_json(run_dir / STATE, {"status": "running", "epochs_run": 0, "best_epoch": 0})
 
 
-def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state) -> None:
-    """Make the epoch that just ended durable: one atomic replace of ``resume.pt``, then the derived files."""
+def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, state,
+                 ema: torch.nn.Module | None = None) -> None:
+    """Make the epoch that just ended durable: one atomic replace of ``resume.pt``, then the derived files.
+    ``ema`` (timm ModelEmaV3): its average is kept in ``resume.pt`` and is what ``last.safetensors`` holds."""
     import torch
 
     rng = {"cpu": torch.get_rng_state()}
@@ -110,14 +112,17 @@ def commit_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, st
                "scheduler": scheduler.state_dict(), "rng": rng, "epoch": state.epoch,
                "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
                "best_score": list(state.best_score), "history": json.dumps(state.history)}
+    if ema is not None:
+        payload["ema"] = ema.module.state_dict()
     with atomic_path(run_dir / RESUME) as tmp:
         torch.save(payload, tmp)
     write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
-    save_weights(model, run_dir / LAST)
+    save_weights(ema.module if ema is not None else model, run_dir / LAST)
     write_json(run_dir / STATE, {"status": "running", "epochs_run": state.epoch, "best_epoch": state.best_epoch})
 
 
-def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, write: bool = True):
+def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, write: bool = True,
+               ema: torch.nn.Module | None = None):
     """Restore the last committed epoch into ``model``/``optimizer``/``scheduler`` and the RNG; returns the
     progress record (:class:`Progress`). A file that is not what :func:`commit_epoch` writes is refused
     with one line."""
@@ -129,6 +134,8 @@ def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, writ
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

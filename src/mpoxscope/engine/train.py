@@ -34,6 +34,7 @@ from mpoxscope.engine.features import FeatureBank, cached_feature_bank
 from mpoxscope.engine.finish import finish_run
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.metrics import classification_metrics
+from mpoxscope.engine.mixing import BatchMixer, weight_average
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import read_json, write_json
 from mpoxscope.models.factory import SkinLesionNet, create_model
@@ -151,22 +152,30 @@ def _train_step(model: SkinLesionNet, start: int, stop: int, device: torch.devic
 
 
 def _train_epoch(model: SkinLesionNet, step: nn.Module, batches, stop: int, optimizer, scheduler,
-                 criterion: nn.Module, cfg: TrainConfig, device: torch.device, precision: str) -> dict:
+                 criterion: nn.Module, cfg: TrainConfig, device: torch.device, precision: str,
+                 epoch: int = 0, ema=None) -> dict:
+    """One pass over the training part; ``ema`` (timm ModelEmaV3) is updated after every optimiser step.
+    Training accuracy counts mixed batches against their first labels."""
     model.train()
     for stage in model.stages[:stop]:
         stage.eval()  # frozen stages keep their BatchNorm statistics
+    mixer = BatchMixer.from_config(cfg)
+    rng = BatchMixer.generator(cfg.seed, epoch, distributed.context().rank) if mixer else None
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in batches.train_epoch():
         x, y = x.to(device), y.to(device)
+        mixed = mixer(x, y, rng) if mixer else None
         with autocast(device, precision):
-            logits = step(x)
-            loss = criterion(logits.float(), y)
+            logits = step(mixed.x if mixed else x)
+            loss = mixed.loss(criterion, logits.float()) if mixed else criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model, step=scheduler.last_epoch)
         loss_sum += float(loss.detach()) * len(y)
         total += len(y)
         correct += int((logits.argmax(1) == y).sum())
@@ -254,7 +263,7 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
         raise MpoxscopeError(f"{fold.name}: empty training or validation part")
     r = _Setup.build(run_dir, data, fold, model_cfg, train_cfg, data_info, bank, images, device, precision,
                      progress and ctx.is_main, ctx)
-    state = _start_or_resume(run_dir, r.model, r.optimizer, r.scheduler, r.meta, resume, log, ctx)
+    state = _start_or_resume(run_dir, r.model, r.optimizer, r.scheduler, r.meta, resume, log, ctx, r.ema)
     for epoch in range(state.epoch + 1, train_cfg.epochs + 1):
         if state.bad_epochs >= train_cfg.patience:
             break
@@ -289,6 +298,12 @@ class _Setup:
     device: torch.device
     precision: str
     ctx: distributed.Context
+    ema: nn.Module | None = None  # timm ModelEmaV3 when cfg.ema_decay > 0
+
+    @property
+    def evaluated(self) -> SkinLesionNet:
+        """The network that is validated, selected and saved: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     @classmethod
     def build(cls, run_dir: Path, data: SampleSet, fold: Fold, model_cfg: ModelConfig, cfg: TrainConfig,
@@ -311,7 +326,8 @@ class _Setup:
                                                      "cached": bank is not None, "precision": precision,
                                                      "processes": ctx.world_size})
         step = _train_step(model, batches.start, stop, device, ctx)
-        return cls(model, step, stop, batches, criterion, optimizer, scheduler, meta, device, precision, ctx)
+        return cls(model, step, stop, batches, criterion, optimizer, scheduler, meta, device, precision, ctx,
+                   weight_average(model, cfg))
 
 
 def _one_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, data: SampleSet, cfg: TrainConfig,
@@ -320,18 +336,18 @@ def _one_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, data: Sam
     te = time.perf_counter()
     r.batches.set_epoch(epoch)
     record = _train_epoch(r.model, r.step, r.batches, r.stop, r.optimizer, r.scheduler, r.criterion, cfg, r.device,
-                          r.precision)
-    val, _, _ = validate(r.model, r.batches, r.stop, data.classes, r.device, r.precision)
+                          r.precision, epoch, r.ema)
+    val, _, _ = validate(r.evaluated, r.batches, r.stop, data.classes, r.device, r.precision)
     improved = _update_best(state, epoch, val)
     if improved and r.ctx.is_main:
-        save_weights(r.model, run_dir / rundir.BEST)
+        save_weights(r.evaluated, run_dir / rundir.BEST)
     record = {"epoch": epoch, **record, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
               "val_f1_macro": val["f1_macro"], "lr": r.scheduler.get_last_lr()[0],
               "seconds": round(time.perf_counter() - te, 2), "best": improved}
     state.epoch = epoch
     state.history.append(record)
     if r.ctx.is_main:
-        rundir.commit_epoch(run_dir, r.model, r.optimizer, r.scheduler, state)
+        rundir.commit_epoch(run_dir, r.model, r.optimizer, r.scheduler, state, ema=r.ema)
     distributed.barrier()
     if log is not None:
         log(f"epoch {epoch:3d}/{cfg.epochs}  train loss {record['train_loss']:.3f} "
@@ -355,10 +371,10 @@ def _finished_result(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConf
 
 
 def _start_or_resume(run_dir: Path, model, optimizer, scheduler, meta: dict, resume: bool, log,
-                     ctx: distributed.Context = distributed.Context()) -> _Progress:
+                     ctx: distributed.Context = distributed.Context(), ema=None) -> _Progress:
     if resume and (run_dir / rundir.RESUME).is_file():
         _check_same_config(run_dir, meta)
-        state = rundir.load_epoch(run_dir, model, optimizer, scheduler, write=ctx.is_main)
+        state = rundir.load_epoch(run_dir, model, optimizer, scheduler, write=ctx.is_main, ema=ema)
         log(f"resuming {run_dir} after epoch {state.epoch}")
         distributed.barrier()
         return state
