@@ -114,12 +114,36 @@ def test_run_protocols_report_flags_leaky_rows(tmp_path):
     assert res["augment-then-split"]["pooled"]["accuracy"]["value"] > 0.9  # siblings seen: near perfect
     assert res["augment-then-split"]["n_test_total"] == 72 and not res["official"]["leaky"]
     assert "18 images" in res["official"]["pooled"]["method"]  # one image per patient here: images = patients
+    # The breakdown isolates the leak: right on every copy whose sibling was trained on, wrong on the others.
+    sib = res["augment-then-split"]["siblings"]
+    assert sib["in_training"]["accuracy"] == 1.0 and sib["not_in_training"]["accuracy"] in (None, 0.0)
+    assert sib["in_training"]["n"] + sib["not_in_training"]["n"] == 72 and sib["in_training"]["n"] > 36
+    rows = (tmp_path / "out" / "work" / "augment-then-split.predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("fold,filename,true,predicted,") and len(rows) == 73
+    assert "Where augment-then-split's score comes from" in (tmp_path / "out" / "protocols.md").read_text()
     md = (tmp_path / "out" / "protocols.md").read_text()
     assert md.count(f"LEAKY — {BANNER}") == 2 and "none (patient-level)" in md
     assert "at least **513**" in md and "at least **1026**" in md and "mpoxscope protocols DATA" in md
     assert sum(BANNER in line for line in logs) >= 4  # every leaky protocol's lines say so
     assert (tmp_path / "out" / "protocols.png").stat().st_size > 1000
     assert json.loads((tmp_path / "out" / "protocols.json").read_text())["config"] == "memorizer"
+
+
+def test_sibling_breakdown_by_hand():
+    """Two test copies: one whose sibling is in training (predicted right), one whose sibling is only in
+    validation (predicted wrong); a third original's copies are all in training."""
+    from mpoxscope.data.splits import Fold
+    from mpoxscope.engine.protocols import origin_name, sibling_breakdown
+
+    names = ["a__aug0.jpg", "a__aug1.jpg", "b__aug0.jpg", "b__aug1.jpg", "c__aug0.jpg", "c__aug1.jpg"]
+    data = SampleSet([Sample(Path(n), CLASSES[0], n) for n in names], CLASSES)
+    assert origin_name("P01_2__aug13.jpg") == "P01_2"
+    fold = Fold("fold1", train=(0, 4, 5), validation=(2,), test=(1, 3))
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])  # a__aug1 right, b__aug1 wrong
+    result = FoldResult("fold1", ["a__aug1.jpg", "b__aug1.jpg"], np.array([0, 0]), probs)
+    sib = sibling_breakdown(data, [fold], [result])
+    assert sib["in_training"] == {"n": 1, "share": 0.5, "accuracy": 1.0}
+    assert sib["not_in_training"] == {"n": 1, "share": 0.5, "accuracy": 0.0}
 
 
 def test_accuracy_arithmetic():

@@ -117,6 +117,11 @@ def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, m
     return SampleSet(samples, list(data.classes), out_dir), np.repeat(np.arange(len(data)), copies)
 
 
+def origin_name(copy_name: str) -> str:
+    """The stem of the original image an augmented copy (``<stem>__aug<j>.jpg``) was made from."""
+    return copy_name.rsplit("__aug", 1)[0]
+
+
 def _write_copies(sample: Sample, paths: list[Path], seed: int, max_side: int) -> int:
     """The augmented copies of one image that are not on disk yet; returns how many were written."""
     from mpoxscope.data.images import load_image
@@ -384,15 +389,52 @@ def _run_protocol(protocol: str, data: SampleSet, official: list[Fold], official
     t0 = time.perf_counter()
     if protocol in LEAKY:
         log(f"*** {BANNER} *** protocol {protocol}: {_DESCRIPTION[protocol]}")
+    from mpoxscope.fileio import write_text
+
     pdata, folds = protocol_folds(protocol, data, official, out, copies, n_folds, seed, log)
     fold_results = runner(pdata, folds, out / "work", protocol)
+    write_text(out / "work" / f"{protocol}.predictions.csv", predictions_csv(fold_results, data.classes))
     summary = summarize_protocol(protocol, fold_results, data.classes, groups if protocol == "official" else None)
     summary["split"] = official_source if protocol == "official" else \
         f"stratified random {n_folds}-fold over {len(pdata)} images (seed {seed})"
     if protocol == "augment-then-split":
         summary["copies"] = copies
+        summary["siblings"] = sibling_breakdown(pdata, folds, fold_results)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def sibling_breakdown(data: SampleSet, folds: list[Fold], results: list[FoldResult]) -> dict[str, Any]:
+    """augment-then-split: test accuracy of the copies with an augmented sibling in their fold's training part
+    and of those without one (siblings only in validation/test), with the share of each — how much of the
+    protocol's score is the leak."""
+    pred_ok: dict[tuple[str, str], bool] = {}
+    for r in results:
+        pred_ok.update({(r.name, n): bool(p == t) for n, t, p in zip(r.names, r.targets, r.probs.argmax(1))})
+    groups: dict[str, list[bool]] = {"in_training": [], "not_in_training": []}
+    for fold in folds:
+        trained = {origin_name(data.samples[i].filename) for i in fold.train}
+        for i in fold.test:
+            name = data.samples[i].filename
+            if (fold.name, name) in pred_ok:
+                key = "in_training" if origin_name(name) in trained else "not_in_training"
+                groups[key].append(pred_ok[(fold.name, name)])
+    total = sum(len(v) for v in groups.values())
+    return {k: {"n": len(v), "share": len(v) / max(1, total), "accuracy": float(np.mean(v)) if v else None}
+            for k, v in groups.items()}
+
+
+def predictions_csv(results: list[FoldResult], classes: list[str]) -> str:
+    """Every fold's test predictions: fold, filename, true and predicted class, probabilities (6 decimals)."""
+    import csv
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["fold", "filename", "true", "predicted", *classes])
+    for r in results:
+        for n, t, p in zip(r.names, r.targets, r.probs):
+            w.writerow([r.name, n, classes[int(t)], classes[int(p.argmax())], *(f"{v:.6f}" for v in p)])
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------ arithmetic
@@ -467,6 +509,15 @@ def protocols_markdown(report: dict) -> str:
     lines += ["", "Confidence intervals: " + "; ".join(f"{p}: {r['pooled']['method']}" for p, r in res.items()) + ".",
               "", "![protocols side by side](protocols.png)", "", "## What each protocol does", ""]
     lines += [f"- **{p}**{' (LEAKY)' if r['leaky'] else ''}: {r['description']}." for p, r in res.items()]
+    sib = res.get("augment-then-split", {}).get("siblings")
+    if sib:
+        lines += ["", "## Where augment-then-split's score comes from", "",
+                  "| test copies | share | test accuracy (%) |", "|---|---|---|"]
+        for key, label in (("in_training", "an augmented sibling in the fold's training part (the leak)"),
+                           ("not_in_training", "no sibling in training (siblings only in validation or test)")):
+            g = sib[key]
+            acc = "–" if g["accuracy"] is None else f"{100 * g['accuracy']:.2f}"
+            lines.append(f"| {label} | {g['n']} ({100 * g['share']:.1f} %) | {acc} |")
     lines += ["", "## The arithmetic of 99.81 %", ""] + arithmetic_markdown(report["arithmetic"])
     lines += ["", "## Per fold (test accuracy / macro-F1, %)", "", "| protocol | " +
               " | ".join(f["fold"] for f in next(iter(res.values()))["per_fold"]) + " |",
