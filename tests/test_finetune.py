@@ -339,3 +339,26 @@ def test_building_a_feature_bank_leaves_the_global_rng_as_it_was(data_and_fold):
     bank = features.build_feature_bank(model, model.trunk_stop(1), data, list(fold.train[:3]), 2, 0,
                                        AugmentConfig(), torch.device("cpu"), progress=False)
     assert bank.views.shape[0] == 2 and torch.equal(torch.rand(3), expected)
+
+
+def test_feature_bank_is_the_same_with_worker_processes(data_and_fold):
+    """Views are seeded per (seed, view, image), so augmenting them in DataLoader worker processes (used next to
+    a GPU) gives the bank the main process builds alone, bit for bit, and leaves the global RNG alone too."""
+    from mpoxscope.engine import features
+    from mpoxscope.models import create_model
+
+    data, fold = data_and_fold
+    model = create_model(SMALL, len(data.classes))
+    rows = list(fold.train[:5])
+    alone = features.build_feature_bank(model, model.trunk_stop(1), data, rows, 2, 0, AugmentConfig(),
+                                        torch.device("cpu"), batch_size=2, progress=False)
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    pooled = features.build_feature_bank(model, model.trunk_stop(1), data, rows, 2, 0, AugmentConfig(),
+                                         torch.device("cpu"), batch_size=2, progress=False, workers=2)
+    assert torch.equal(torch.rand(2), expected)
+    assert torch.equal(alone.views, pooled.views) and torch.equal(alone.clean, pooled.clean)
+    assert not torch.equal(alone.views[0], alone.views[1])  # two different draws per image
+    assert features.bank_workers(torch.device("cpu"), 8) == 0 and features.bank_workers(torch.device("cuda"), 8) == 8
+

@@ -37,7 +37,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto | cpu | cuda[:N]")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 kernels, else fp32)")
-    g.add_argument("--workers", dest="num_workers", type=int, help="threads decoding images (default 2)")
+    g.add_argument("--workers", dest="num_workers", type=int,
+                   help="threads decoding images (default 2); next to a GPU also the processes augmenting a frozen "
+                        "trunk's cached views")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--warmup-epochs", type=int)

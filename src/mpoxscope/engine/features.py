@@ -61,40 +61,65 @@ def _fit_for_crops(img: Image.Image, image_size: int) -> Image.Image:
     return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
 
 
+class _Views(torch.utils.data.Dataset):
+    """Sample ``indices[k]`` as (clean (3, S, S), views (n_views, 3, S, S)): the evaluation transform and
+    ``n_views`` draws of the training augmentation, each seeded by (seed, view, sample index) — the same
+    pixels in any DataLoader worker process or in none."""
+
+    def __init__(self, data: SampleSet, indices: list[int], size: int, clean_tf, aug_tf, n_views: int,
+                 seed: int) -> None:
+        self.data, self.indices, self.size = data, indices, size
+        self.clean_tf, self.aug_tf, self.n_views, self.seed = clean_tf, aug_tf, n_views, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.indices[k]
+        img = load_image(self.data.samples[i].path)
+        small = _fit_for_crops(img, self.size)
+        views = []
+        for v in range(self.n_views):
+            torch.manual_seed(self.seed * 1_000_003 + v * 100_003 + i)
+            views.append(self.aug_tf(small))
+        return self.clean_tf(img), torch.stack(views) if views else torch.empty(0, 3, self.size, self.size)
+
+
+def bank_workers(device: torch.device, num_workers: int) -> int:
+    """Processes augmenting a bank's views: ``num_workers`` next to an accelerator, whose forward pass waits on
+    this host work (an H200 sat at 10 % while one thread augmented a Lite2 bank for 42 s); none on a CPU, where
+    the trunk's forward pass is the cost and extra processes would take its cores."""
+    return max(0, num_workers) if device.type != "cpu" else 0
+
+
 @torch.no_grad()
 def build_feature_bank(model: SkinLesionNet, stop: int, data: SampleSet, indices, n_views: int, seed: int,
                        augment: AugmentConfig, device: torch.device, batch_size: int = 16,
-                       progress: bool = True, desc: str = "caching features") -> FeatureBank:
+                       progress: bool = True, desc: str = "caching features", workers: int = 0) -> FeatureBank:
     """Run stages ``[:stop]`` of ``model`` on every sample in ``indices``: once with the evaluation transform,
     and ``n_views`` times with seeded training augmentation (view ``v`` of sample ``i`` is the same draw in
-    every fold, so one bank serves all folds of a cross-validation)."""
+    every fold, so one bank serves all folds of a cross-validation). ``workers`` DataLoader processes decode and
+    augment; the bank is the same for any number of them."""
     indices = list(indices)
     size = model.config.image_size
-    clean_tf = eval_transform(size, model.mean, model.std)
-    aug_tf = train_transform(size, augment, model.mean, model.std)
+    dataset = _Views(data, indices, size, eval_transform(size, model.mean, model.std),
+                     train_transform(size, augment, model.mean, model.std), n_views, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     trunk_was_training = model.training
     model.eval()
     # A bar on a terminal, plain lines with an ETA in a log file: a frozen-trunk cache can take many minutes.
     bar = make_progress(total=len(indices) * (n_views + 1), desc=desc, unit="img", disable=not progress)
-    # The per-image seeds below reset the global RNG; restoring it afterwards makes training draw the same random
-    # numbers whether the bank was built here, read from its cache file (a resumed run) or shared by cv.
+    # The per-image seeds reset the global RNG when no worker process is used; restoring it afterwards makes
+    # training draw the same random numbers whether the bank was built here, read from its cache file (a resumed
+    # run) or shared by cv.
     views: list[torch.Tensor] = []
     clean: list[torch.Tensor] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            images = [load_image(data.samples[i].path) for i in chunk]
-            clean.append(_run(model, stop, torch.stack([clean_tf(im) for im in images]), device))
-            small = [_fit_for_crops(im, size) for im in images]
-            per_view = []
-            for v in range(n_views):
-                batch = []
-                for i, im in zip(chunk, small):
-                    torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
-                    batch.append(aug_tf(im))
-                per_view.append(_run(model, stop, torch.stack(batch), device))
+        for clean_b, views_b in loader:  # (B, 3, S, S), (B, V, 3, S, S)
+            clean.append(_run(model, stop, clean_b, device))
+            per_view = [_run(model, stop, views_b[:, v].contiguous(), device) for v in range(n_views)]
             views.append(torch.stack(per_view) if per_view else torch.empty(0))
-            bar.update(len(chunk) * (n_views + 1))
+            bar.update(len(clean_b) * (n_views + 1))
     bar.close()
     model.train(trunk_was_training)
     key = bank_key(model, stop, n_views, seed, augment)
@@ -161,7 +186,7 @@ def bank_key(model: SkinLesionNet, stop: int, n_views: int, seed: int, augment: 
 
 def cached_feature_bank(cache_file, model: SkinLesionNet, stop: int, data: SampleSet, indices, n_views: int,
                         seed: int, augment: AugmentConfig, device: torch.device, progress: bool = True,
-                        desc: str = "caching features") -> FeatureBank:
+                        desc: str = "caching features", workers: int = 0) -> FeatureBank:
     """:func:`build_feature_bank`, reusing (and writing) ``cache_file`` when given."""
     key = bank_key(model, stop, n_views, seed, augment)
     if cache_file is not None:
@@ -169,7 +194,7 @@ def cached_feature_bank(cache_file, model: SkinLesionNet, stop: int, data: Sampl
         if bank is not None:
             return bank
     bank = build_feature_bank(model, stop, data, indices, n_views, seed, augment, device, progress=progress,
-                              desc=desc)
+                              desc=desc, workers=workers)
     if cache_file is not None:
         save_bank(cache_file, bank, data)
     return bank
