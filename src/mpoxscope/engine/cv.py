@@ -25,7 +25,7 @@ from mpoxscope.engine.cv_uncertainty import cv_uncertainty, uncertainty_report_l
 from mpoxscope.engine.device import resolve_device
 from mpoxscope.engine.ensemble import train_ensemble
 from mpoxscope.engine.evaluate import confusion_png, evaluate
-from mpoxscope.engine.features import FeatureBank, bank_workers, cached_feature_bank
+from mpoxscope.engine.features import FeatureBank, cached_feature_bank
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import Predictor
 from mpoxscope.engine.rundir import FEATURE_CACHE
@@ -100,7 +100,7 @@ def shared_bank(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, trai
     needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
     return cached_feature_bank(cache_file, model, stop, data, needed, train_cfg.cache_views, train_cfg.seed,
                                train_cfg.augment, device, progress=progress, desc="caching features (all folds)",
-                               workers=bank_workers(device, train_cfg.num_workers))
+                               num_workers=train_cfg.num_workers)
 
 
 def member_banks(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,

@@ -186,15 +186,16 @@ def bank_key(model: SkinLesionNet, stop: int, n_views: int, seed: int, augment: 
 
 def cached_feature_bank(cache_file, model: SkinLesionNet, stop: int, data: SampleSet, indices, n_views: int,
                         seed: int, augment: AugmentConfig, device: torch.device, progress: bool = True,
-                        desc: str = "caching features", workers: int = 0) -> FeatureBank:
-    """:func:`build_feature_bank`, reusing (and writing) ``cache_file`` when given."""
+                        desc: str = "caching features", num_workers: int = 0) -> FeatureBank:
+    """:func:`build_feature_bank`, reusing (and writing) ``cache_file`` when given; ``num_workers`` (the
+    run's ``--workers``) become augmenting processes next to an accelerator only (:func:`bank_workers`)."""
     key = bank_key(model, stop, n_views, seed, augment)
     if cache_file is not None:
         bank = load_bank(cache_file, key, data, indices)
         if bank is not None:
             return bank
     bank = build_feature_bank(model, stop, data, indices, n_views, seed, augment, device, progress=progress,
-                              desc=desc, workers=workers)
+                              desc=desc, workers=bank_workers(device, num_workers))
     if cache_file is not None:
         save_bank(cache_file, bank, data)
     return bank

@@ -107,8 +107,7 @@ def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, m
 
     if copies < 1:
         raise MpoxscopeError(f"--copies must be at least 1, got {copies}")
-    paths = [[out_dir / s.label / f"{Path(s.filename).stem}__aug{j}.jpg" for j in range(copies)]
-             for s in data.samples]
+    paths = [[out_dir / s.label / copy_name(s.filename, j) for j in range(copies)] for s in data.samples]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL's resampling and JPEG coding release the GIL
         written = sum(pool.map(lambda a: _write_copies(*a, seed, max_side), zip(data.samples, paths)))
@@ -117,9 +116,17 @@ def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, m
     return SampleSet(samples, list(data.classes), out_dir), np.repeat(np.arange(len(data)), copies)
 
 
-def origin_name(copy_name: str) -> str:
-    """The stem of the original image an augmented copy (``<stem>__aug<j>.jpg``) was made from."""
-    return copy_name.rsplit("__aug", 1)[0]
+_COPY = "__aug"
+
+
+def copy_name(filename: str, j: int) -> str:
+    """File name of augmented copy ``j`` of image ``filename``: ``<stem>__aug<j>.jpg``."""
+    return f"{Path(filename).stem}{_COPY}{j}.jpg"
+
+
+def origin_name(name: str) -> str:
+    """The stem of the original image an augmented copy (:func:`copy_name`) was made from."""
+    return name.rsplit(_COPY, 1)[0]
 
 
 def _write_copies(sample: Sample, paths: list[Path], seed: int, max_side: int) -> int:

@@ -30,7 +30,7 @@ from mpoxscope.engine import distributed, rundir
 from mpoxscope.engine.batches import FeatureBatches, ImageBatches, forward_from
 from mpoxscope.engine.checkpoint import build_meta, read_meta, save_weights, write_meta
 from mpoxscope.engine.device import autocast, resolve_device, resolve_precision
-from mpoxscope.engine.features import FeatureBank, bank_workers, cached_feature_bank
+from mpoxscope.engine.features import FeatureBank, cached_feature_bank
 from mpoxscope.engine.finish import finish_run
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.metrics import classification_metrics
@@ -123,7 +123,7 @@ def _make_batches(model: SkinLesionNet, stop: int, cfg: TrainConfig, data: Sampl
         if bank is None or not bank.covers(needed) or bank.key.stop != stop:
             bank = cached_feature_bank(cache_file if ctx.is_main else None, model, stop, data, needed,
                                        cfg.cache_views, cfg.seed, cfg.augment, device, progress=progress,
-                                       workers=bank_workers(device, cfg.num_workers))
+                                       num_workers=cfg.num_workers)
         return FeatureBatches(bank, stop, data, fold, cfg, ctx.rank, ctx.world_size), bank
     if images is None or not images.covers(needed) or images.clean.shape[-1] != model.config.image_size:
         images = build_image_cache(data, needed, model.config.image_size, workers=cfg.num_workers,
