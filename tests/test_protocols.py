@@ -129,6 +129,16 @@ def test_run_protocols_report_flags_leaky_rows(tmp_path):
     assert json.loads((tmp_path / "out" / "protocols.json").read_text())["config"] == "memorizer"
 
 
+def test_augment_then_split_refuses_shared_stems_before_writing(tmp_path):
+    data = _tiny_images(tmp_path / "data")
+    twin = data.samples[0].path.with_suffix(".jpg")
+    __import__("PIL.Image", fromlist=["Image"]).open(data.samples[0].path).save(twin)
+    data = SampleSet(data.samples + [Sample(twin, data.samples[0].label, "twin")], CLASSES)
+    with pytest.raises(MpoxscopeError, match=f"both have stem '{twin.stem}'"):
+        expand_dataset(data, tmp_path / "out", copies=2, log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_sibling_breakdown_by_hand():
     """Two test copies: one whose sibling is in training (predicted right), one whose sibling is only in
     validation (predicted wrong); a third original's copies are all in training."""

@@ -107,6 +107,7 @@ def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, m
 
     if copies < 1:
         raise MpoxscopeError(f"--copies must be at least 1, got {copies}")
+    _check_unique_stems(data)
     paths = [[out_dir / s.label / copy_name(s.filename, j) for j in range(copies)] for s in data.samples]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL's resampling and JPEG coding release the GIL
@@ -127,6 +128,18 @@ def copy_name(filename: str, j: int) -> str:
 def origin_name(name: str) -> str:
     """The stem of the original image an augmented copy (:func:`copy_name`) was made from."""
     return name.rsplit(_COPY, 1)[0]
+
+
+def _check_unique_stems(data: SampleSet) -> None:
+    """Copies are named and matched to their original by file stem, so two images with one stem (``a.jpg`` and
+    ``a.png``, or one name in two classes) would share copies; refuse before anything is written."""
+    seen: dict[str, Path] = {}
+    for s in data.samples:
+        stem = Path(s.filename).stem
+        if stem in seen:
+            raise MpoxscopeError(f"augment-then-split names copies by file stem: {seen[stem]} and {s.path} "
+                                 f"both have stem {stem!r}; rename one")
+        seen[stem] = s.path
 
 
 def _write_copies(sample: Sample, paths: list[Path], seed: int, max_side: int) -> int:
