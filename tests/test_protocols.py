@@ -186,6 +186,14 @@ def test_protocols_cli_refuses_bad_options(tmp_path, synthetic_root, capsys):
     (repo / ".git").mkdir(parents=True)
     assert main(["protocols", str(synthetic_root), "--out", str(repo / "out"), "--quick"]) == 2
     assert "inside the git repository" in capsys.readouterr().err
+    # One stem twice: refused before the official protocol runs, and before anything is written.
+    root = tmp_path / "twins"
+    __import__("shutil").copytree(synthetic_root, root)
+    image = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png"))[0]
+    image.with_suffix(".png" if image.suffix.lower() == ".jpg" else ".jpg").write_bytes(image.read_bytes())
+    assert main(["protocols", str(root), "--out", str(tmp_path / "o2"), "--quick"]) == 2
+    assert f"both have stem '{image.stem}'" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_protocols_trains_ensembles_and_reads_the_official_row_from_cv(tmp_path, synthetic_root, capsys, one_thread):

@@ -107,7 +107,7 @@ def expand_dataset(data: SampleSet, out_dir: Path, copies: int, seed: int = 0, m
 
     if copies < 1:
         raise MpoxscopeError(f"--copies must be at least 1, got {copies}")
-    _check_unique_stems(data)
+    check_unique_stems(data)
     paths = [[out_dir / s.label / copy_name(s.filename, j) for j in range(copies)] for s in data.samples]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL's resampling and JPEG coding release the GIL
@@ -122,7 +122,7 @@ _COPY = "__aug"
 
 def copy_name(filename: str, j: int) -> str:
     """File name of augmented copy ``j`` of image ``filename``: ``<stem>__aug<j>.jpg``."""
-    return f"{Path(filename).stem}{_COPY}{j}.jpg"
+    return f"{_stem(filename)}{_COPY}{j}.jpg"
 
 
 def origin_name(name: str) -> str:
@@ -130,12 +130,16 @@ def origin_name(name: str) -> str:
     return name.rsplit(_COPY, 1)[0]
 
 
-def _check_unique_stems(data: SampleSet) -> None:
+def _stem(filename: str) -> str:
+    return Path(filename).stem
+
+
+def check_unique_stems(data: SampleSet) -> None:
     """Copies are named and matched to their original by file stem, so two images with one stem (``a.jpg`` and
     ``a.png``, or one name in two classes) would share copies; refuse before anything is written."""
     seen: dict[str, Path] = {}
     for s in data.samples:
-        stem = Path(s.filename).stem
+        stem = _stem(s.filename)
         if stem in seen:
             raise MpoxscopeError(f"augment-then-split names copies by file stem: {seen[stem]} and {s.path} "
                                  f"both have stem {stem!r}; rename one")
@@ -633,6 +637,8 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "protocols")
     prepared = prepare(DataConfig(root=args.data, split_file=args.split_file, folds=args.folds,
                                   groups_csv=args.groups_csv), train_cfg.seed)
+    if "augment-then-split" in protocols:  # fail now, not after the protocols that run before it
+        check_unique_stems(prepared.data)
     mark_output_dir(args.out, "protocols")
     log = (lambda *_: None) if args.quiet else print
     if args.quick:
