@@ -8,6 +8,7 @@ and for the ensemble. Adopt the ensemble only if it wins on validation; test num
 choose.
 
     python benchmarks/posthoc_members.py runs/cv_default runs/cv_lite2_frozen224
+    python benchmarks/posthoc_members.py --rule mean-log runs/cv_default runs/cv_lite2_frozen224  # geometric mean
 """
 
 from __future__ import annotations
@@ -45,9 +46,19 @@ def member_probs(cv: Path, fold: str, split: str, order: list[str] | None) -> tu
     return p, pred.targets, pred.names
 
 
+def combine(probs: list[np.ndarray], rule: str) -> np.ndarray:
+    """Ensemble logits of members' probabilities, each (n, classes): ``log-mean`` is mpoxscope's rule (log of the
+    mean probability); ``mean-log`` the geometric mean (mean of the log-probabilities), a candidate alternative."""
+    if rule == "log-mean":
+        return np.log(np.mean(probs, axis=0))
+    return np.mean(np.log(np.clip(probs, 1e-6, 1.0)), axis=0)  # saved probabilities may round to 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cvs", type=Path, nargs="+", help="finished cv output folders (same folds)")
+    ap.add_argument("--rule", choices=("log-mean", "mean-log"), default="log-mean",
+                    help="how members are combined (default: mpoxscope's own rule)")
     args = ap.parse_args()
     folds = [p.name for p in sorted(args.cvs[0].glob("fold*"))]
     names = [c.name for c in args.cvs] + ["ensemble"]
@@ -59,9 +70,8 @@ def main() -> int:
             probs = [first] + [member_probs(c, fold, split, order)[0] for c in args.cvs[1:]]
             split_probs[split] = (probs, y)
         (vp, vy), (tp, ty) = split_probs["validation"], split_probs["evaluation"]
-        ens_val_logits = np.log(np.mean(vp, axis=0))
-        cal = calibrate(ens_val_logits, vy)
-        ens_val, ens_test = (softmax(apply_calibration(np.log(np.mean(ps, axis=0)), cal)) for ps in (vp, tp))
+        cal = calibrate(combine(vp, args.rule), vy)
+        ens_val, ens_test = (softmax(apply_calibration(combine(ps, args.rule), cal)) for ps in (vp, tp))
         rows = {"validation": (vp + [ens_val], vy), "test": (tp + [ens_test], ty)}
         for split, (ps, y) in rows.items():
             cells = []
