@@ -7,7 +7,7 @@ machine and command; and, with ``--baseline CV_OUT`` (another cv output on the s
 default ``--preset frozen``), a paired comparison on the pooled test predictions: McNemar's exact test and a
 patient-bootstrap 95 % CI of the accuracy difference.
 
-    python benchmarks/default_cv.py --out runs/cv_default                       # ~70 min on the 2-core CPU
+    python benchmarks/default_cv.py --out runs/cv_default --conditions "quiet"  # ~55 min on the 2-core CPU
     python benchmarks/default_cv.py --out runs/cv_default --render-only --baseline runs/cv_frozen
 """
 
@@ -85,7 +85,8 @@ def ci(d: dict) -> str:
     return f"{100 * d['value']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
 
 
-def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None) -> str:
+def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None,
+           conditions: str) -> str:
     s, lf = summary["summary"], summary.get("leak_free", {}).get("summary")
     unc = summary.get("uncertainty", {}).get("pooled", {})
     lines = ["# MSLD v2.0, official 5 folds: the default configuration", "",
@@ -97,7 +98,7 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
              f"ensemble {summary['train'].get('ensemble') or 'none'}  ",
              f"**Wall time:** {wall / 60:.1f} min for the whole command" if wall else
              f"**Wall time:** {summary['wall_time_s'] / 60:.1f} min (cv's own clock)",
-             f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; other work niced beside it",
+             f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; {conditions}",
              "", "| test, % | mean ± std over folds | pooled, 95 % CI (patient bootstrap) | leak-free mean ± std |",
              "|---|---|---|---|"]
     for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro-F1")):
@@ -140,6 +141,8 @@ def main() -> int:
     ap.add_argument("--render-only", action="store_true", help="only (re)write the result files")
     ap.add_argument("--baseline", help="another cv output on the same folds, for the paired comparison")
     ap.add_argument("--name", default="msld_v2_default", help="result file stem under benchmarks/results/")
+    ap.add_argument("--conditions", help="what else ran on the machine meanwhile, for the report (a wall time means "
+                                         "little without it); --render-only keeps the recorded one if not given")
     ap.add_argument("extra", nargs="*", help="more cv options after --, e.g. -- --preset frozen")
     args = ap.parse_args()
     from mpoxscope.data.samples import msld_root
@@ -148,7 +151,7 @@ def main() -> int:
     out = Path(args.out)
     cmd = ["mpoxscope", "cv", str(data), "--split-file", str(data / "datalog.xlsx"), "--out", str(out),
            "--exclude-leaks", *args.extra]
-    wall = None
+    wall, conditions = None, args.conditions
     if not args.render_only:
         cmd, wall = run_cv(data, out, args.extra)
     else:  # keep the command and wall time recorded when this output was measured
@@ -156,15 +159,18 @@ def main() -> int:
         prev = json.loads(recorded.read_text()) if recorded.is_file() else {}
         if str(out) in prev.get("command", []):
             cmd, wall = prev["command"], prev.get("wall_time_s")
+            conditions = conditions or prev.get("conditions")
     summary = json.loads((out / "cv_summary.json").read_text())
     for r, m in zip(summary["per_fold"], summary["per_fold"]):
         meta = json.loads((out / m["fold"] / "run" / "model.json").read_text())
         r["validation_f1_macro"] = meta.get("validation", {}).get("f1_macro")
     comparison = paired(pooled_predictions(out), pooled_predictions(Path(args.baseline))) if args.baseline else None
     results = HERE / "results"
+    conditions = conditions or "what else ran beside it: not stated"
     (results / f"{args.name}.md").write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison,
-                                                    args.baseline))
+                                                    args.baseline, conditions))
     (results / f"{args.name}.json").write_text(json.dumps({"command": cmd, "wall_time_s": wall,
+                                                           "conditions": conditions,
                                                            "summary": summary["summary"],
                                                            "per_fold": summary["per_fold"],
                                                            "paired_comparison": comparison}, indent=2) + "\n")
