@@ -4,6 +4,7 @@ leaky ones do not, and the report says which is which."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,7 @@ def test_protocols_cli_refuses_bad_options(tmp_path, synthetic_root, capsys):
     assert "inside the git repository" in capsys.readouterr().err
     # One stem twice: refused before the official protocol runs, and before anything is written.
     root = tmp_path / "twins"
-    __import__("shutil").copytree(synthetic_root, root)
+    shutil.copytree(synthetic_root, root)
     image = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png"))[0]
     image.with_suffix(".png" if image.suffix.lower() == ".jpg" else ".jpg").write_bytes(image.read_bytes())
     assert main(["protocols", str(root), "--out", str(tmp_path / "o2"), "--quick"]) == 2
