@@ -85,17 +85,24 @@ def ci(d: dict) -> str:
     return f"{100 * d['value']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
 
 
+def model_line(summary: dict) -> str:
+    """The configuration in words. For an ensemble the members name the backbones: cv_summary's ``model.backbone``
+    is the shared recipe's (the preset's Lite0 even when every member names another)."""
+    m, t = summary["model"], summary["train"]
+    ens = t.get("ensemble")
+    what = f"ensemble of {' + '.join(ens)}, {m['head']} heads" if ens else f"{m['backbone']} + {m['head']} head"
+    return (f"{what}, {m['image_size']} px; {'members without @PRESET: ' if ens else ''}trainable stages "
+            f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}")
+
+
 def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None,
-           conditions: str) -> str:
+           conditions: str, title: str = "the default configuration") -> str:
     s, lf = summary["summary"], summary.get("leak_free", {}).get("summary")
     unc = summary.get("uncertainty", {}).get("pooled", {})
-    lines = ["# MSLD v2.0, official 5 folds: the default configuration", "",
+    lines = [f"# MSLD v2.0, official 5 folds: {title}", "",
              f"**Protocol:** {summary['protocol']}  ",
              f"**Command:** `{shlex.join(cmd)}`  ",
-             f"**Model:** {summary['model']['backbone']} + {summary['model']['head']} head, "
-             f"{summary['model']['image_size']} px; trainable stages {summary['train']['trainable_stages']} "
-             f"(-1 = end to end), {summary['train']['epochs']} epochs, test-time views {summary['train']['tta']}; "
-             f"ensemble {summary['train'].get('ensemble') or 'none'}  ",
+             f"**Model:** {model_line(summary)}  ",
              f"**Wall time:** {wall / 60:.1f} min for the whole command" if wall else
              f"**Wall time:** {summary['wall_time_s'] / 60:.1f} min (cv's own clock)",
              f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; {conditions}",
@@ -128,7 +135,7 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
                   f"{100 * c['difference']:+.2f} points, 95 % CI [{100 * c['ci95'][0]:+.2f}, "
                   f"{100 * c['ci95'][1]:+.2f}] "
                   f"(bootstrap over {c['n_patients']} patients); discordant images: {c['only_new_right']} right only "
-                  f"with the new default, {c['only_old_right']} only with the baseline; McNemar exact p = "
+                  f"with this configuration, {c['only_old_right']} only with the baseline; McNemar exact p = "
                   f"{c['mcnemar_exact_p']:.4f}."]
     lines += ["", "Published on MSLD v2.0 (accuracy, %):", ""] + [f"- {n}: {v}" for n, v in PUBLISHED]
     return "\n".join(lines) + "\n"
@@ -141,6 +148,8 @@ def main() -> int:
     ap.add_argument("--render-only", action="store_true", help="only (re)write the result files")
     ap.add_argument("--baseline", help="another cv output on the same folds, for the paired comparison")
     ap.add_argument("--name", default="msld_v2_default", help="result file stem under benchmarks/results/")
+    ap.add_argument("--title", default="the default configuration",
+                    help="what the report calls the configuration (another --name: say it is a candidate)")
     ap.add_argument("--conditions", help="what else ran on the machine meanwhile, for the report (a wall time means "
                                          "little without it); --render-only keeps the recorded one if not given")
     ap.add_argument("extra", nargs="*", help="more cv options after --, e.g. -- --preset frozen")
@@ -168,7 +177,7 @@ def main() -> int:
     results = HERE / "results"
     conditions = conditions or "what else ran beside it: not stated"
     (results / f"{args.name}.md").write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison,
-                                                    args.baseline, conditions))
+                                                    args.baseline, conditions, args.title))
     (results / f"{args.name}.json").write_text(json.dumps({"command": cmd, "wall_time_s": wall,
                                                            "conditions": conditions,
                                                            "summary": summary["summary"],
