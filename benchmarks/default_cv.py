@@ -96,7 +96,7 @@ def model_line(summary: dict) -> str:
 
 
 def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None,
-           conditions: str, title: str = "the default configuration") -> str:
+           conditions: str, title: str) -> str:
     s, lf = summary["summary"], summary.get("leak_free", {}).get("summary")
     unc = summary.get("uncertainty", {}).get("pooled", {})
     lines = [f"# MSLD v2.0, official 5 folds: {title}", "",

@@ -9,7 +9,7 @@
 set -euo pipefail
 cv=${1:?usage: member_predictions.sh CV_DIR OUT_PREFIX [DATA]}
 prefix=${2:?usage: member_predictions.sh CV_DIR OUT_PREFIX [DATA]}
-data=${3:-${MPOXSCOPE_DATA:-../shared/data/msld_v2}}
+data=("${@:3:1}")  # DATA if given; else evaluate reads the data each member was trained on
 py=${PYTHON:-python}
 shopt -s nullglob
 folds=("$cv"/fold*/run/members)
@@ -22,7 +22,7 @@ for members in "${folds[@]}"; do
       sub=$([ "$split" = test ] && echo evaluation || echo validation)
       out="$prefix$name/$fold/$sub"
       [ -f "$out/predictions.csv" ] && continue
-      "$py" -m mpoxscope.cli evaluate "$member" "$data" --split "$split" --out "$out"
+      "$py" -m mpoxscope.cli evaluate "$member" "${data[@]}" --split "$split" --out "$out"
     done
   done
 done
