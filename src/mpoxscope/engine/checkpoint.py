@@ -178,16 +178,20 @@ def load_inference_model(run_dir: str | os.PathLike, which: str = "best", device
 def _load_ensemble(run_dir: Path, meta: dict[str, Any], which: str, device) -> torch.nn.Module:
     from mpoxscope.models.ensemble import EnsembleNet
 
-    members, temps = [], []
+    members, temps, sizes = [], [], []
     for entry in meta.get("members") or []:
         member_dir = (run_dir / str(entry.get("dir", ""))).resolve()
         if run_dir.resolve() not in member_dir.parents:  # model.json must not point outside its own run
             raise MpoxscopeError(f"{run_dir / META_FILE}: member {entry.get('dir')!r} is outside the run directory")
         model, member_meta = load_inference_model(member_dir, which=which, device=device)
-        if member_meta["classes"] != meta["classes"] or member_meta["image_size"] != meta["image_size"]:
-            raise MpoxscopeError(f"{member_dir}: classes or image size differ from the ensemble's")
+        if member_meta["classes"] != meta["classes"] or member_meta.get("normalization") != meta.get("normalization"):
+            raise MpoxscopeError(f"{member_dir}: classes or normalisation differ from the ensemble's")
+        if int(member_meta["image_size"]) > int(meta["image_size"]):  # members resize down, never up
+            raise MpoxscopeError(f"{member_dir}: image size {member_meta['image_size']} is larger than the "
+                                 f"ensemble's {meta['image_size']}")
         members.append(model)
         temps.append(float((member_meta.get("calibration") or {}).get("temperature", 1.0)))
+        sizes.append(int(member_meta["image_size"]))
     if not members:
         raise MpoxscopeError(f"{run_dir / META_FILE}: an ensemble without members")
-    return EnsembleNet(members, temps).to(device).eval()
+    return EnsembleNet(members, temps, sizes).to(device).eval()

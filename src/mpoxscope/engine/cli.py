@@ -54,10 +54,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
                    help="test-time views stored with the model: auto (default) picks none, flips (identity + "
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
-    g.add_argument("--ensemble", nargs="+", metavar="BACKBONE[:SEED][@PRESET]",
+    g.add_argument("--ensemble", nargs="+", metavar="BACKBONE[:SEED][@PRESET][/PX]",
                    help="train one member per entry (same recipe, this backbone and seed; @PRESET: that preset's "
-                        "recipe, e.g. a frozen trunk) and average their calibrated probabilities; e.g. --ensemble "
-                        "tf_efficientnet_lite0 tf_efficientnet_lite2@frozen; --ensemble none trains one model")
+                        "recipe, e.g. a frozen trunk; /PX: that member's own input size, the ensemble reads the "
+                        "largest and resizes for the others) and average their calibrated probabilities; e.g. "
+                        "--ensemble tf_efficientnet_lite0 tf_efficientnet_lite2@frozen tf_efficientnet_lite2/260; "
+                        "--ensemble none trains one model")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (listed in the run) instead of stopping")
 
@@ -157,6 +159,10 @@ def check_train_options(model_cfg, train_cfg) -> None:
         raise MpoxscopeError("--image-size: must be at least 32")
     if model_cfg.d_model % model_cfg.num_heads:
         raise MpoxscopeError(f"--num-heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
+    if train_cfg.ensemble:
+        from mpoxscope.engine.ensemble import member_configs
+
+        member_configs(train_cfg.ensemble, model_cfg, train_cfg)  # a bad member spec fails now, not after caching
     source = model_cfg.pretrained
     if source not in ("auto", "imagenet", "none") and not Path(source).is_file():
         raise MpoxscopeError(f"--pretrained: {source}: file not found")
@@ -200,6 +206,26 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
           f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
           f"{result.wall_time_s:.0f} s; run saved to {result.run_dir}")
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from mpoxscope.engine.ensemble import assemble, check_assemble_inputs
+    from mpoxscope.errors import MpoxscopeError
+    from mpoxscope.fileio import check_output_dir
+
+    check_assemble_inputs(args.runs)
+    out = check_output_dir(args.out, "train")
+    if (out / "model.json").exists() and not args.overwrite:
+        raise MpoxscopeError(f"{out}: already holds a run; choose a new --out or pass --overwrite")
+    if any(out.resolve() == Path(r).resolve() or out.resolve() in Path(r).resolve().parents for r in args.runs):
+        raise MpoxscopeError(f"{out}: --out must not be one of the runs or hold them")
+    _prepare_output(args.out, "train", overwrite=args.overwrite)
+    meta = assemble(args.runs, args.out, data_root=args.data, device=args.device, progress=not args.quiet,
+                    split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
+    v = meta["validation"]
+    print(f"ensemble of {len(meta['members'])}: [{v.get('protocol')}] accuracy {v.get('accuracy', float('nan')):.4f}, "
+          f"macro-F1 {v.get('f1_macro', float('nan')):.4f}; run saved to {args.out}")
     return 0
 
 
@@ -328,7 +354,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """The engine's commands: each one's parser is built by its own ``_register_<command>``."""
-    for add in (_register_train, _register_cv, _register_evaluate, _register_predict, _register_screen, _register_demo):
+    for add in (_register_train, _register_cv, _register_ensemble, _register_evaluate, _register_predict,
+                _register_screen, _register_demo):
         add(sub)
 
 
@@ -366,6 +393,25 @@ def _register_cv(sub) -> None:
     add_screening_options(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run_cv)
+
+
+def _register_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", help="combine finished runs of one fold into an ensemble run (no retraining)",
+                       description=(
+        "Copy the model files of finished runs trained on the same fold into OUT/members/ and fit the ensemble's "
+        "temperature and screening threshold on that fold's validation part, as 'train --ensemble' does. Members "
+        "may read different image sizes (the ensemble reads the largest and resizes for the others). The result "
+        "is an ordinary run: evaluate, predict, serve, export, explain and card accept it."))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished single-model runs (e.g. cv's foldK/run or an "
+                                                          "ensemble's members/*)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--data", help="dataset folder (default: the one the runs were trained on)")
+    add_data_options(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an ensemble run in --out (only files mpoxscope wrote are deleted)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=run_ensemble)
 
 
 def _register_evaluate(sub) -> None:

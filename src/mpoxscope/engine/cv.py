@@ -120,9 +120,11 @@ def member_banks(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, tra
 def shared_images(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
                   progress: bool = True) -> ImageCache:
     """Every image any fold trains or validates on, decoded once for all folds (and all ensemble members)."""
+    from mpoxscope.engine.ensemble import input_size
+
     needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
-    return build_image_cache(data, needed, model_cfg.image_size, workers=train_cfg.num_workers,
-                             progress_bar=progress)
+    size = input_size(train_cfg.ensemble, model_cfg, train_cfg) if train_cfg.ensemble else model_cfg.image_size
+    return build_image_cache(data, needed, size, workers=train_cfg.num_workers, progress_bar=progress)
 
 
 def shared_inputs(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,

@@ -34,38 +34,50 @@ _SHARED_TRAIN_FIELDS = ("device", "precision", "num_workers", "screen_class", "s
                         "screen_confidence")
 
 
-def parse_member(spec: str, default_seed: int) -> tuple[str, int, str | None]:
-    """``"tf_efficientnet_lite1:3"`` -> (backbone, seed, None); ``"tf_efficientnet_lite2@frozen"`` -> (backbone,
-    default seed, "frozen"): that member follows the ``frozen`` preset's recipe instead of the shared one."""
-    body, _, recipe = spec.partition("@")
+def parse_member(spec: str, default_seed: int) -> tuple[str, int, str | None, int | None]:
+    """``"tf_efficientnet_lite1:3"`` -> (backbone, seed, None, None); ``"tf_efficientnet_lite2@frozen"`` ->
+    (backbone, default seed, "frozen", None): that member follows the ``frozen`` preset's recipe instead of the
+    shared one; ``"tf_efficientnet_lite2/260"`` -> (..., 260): that member reads 260-px images instead of the
+    ensemble's ``--image-size`` (e.g. each backbone at its native resolution)."""
+    rest, slash, px = spec.partition("/")
+    body, _, recipe = rest.partition("@")
     backbone, _, seed = body.partition(":")
     if not backbone:
         raise MpoxscopeError(f"--ensemble: empty backbone in {spec!r}")
-    if "@" in spec and recipe not in PRESETS:
+    if "@" in rest and recipe not in PRESETS:
         raise MpoxscopeError(f"--ensemble: unknown recipe {recipe!r} in {spec!r}; choose one of {', '.join(PRESETS)}")
     try:
-        return backbone, int(seed) if seed else default_seed, recipe or None
+        seed_value = int(seed) if seed else default_seed
     except ValueError:
         raise MpoxscopeError(f"--ensemble: seed of {spec!r} is not an integer") from None
+    if slash and not (px.isdigit() and 32 <= int(px) <= 1024):
+        raise MpoxscopeError(f"--ensemble: image size of {spec!r} must be an integer from 32 to 1024")
+    return backbone, seed_value, recipe or None, int(px) if slash else None
 
 
 def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    ) -> list[tuple[str, ModelConfig, TrainConfig]]:
     """(member folder name, model config, train config) per spec: the shared recipe with its backbone/seed, or
-    the named preset's recipe (``@PRESET``) at the ensemble's image size, precision and device. One image size
-    for all members, so the ensemble reads one preprocessed input."""
+    the named preset's recipe (``@PRESET``), at the ensemble's precision and device and at the ensemble's image
+    size unless the spec names its own (``/PX``)."""
     out, seen = [], set()
     for spec in specs:
-        backbone, seed, recipe = parse_member(spec, train_cfg.seed)
-        name = f"{backbone}-seed{seed}" + (f"-{recipe}" if recipe else "")
+        backbone, seed, recipe, px = parse_member(spec, train_cfg.seed)
+        name = f"{backbone}-seed{seed}" + (f"-{recipe}" if recipe else "") + (f"-{px}px" if px else "")
         if name in seen:
             raise MpoxscopeError(f"--ensemble: member {spec!r} given twice")
         seen.add(name)
         mc, tc = preset(recipe) if recipe else (model_cfg, train_cfg)
         shared = {f: getattr(train_cfg, f) for f in _SHARED_TRAIN_FIELDS}
-        out.append((name, dataclasses.replace(mc, backbone=backbone, image_size=model_cfg.image_size),
+        out.append((name, dataclasses.replace(mc, backbone=backbone, image_size=px or model_cfg.image_size),
                     dataclasses.replace(tc, seed=seed, ensemble=(), **shared)))
     return out
+
+
+def input_size(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
+    """The ensemble's input side: its largest member's (smaller members resize inside ``EnsembleNet``, so every
+    consumer keeps one preprocessed input)."""
+    return max(mc.image_size for _, mc, _ in member_configs(specs, model_cfg, train_cfg))
 
 
 def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -79,16 +91,23 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
     run_dir = Path(run_dir)
     members = member_configs(specs, model_cfg, train_cfg)
     data_info = {**(data_info or {}), "fold": fold.name}
-    if images is None:
-        images = build_image_cache(data, sorted(set(fold.train) | set(fold.validation)), model_cfg.image_size,
-                                   workers=train_cfg.num_workers, progress_bar=progress)
+    caches = {images.clean.shape[-1]: images} if images is not None else {}
+
+    def images_at(size: int) -> ImageCache:  # decoded once per size (members may read different sizes)
+        if size not in caches:
+            caches[size] = build_image_cache(data, sorted(set(fold.train) | set(fold.validation)), size,
+                                             workers=train_cfg.num_workers, progress_bar=progress)
+        return caches[size]
+
     results = []
     for name, mc, tc in members:
         log(f"{fold.name}: ensemble member {name}")
-        results.append(train(data, fold, mc, tc, run_dir / rundir.MEMBERS / name, data_info, images=images,
+        results.append(train(data, fold, mc, tc, run_dir / rundir.MEMBERS / name, data_info,
+                             images=images_at(mc.image_size),
                              bank=(banks or {}).get(name), progress=progress, log=log))
     if distributed.is_main():  # under torchrun, rank 0 alone writes
-        combine(run_dir, [n for n, _, _ in members], data, fold, images, train_cfg, data_info, specs)
+        size = max(mc.image_size for _, mc, _ in members)
+        combine(run_dir, [n for n, _, _ in members], data, fold, images_at(size), train_cfg, data_info, specs)
     distributed.barrier()
     meta = read_meta(run_dir)
     return TrainResult(run_dir, 0, max(r.epochs_run for r in results), meta["validation"],
@@ -101,7 +120,8 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
     from mpoxscope.engine.calibration import ENSEMBLE_METHODS, calibrate
 
     first = read_meta(run_dir / rundir.MEMBERS / names[0])
-    meta = {k: first[k] for k in ("format_version", "mpoxscope_version", "classes", "image_size", "normalization")}
+    meta = {k: first[k] for k in ("format_version", "mpoxscope_version", "classes", "normalization")}
+    meta["image_size"] = int(images.clean.shape[-1])  # the largest member's; the others resize inside the model
     meta.update(kind="ensemble", model={**first["model"], "backbone": "+".join(names)},
                 members=[{"dir": f"{rundir.MEMBERS}/{n}"} for n in names], data=data_info,
                 train={**to_dict(train_cfg), "ensemble": list(specs)}, pretrained_source=first.get("pretrained_source"))
@@ -124,4 +144,88 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
     save_validation_probs(run_dir, [data.samples[i].filename for i in fold.validation], probs, meta)
     write_meta(run_dir, meta)
     write_json(run_dir / rundir.STATE, {"status": "finished", "members": names})
+    return meta
+
+
+#: What ``assemble`` copies of each member run: enough to predict and to describe it (no optimiser state or
+#: feature caches).
+_MEMBER_FILES = (rundir.META, rundir.BEST, rundir.STATE, rundir.METRICS)
+
+
+def check_assemble_inputs(runs: list[str | Path]) -> list[tuple[str, Path, dict]]:
+    """(member folder name, run, model.json) per run, after refusing what cannot form one ensemble: fewer than
+    two runs, an unfinished run or an ensemble, or runs of different classes, normalisation, data or fold."""
+    from mpoxscope.fileio import read_json
+
+    if len(runs) < 2:
+        raise MpoxscopeError("ensemble: give at least two finished runs")
+    out, names, first = [], set(), None
+    for run in map(Path, runs):
+        meta = read_meta(run)
+        if meta.get("kind") == "ensemble":
+            raise MpoxscopeError(f"{run}: is an ensemble; pass its member runs ({run}/{rundir.MEMBERS}/*) instead")
+        state = read_json(run / rundir.STATE) if (run / rundir.STATE).is_file() else {}
+        if state.get("status") != "finished" or not (run / rundir.BEST).is_file():
+            raise MpoxscopeError(f"{run}: training has not finished (no finished {rundir.STATE} and {rundir.BEST})")
+        first = first or (run, meta)
+        for key in ("classes", "normalization"):
+            if meta.get(key) != first[1].get(key):
+                raise MpoxscopeError(f"{run}: {key} differ from {first[0]}'s")
+        for key in ("dataset", "split_source", "fold", "n_train", "n_validation", "n_test"):
+            if (meta.get("data") or {}).get(key) != (first[1].get("data") or {}).get(key):
+                raise MpoxscopeError(f"{run}: data field {key!r} differs from {first[0]}'s: members must be "
+                                     f"trained on the same fold of the same data")
+        m, t = meta.get("model", {}), meta.get("train", {})
+        base = name = f"{m.get('backbone', 'model')}-seed{t.get('seed', 0)}-{meta['image_size']}px"
+        k = 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.add(name)
+        out.append((name, run, meta))
+    return out
+
+
+def assemble(runs: list[str | Path], out: str | Path, data_root: str | Path | None = None, device: str = "auto",
+             progress: bool = True, split_file: str = "auto", folds: int = 5, groups_csv: str | None = None) -> dict:
+    """An ensemble run from finished runs of the same fold, without retraining: each run's model files are
+    copied to ``OUT/members/<name>/``, then the ensemble's temperature and screening threshold are fitted on that
+    fold's validation part exactly as ``train_ensemble`` fits them (the test part is not read). Members may have
+    different input sizes (the ensemble reads the largest). Returns the ensemble's ``model.json``.
+
+    ``data_root``: the dataset folder (default: the one the runs record); ``split_file``, ``folds`` and
+    ``groups_csv`` as in ``train``: they must give the fold the runs were trained on (its recorded sizes are
+    checked).
+    """
+    import shutil
+
+    from mpoxscope.config import DataConfig, from_dict
+    from mpoxscope.data.splits import select_fold
+    from mpoxscope.engine.runner import prepare
+
+    members = check_assemble_inputs(runs)
+    out = Path(out)
+    first = members[0][2]
+    recorded = first.get("data", {})
+    if not (data_root or recorded.get("root")):
+        raise MpoxscopeError(f"{members[0][1]}: the run records no dataset folder; pass it (--data)")
+    prepared = prepare(DataConfig(root=str(data_root or recorded.get("root")), split_file=split_file, folds=folds,
+                                  groups_csv=groups_csv), int(first.get("train", {}).get("seed", 0)))
+    fold = select_fold(prepared.folds, recorded.get("fold", "fold1"))
+    info = prepared.info(fold)
+    if any(k in recorded and info.get(k) != recorded[k] for k in ("n_train", "n_validation", "n_test")):
+        raise MpoxscopeError(f"{data_root or recorded.get('root')}: {fold.name} is not the fold the runs were "
+                             f"trained on (its train/validation/test sizes differ)")
+    for name, run, _ in members:
+        dest = out / rundir.MEMBERS / name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in _MEMBER_FILES:
+            if (run / f).is_file():
+                shutil.copy2(run / f, dest / f)
+    size = max(int(meta["image_size"]) for _, _, meta in members)
+    images = build_image_cache(prepared.data, sorted(fold.validation), size, progress_bar=progress)
+    train_cfg = dataclasses.replace(from_dict(TrainConfig, first.get("train", {})), device=device)
+    names = [n for n, _, _ in members]
+    meta = combine(out, names, prepared.data, fold, images, train_cfg, info, tuple(names))
+    meta["assembled_from"] = [str(run.resolve()) for _, run, _ in members]
+    write_meta(out, meta)
     return meta

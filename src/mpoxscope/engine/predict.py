@@ -72,7 +72,7 @@ class Predictor:
 
         if isinstance(self.model, EnsembleNet):
             temps = [1.0 / float(t) for t in self.model.inv_temperatures]
-            return EnsembleNet([single(m) for m in self.model.members], temps).eval()
+            return EnsembleNet([single(m) for m in self.model.members], temps, self.model.sizes).eval()
         return single(self.model) if self.model is not None else self.model
 
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:
