@@ -8,7 +8,7 @@
 #     'runs/cv_l2e2e260_ens/{fold}/run/members/tf_efficientnet_lite2-seed0'
 # Members may read different image sizes. Finished parts are skipped. PYTHON=.venv/bin/python; FOLDS="fold1 fold2".
 set -euo pipefail
-out=${1:?usage: assemble_cv.sh OUT MEMBER_WITH_{fold} MEMBER_WITH_{fold} ...}
+out=${1:?usage: assemble_cv.sh OUT MEMBER MEMBER ... (each a run path containing {fold\})}
 shift
 [ $# -ge 2 ] || { echo "assemble_cv.sh: give at least two members" >&2; exit 2; }
 py=${PYTHON:-python}
