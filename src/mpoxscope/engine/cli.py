@@ -210,19 +210,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_ensemble(args: argparse.Namespace) -> int:
-    from mpoxscope.engine.ensemble import assemble, check_assemble_inputs
+    from mpoxscope.engine.ensemble import plan_assembly, write_assembly
     from mpoxscope.errors import MpoxscopeError
     from mpoxscope.fileio import check_output_dir
 
-    check_assemble_inputs(args.runs)
+    # Runs, data and fold are checked before --out is touched (--overwrite deletes only after that).
+    plan = plan_assembly(args.runs, args.data, args.split_file, args.folds, args.groups_csv)
     out = check_output_dir(args.out, "train")
     if (out / "model.json").exists() and not args.overwrite:
         raise MpoxscopeError(f"{out}: already holds a run; choose a new --out or pass --overwrite")
     if any(out.resolve() == Path(r).resolve() or out.resolve() in Path(r).resolve().parents for r in args.runs):
         raise MpoxscopeError(f"{out}: --out must not be one of the runs or hold them")
     _prepare_output(args.out, "train", overwrite=args.overwrite)
-    meta = assemble(args.runs, args.out, data_root=args.data, device=args.device, progress=not args.quiet,
-                    split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
+    meta = write_assembly(plan, args.out, device=args.device, progress=not args.quiet)
     v = meta["validation"]
     print(f"ensemble of {len(meta['members'])}: [{v.get('protocol')}] accuracy {v.get('accuracy', float('nan')):.4f}, "
           f"macro-F1 {v.get('f1_macro', float('nan')):.4f}; run saved to {args.out}")

@@ -185,25 +185,30 @@ def check_assemble_inputs(runs: list[str | Path]) -> list[tuple[str, Path, dict]
     return out
 
 
-def assemble(runs: list[str | Path], out: str | Path, data_root: str | Path | None = None, device: str = "auto",
-             progress: bool = True, split_file: str = "auto", folds: int = 5, groups_csv: str | None = None) -> dict:
-    """An ensemble run from finished runs of the same fold, without retraining: each run's model files are
-    copied to ``OUT/members/<name>/``, then the ensemble's temperature and screening threshold are fitted on that
-    fold's validation part exactly as ``train_ensemble`` fits them (the test part is not read). Members may have
-    different input sizes (the ensemble reads the largest). Returns the ensemble's ``model.json``.
+@dataclasses.dataclass
+class Assembly:
+    """An ensemble to assemble, every input checked: the member runs (folder name, run, model.json) and the fold
+    they were trained on (``data``, ``fold``, ``info`` as ``train`` records it)."""
+
+    members: list[tuple[str, Path, dict]]
+    data: SampleSet
+    fold: Fold
+    info: dict
+
+
+def plan_assembly(runs: list[str | Path], data_root: str | Path | None = None, split_file: str = "auto",
+                  folds: int = 5, groups_csv: str | None = None) -> Assembly:
+    """Check the runs (``check_assemble_inputs``) and find their fold in the data, writing nothing.
 
     ``data_root``: the dataset folder (default: the one the runs record); ``split_file``, ``folds`` and
     ``groups_csv`` as in ``train``: they must give the fold the runs were trained on (its recorded sizes are
     checked).
     """
-    import shutil
-
-    from mpoxscope.config import DataConfig, from_dict
+    from mpoxscope.config import DataConfig
     from mpoxscope.data.splits import select_fold
     from mpoxscope.engine.runner import prepare
 
     members = check_assemble_inputs(runs)
-    out = Path(out)
     first = members[0][2]
     recorded = first.get("data", {})
     if not (data_root or recorded.get("root")):
@@ -215,17 +220,37 @@ def assemble(runs: list[str | Path], out: str | Path, data_root: str | Path | No
     if any(k in recorded and info.get(k) != recorded[k] for k in ("n_train", "n_validation", "n_test")):
         raise MpoxscopeError(f"{data_root or recorded.get('root')}: {fold.name} is not the fold the runs were "
                              f"trained on (its train/validation/test sizes differ)")
-    for name, run, _ in members:
+    return Assembly(members, prepared.data, fold, info)
+
+
+def write_assembly(plan: Assembly, out: str | Path, device: str = "auto", progress: bool = True) -> dict:
+    """Copy each member's model files to ``OUT/members/<name>/`` and fit the ensemble's temperature and screening
+    threshold on the fold's validation part exactly as ``train_ensemble`` fits them (the test part is not read).
+    Returns the ensemble's ``model.json``."""
+    import shutil
+
+    from mpoxscope.config import from_dict
+
+    out = Path(out)
+    for name, run, _ in plan.members:
         dest = out / rundir.MEMBERS / name
         dest.mkdir(parents=True, exist_ok=True)
         for f in _MEMBER_FILES:
             if (run / f).is_file():
                 shutil.copy2(run / f, dest / f)
-    size = max(int(meta["image_size"]) for _, _, meta in members)
-    images = build_image_cache(prepared.data, sorted(fold.validation), size, progress_bar=progress)
-    train_cfg = dataclasses.replace(from_dict(TrainConfig, first.get("train", {})), device=device)
-    names = [n for n, _, _ in members]
-    meta = combine(out, names, prepared.data, fold, images, train_cfg, info, tuple(names))
-    meta["assembled_from"] = [str(run.resolve()) for _, run, _ in members]
+    size = max(int(meta["image_size"]) for _, _, meta in plan.members)
+    images = build_image_cache(plan.data, sorted(plan.fold.validation), size, progress_bar=progress)
+    train_cfg = dataclasses.replace(from_dict(TrainConfig, plan.members[0][2].get("train", {})), device=device)
+    names = [n for n, _, _ in plan.members]
+    meta = combine(out, names, plan.data, plan.fold, images, train_cfg, plan.info, tuple(names))
+    meta["assembled_from"] = [str(run.resolve()) for _, run, _ in plan.members]
     write_meta(out, meta)
     return meta
+
+
+def assemble(runs: list[str | Path], out: str | Path, data_root: str | Path | None = None, device: str = "auto",
+             progress: bool = True, split_file: str = "auto", folds: int = 5, groups_csv: str | None = None) -> dict:
+    """An ensemble run from finished runs of the same fold, without retraining (``plan_assembly`` then
+    ``write_assembly``). Members may have different input sizes (the ensemble reads the largest). Returns the
+    ensemble's ``model.json``."""
+    return write_assembly(plan_assembly(runs, data_root, split_file, folds, groups_csv), out, device, progress)
