@@ -20,7 +20,7 @@ from mpoxscope.data.transforms import AugmentConfig
 from mpoxscope.engine import rundir
 from mpoxscope.engine import train as train_mod
 from mpoxscope.engine.checkpoint import read_meta
-from mpoxscope.engine.ensemble import member_configs, train_ensemble
+from mpoxscope.engine.ensemble import MemberSpec, member_configs, parse_member, train_ensemble
 from mpoxscope.engine.imagecache import build_image_cache
 from mpoxscope.engine.predict import Predictor, calibrated_softmax
 from mpoxscope.engine.train import train
@@ -300,6 +300,18 @@ def test_member_spec_may_name_its_own_image_size():
     assert (n0, m0.image_size) == ("a-seed0", SMALL.image_size) and (n1, m1.image_size) == ("a-seed0-frozen-96px", 96)
     for bad in ("a/x", "a/8", "a/"):
         with pytest.raises(MpoxscopeError, match="image size of"):
+            member_configs((bad,), SMALL, cfg)
+
+
+def test_member_spec_may_name_its_own_epochs():
+    cfg = dataclasses.replace(E2E, epochs=5)
+    (n0, _, t0), (n1, m1, t1) = member_configs(("a", "a@frozen/96,epochs=3"), SMALL, cfg)
+    assert (n0, t0.epochs) == ("a-seed0", 5)
+    assert (n1, m1.image_size, t1.epochs, t1.trainable_stages) == ("a-seed0-frozen-96px-3ep", 96, 3, 0)
+    assert parse_member("a:2,epochs=7", 0) == MemberSpec("a", 2, None, None, 7)
+    for bad, match in (("a,epochs=0", "epochs of"), ("a,epochs=x", "epochs of"), ("a,lr=1", "unknown option"),
+                       ("a,epochs", "unknown option")):
+        with pytest.raises(MpoxscopeError, match=match):
             member_configs((bad,), SMALL, cfg)
 
 

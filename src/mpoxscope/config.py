@@ -61,7 +61,7 @@ class TrainConfig:
     screen_class: str = "Mpox"  # the class the screening rule must catch
     screen_sensitivity: float = 0.90  # its target sensitivity, met on validation
     screen_confidence: float | None = 0.95  # ... with this confidence (bootstrap lower bound); None: point estimate
-    ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED] per member (same recipe); empty: one model
+    ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED][@PRESET][/PX][,epochs=N] per member; empty: one model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -54,11 +54,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
                    help="test-time views stored with the model: auto (default) picks none, flips (identity + "
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
-    g.add_argument("--ensemble", nargs="+", metavar="BACKBONE[:SEED][@PRESET][/PX]",
+    g.add_argument("--ensemble", nargs="+", metavar="BACKBONE[:SEED][@PRESET][/PX][,epochs=N]",
                    help="train one member per entry (same recipe, this backbone and seed; @PRESET: that preset's "
                         "recipe, e.g. a frozen trunk; /PX: that member's own input size, the ensemble reads the "
-                        "largest and resizes for the others) and average their calibrated probabilities; e.g. "
-                        "--ensemble tf_efficientnet_lite0 tf_efficientnet_lite2@frozen tf_efficientnet_lite2/260; "
+                        "largest and resizes for the others; ,epochs=N: that member's own epoch count) and average "
+                        "their calibrated probabilities; e.g. --ensemble tf_efficientnet_lite0 "
+                        "tf_efficientnet_lite2@frozen tf_efficientnet_lite2/260,epochs=12; "
                         "--ensemble none trains one model")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (listed in the run) instead of stopping")

@@ -34,12 +34,42 @@ _SHARED_TRAIN_FIELDS = ("device", "precision", "num_workers", "screen_class", "s
                         "screen_confidence")
 
 
-def parse_member(spec: str, default_seed: int) -> tuple[str, int, str | None, int | None]:
-    """``"tf_efficientnet_lite1:3"`` -> (backbone, seed, None, None); ``"tf_efficientnet_lite2@frozen"`` ->
-    (backbone, default seed, "frozen", None): that member follows the ``frozen`` preset's recipe instead of the
-    shared one; ``"tf_efficientnet_lite2/260"`` -> (..., 260): that member reads 260-px images instead of the
-    ensemble's ``--image-size`` (e.g. each backbone at its native resolution)."""
-    rest, slash, px = spec.partition("/")
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    """One ``--ensemble`` entry, ``BACKBONE[:SEED][@PRESET][/PX][,epochs=N]``, parsed by :func:`parse_member`.
+
+    ``recipe``: a preset whose recipe the member follows instead of the shared one; ``image_size``: the member's
+    own input side; ``epochs``: its own epoch budget (e.g. a slower backbone trained for fewer epochs so that the
+    ensemble fits a time budget). ``None`` means "the ensemble's"."""
+
+    backbone: str
+    seed: int
+    recipe: str | None = None
+    image_size: int | None = None
+    epochs: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The member's folder under ``RUN/members/``: every field that makes it a different model."""
+        return (f"{self.backbone}-seed{self.seed}" + (f"-{self.recipe}" if self.recipe else "")
+                + (f"-{self.image_size}px" if self.image_size else "") + (f"-{self.epochs}ep" if self.epochs else ""))
+
+
+#: ``,KEY=VALUE`` options a member spec may carry, with their checks (value -> error text or None).
+_MEMBER_OPTIONS = {"epochs": lambda v: None if v.isdigit() and 1 <= int(v) <= 10_000 else "an integer from 1 to 10000"}
+
+
+def parse_member(spec: str, default_seed: int) -> MemberSpec:
+    """``"tf_efficientnet_lite1:3"`` -> backbone and seed 3; ``"tf_efficientnet_lite2@frozen"``: that member
+    follows the ``frozen`` preset's recipe instead of the shared one; ``"tf_efficientnet_lite2/260"``: it reads
+    260-px images instead of the ensemble's ``--image-size`` (e.g. each backbone at its native resolution);
+    ``"tf_efficientnet_lite2/256,epochs=12"``: and trains for 12 epochs instead of the recipe's.
+
+    >>> parse_member("tf_efficientnet_lite2:1@frozen/260,epochs=12", 0)
+    MemberSpec(backbone='tf_efficientnet_lite2', seed=1, recipe='frozen', image_size=260, epochs=12)
+    """
+    head, *options = spec.split(",")
+    rest, slash, px = head.partition("/")
     body, _, recipe = rest.partition("@")
     backbone, _, seed = body.partition(":")
     if not backbone:
@@ -52,25 +82,35 @@ def parse_member(spec: str, default_seed: int) -> tuple[str, int, str | None, in
         raise MpoxscopeError(f"--ensemble: seed of {spec!r} is not an integer") from None
     if slash and not (px.isdigit() and 32 <= int(px) <= 1024):
         raise MpoxscopeError(f"--ensemble: image size of {spec!r} must be an integer from 32 to 1024")
-    return backbone, seed_value, recipe or None, int(px) if slash else None
+    values = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key not in _MEMBER_OPTIONS or not eq:
+            raise MpoxscopeError(f"--ensemble: unknown option {option!r} in {spec!r}; "
+                                 f"use ,KEY=VALUE with KEY one of {', '.join(_MEMBER_OPTIONS)}")
+        problem = _MEMBER_OPTIONS[key](value)
+        if problem:
+            raise MpoxscopeError(f"--ensemble: {key} of {spec!r} must be {problem}")
+        values[key] = int(value)
+    return MemberSpec(backbone, seed_value, recipe or None, int(px) if slash else None, **values)
 
 
 def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    ) -> list[tuple[str, ModelConfig, TrainConfig]]:
     """(member folder name, model config, train config) per spec: the shared recipe with its backbone/seed, or
-    the named preset's recipe (``@PRESET``), at the ensemble's precision and device and at the ensemble's image
-    size unless the spec names its own (``/PX``)."""
+    the named preset's recipe (``@PRESET``), at the ensemble's precision and device, at the ensemble's image
+    size unless the spec names its own (``/PX``) and for the recipe's epochs unless it names its own."""
     out, seen = [], set()
-    for spec in specs:
-        backbone, seed, recipe, px = parse_member(spec, train_cfg.seed)
-        name = f"{backbone}-seed{seed}" + (f"-{recipe}" if recipe else "") + (f"-{px}px" if px else "")
-        if name in seen:
-            raise MpoxscopeError(f"--ensemble: member {spec!r} given twice")
-        seen.add(name)
-        mc, tc = preset(recipe) if recipe else (model_cfg, train_cfg)
+    for text in specs:
+        spec = parse_member(text, train_cfg.seed)
+        if spec.name in seen:
+            raise MpoxscopeError(f"--ensemble: member {text!r} given twice")
+        seen.add(spec.name)
+        mc, tc = preset(spec.recipe) if spec.recipe else (model_cfg, train_cfg)
         shared = {f: getattr(train_cfg, f) for f in _SHARED_TRAIN_FIELDS}
-        out.append((name, dataclasses.replace(mc, backbone=backbone, image_size=px or model_cfg.image_size),
-                    dataclasses.replace(tc, seed=seed, ensemble=(), **shared)))
+        out.append((spec.name, dataclasses.replace(mc, backbone=spec.backbone,
+                                                   image_size=spec.image_size or model_cfg.image_size),
+                    dataclasses.replace(tc, seed=spec.seed, ensemble=(), epochs=spec.epochs or tc.epochs, **shared)))
     return out
 
 
