@@ -84,3 +84,22 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and "chance level" in out
     assert "SYNTHETIC" in (tmp_path / "demo" / "README.md").read_text()
+
+
+def test_evaluate_rebuilds_the_folds_the_run_recorded(tiny_run, synthetic_root, tmp_path):
+    """Without --split-file, evaluate uses the run's own split (here grouped 3-fold), not what 'auto' finds."""
+    import shutil
+
+    from mpoxscope.data.protocol import resolve_folds
+    from mpoxscope.data.samples import load_samples
+    from mpoxscope.engine.checkpoint import read_meta, write_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta = read_meta(run)
+    meta["data"] = {"root": str(synthetic_root), "split_file": "none", "n_folds": 3, "fold": "fold2"}
+    write_meta(run, meta)
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    folds, _ = resolve_folds(load_samples(synthetic_root), None, n_folds=3)
+    assert "grouped stratified 3-fold" in m["protocol"] and m["n_images"] == len(folds[1].test)

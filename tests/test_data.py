@@ -177,3 +177,24 @@ def test_transforms_shapes_and_determinism():
     assert torch.equal(x, tr(img))  # seeded: cached views are reproducible
     assert x.shape == (3, 96, 96) and x.dtype == torch.float32
     assert not torch.equal(tr(img), tr(img))
+
+
+def test_runs_record_the_split_file_that_rebuilds_their_folds(tmp_path, synthetic_root):
+    """``auto`` is recorded as the file it found (or ``none``/k for the grouped k-fold), so evaluate and ensemble
+    rebuild the training folds by default, not whatever ``auto`` finds later."""
+    from mpoxscope.config import DataConfig
+    from mpoxscope.engine.runner import prepare, recorded_split
+
+    data = load_samples(synthetic_root)
+    fold = grouped_folds(data, 3)[0]
+    csv = tmp_path / "elsewhere" / "split.csv"  # not beside the data: 'auto' would never find it
+    csv.parent.mkdir()
+    pd.DataFrame([("fold1", s, data.samples[i].filename) for s in ("train", "validation", "test")
+                  for i in fold.indices(s)], columns=["fold", "split", "filename"]).to_csv(csv, index=False)
+    info = prepare(DataConfig(root=str(synthetic_root), split_file=str(csv))).info(fold)
+    assert (info["split_file"], info["split_source"]) == (str(csv.resolve()), "split file split.csv")
+    assert recorded_split(info) == (str(csv.resolve()), 5)
+    grouped = prepare(DataConfig(root=str(synthetic_root), split_file="none", folds=3))
+    assert recorded_split(grouped.info(grouped.folds[0])) == ("none", 3)
+    csv.unlink()  # a moved or deleted split file: back to what 'auto' finds
+    assert recorded_split(info) == ("auto", 5) and recorded_split({}) == ("auto", 5)

@@ -190,11 +190,12 @@ def _data_section(meta: dict) -> str:
     rows: list[tuple[str, Any]] = [
         ("Dataset", _dataset_name(data)),
         ("Root", data.get("root")),
-        ("Split", data.get("split_file", data.get("split", data.get("split_source")))),  # as train records it
+        ("Split", data.get("split_source", data.get("split", data.get("split_file")))),  # as train describes it
         ("Fold", data.get("fold")),
         ("Patient-level grouping", grouping),
     ]
-    shown = {"root", "split", "split_file", "split_source", "fold", "patient_grouped", "grouped", "dataset"}
+    shown = {"root", "split", "split_file", "split_source", "n_folds", "fold", "patient_grouped", "grouped",
+             "dataset"}
     for key, value in data.items():
         if key in shown:
             continue

@@ -134,11 +134,16 @@ def configs_from_args(args: argparse.Namespace):
     return dataclasses.replace(model_cfg, **model_over), dataclasses.replace(train_cfg, **train_over)
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split-file", default="auto",
-                   help="split file (.xlsx like MSLD's datalog.xlsx, or CSV fold,split,filename); 'auto' (default) "
-                        "finds one beside the data; 'none' uses patient-grouped stratified k-fold")
-    p.add_argument("--folds", type=int, default=5, help="k for the grouped k-fold when there is no split file")
+def add_data_options(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """``--split-file``/``--folds``/``--groups-csv``; ``recorded``: for commands that read trained runs, whose
+    default is the split the runs recorded rather than ``auto``."""
+    default = "the split file the runs recorded" if recorded else "'auto'"
+    p.add_argument("--split-file", default=None if recorded else "auto",
+                   help=f"split file (.xlsx like MSLD's datalog.xlsx, or CSV fold,split,filename); 'auto' finds one "
+                        f"beside the data; 'none' uses patient-grouped stratified k-fold; default: {default}")
+    p.add_argument("--folds", type=int, default=None if recorded else 5,
+                   help="k for the grouped k-fold when there is no split file; default: "
+                        + ("the runs' k" if recorded else "5"))
     p.add_argument("--groups-csv", help="CSV filename,group giving the patient of each image (non-MSLD data)")
 
 
@@ -407,7 +412,7 @@ def _register_ensemble(sub) -> None:
                                                           "ensemble's members/*)")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data", help="dataset folder (default: the one the runs were trained on)")
-    add_data_options(p)
+    add_data_options(p, recorded=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an ensemble run in --out (only files mpoxscope wrote are deleted)")

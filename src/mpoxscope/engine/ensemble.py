@@ -236,25 +236,27 @@ class Assembly:
     info: dict
 
 
-def plan_assembly(runs: list[str | Path], data_root: str | Path | None = None, split_file: str = "auto",
-                  folds: int = 5, groups_csv: str | None = None) -> Assembly:
+def plan_assembly(runs: list[str | Path], data_root: str | Path | None = None, split_file: str | None = None,
+                  folds: int | None = None, groups_csv: str | None = None) -> Assembly:
     """Check the runs (``check_assemble_inputs``) and find their fold in the data, writing nothing.
 
     ``data_root``: the dataset folder (default: the one the runs record); ``split_file``, ``folds`` and
-    ``groups_csv`` as in ``train``: they must give the fold the runs were trained on (its recorded sizes are
-    checked).
+    ``groups_csv`` as in ``train`` (default: the split file and k the runs record): they must give the fold the
+    runs were trained on (its recorded sizes are checked).
     """
     from mpoxscope.config import DataConfig
     from mpoxscope.data.splits import select_fold
-    from mpoxscope.engine.runner import prepare
+    from mpoxscope.engine.runner import prepare, recorded_split
 
     members = check_assemble_inputs(runs)
     first = members[0][2]
     recorded = first.get("data", {})
     if not (data_root or recorded.get("root")):
         raise MpoxscopeError(f"{members[0][1]}: the run records no dataset folder; pass it (--data)")
-    prepared = prepare(DataConfig(root=str(data_root or recorded.get("root")), split_file=split_file, folds=folds,
-                                  groups_csv=groups_csv), int(first.get("train", {}).get("seed", 0)))
+    recorded_file, recorded_k = recorded_split(recorded)
+    prepared = prepare(DataConfig(root=str(data_root or recorded.get("root")), split_file=split_file or recorded_file,
+                                  folds=folds or recorded_k, groups_csv=groups_csv),
+                       int(first.get("train", {}).get("seed", 0)))
     fold = select_fold(prepared.folds, recorded.get("fold", "fold1"))
     info = prepared.info(fold)
     if any(k in recorded and info.get(k) != recorded[k] for k in ("n_train", "n_validation", "n_test")):
@@ -289,7 +291,8 @@ def write_assembly(plan: Assembly, out: str | Path, device: str = "auto", progre
 
 
 def assemble(runs: list[str | Path], out: str | Path, data_root: str | Path | None = None, device: str = "auto",
-             progress: bool = True, split_file: str = "auto", folds: int = 5, groups_csv: str | None = None) -> dict:
+             progress: bool = True, split_file: str | None = None, folds: int | None = None,
+             groups_csv: str | None = None) -> dict:
     """An ensemble run from finished runs of the same fold, without retraining (``plan_assembly`` then
     ``write_assembly``). Members may have different input sizes (the ensemble reads the largest). Returns the
     ensemble's ``model.json``."""

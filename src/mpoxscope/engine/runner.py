@@ -8,7 +8,7 @@ from pathlib import Path
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig
 from mpoxscope.data.protocol import dataset_name, resolve_folds
 from mpoxscope.data.samples import SampleSet, load_samples
-from mpoxscope.data.splits import Fold, select_fold
+from mpoxscope.data.splits import Fold, find_split_file, select_fold
 from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.evaluate import evaluate
 from mpoxscope.engine.train import TrainResult, train
@@ -19,10 +19,13 @@ class PreparedData:
     data: SampleSet
     folds: list[Fold]
     split_source: str
+    split_file: str = "auto"  # what reproduces these folds: the split file read, "none" (grouped k-fold) or "auto"
+    n_folds: int = 5
 
     def info(self, fold: Fold) -> dict:
-        """What a run records about its data (the protocol of every number it reports)."""
+        """What a run records about its data (the protocol of every number it reports, and how to rebuild it)."""
         return {"dataset": dataset_name(self.data), "root": str(self.data.root), "split_source": self.split_source,
+                "split_file": self.split_file, "n_folds": self.n_folds,
                 "fold": fold.name, "classes": self.data.classes,
                 "n_train": len(fold.train), "n_validation": len(fold.validation), "n_test": len(fold.test)}
 
@@ -30,7 +33,27 @@ class PreparedData:
 def prepare(cfg: DataConfig, seed: int = 0) -> PreparedData:
     data = load_samples(cfg.root, cfg.groups_csv)
     folds, source = resolve_folds(data, cfg.split_file, cfg.folds, seed)
-    return PreparedData(data, folds, source)
+    return PreparedData(data, folds, source, split_request(data, cfg.split_file), cfg.folds)
+
+
+def split_request(data: SampleSet, split_file: str | None) -> str:
+    """The ``--split-file`` value that rebuilds the folds ``resolve_folds`` made: ``auto`` resolved to the file it
+    found (absolute), so a later ``evaluate`` or ``ensemble`` reads the same split even if another file appears."""
+    if split_file in (None, "none"):
+        return "none"
+    if split_file == "auto":
+        found = find_split_file(data.root) if data.root is not None else None
+        return str(found.resolve()) if found is not None else "auto"
+    return str(Path(split_file).resolve())
+
+
+def recorded_split(recorded: dict) -> tuple[str, int]:
+    """(split file, k) a run was trained with, from its ``model.json`` ``data``: the recorded file while it
+    exists, otherwise (older runs, or a moved dataset) ``auto``."""
+    split_file = recorded.get("split_file", "auto")
+    if split_file not in ("auto", "none") and not Path(split_file).is_file():
+        split_file = "auto"
+    return split_file, int(recorded.get("n_folds", 5))
 
 
 def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path,
@@ -57,12 +80,14 @@ def train_fold(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainCon
 def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str | Path, split: str = "test",
                  split_file: str | None = None, fold: str | None = None,
                  device: str = "auto", runtime: str = "torch", onnx_file: str | Path | None = None) -> dict:
-    """Evaluate a run on ``split`` of the fold it was trained on (or another fold / split file on request)."""
+    """Evaluate a run on ``split`` of the fold it was trained on, rebuilt with the split file it recorded (or
+    another fold / split file on request)."""
     meta = read_meta(run_dir)
     recorded = meta.get("data", {})
     root = data_root or recorded.get("root")
-    cfg = DataConfig(root=str(root), split_file=split_file or "auto", fold=fold or recorded.get("fold", "fold1"),
-                     folds=5)
+    recorded_file, n_folds = recorded_split(recorded)
+    cfg = DataConfig(root=str(root), split_file=split_file or recorded_file, fold=fold or recorded.get("fold", "fold1"),
+                     folds=n_folds)
     prepared = prepare(cfg, int(meta.get("train", {}).get("seed", 0)))
     f = select_fold(prepared.folds, cfg.fold)
     predictor = load_predictor(run_dir, device, runtime, onnx_file=onnx_file)
