@@ -3,9 +3,10 @@
 Runs ``mpoxscope cv DATA --split-file DATA/datalog.xlsx --out OUT --exclude-leaks`` (the default preset) in a
 subprocess, then writes ``benchmarks/results/msld_v2_default.md`` and ``.json``: per-fold and mean ± std test
 scores, pooled scores with 95 % patient-bootstrap CIs, the leak-free variant, screening, calibration, wall time,
-machine and command; and, with ``--baseline CV_OUT`` (another cv output on the same folds, e.g. the previous
-default ``--preset frozen``), a paired comparison on the pooled test predictions: McNemar's exact test and a
-patient-bootstrap 95 % CI of the accuracy difference.
+machine and command; ``NAME_test_predictions.csv`` (every fold's test predictions, for later paired comparisons);
+and, with ``--baseline CV_OUT`` (another cv output on the same folds, e.g. the previous default ``--preset
+frozen``, or the ``*_test_predictions.csv`` written for one), a paired comparison on the pooled test predictions:
+McNemar's exact test and a patient-bootstrap 95 % CI of the accuracy difference.
 
     python benchmarks/default_cv.py --out runs/cv_default --conditions "quiet"  # ~55 min on the 2-core CPU
     python benchmarks/default_cv.py --out runs/cv_default --render-only --baseline runs/cv_frozen
@@ -50,6 +51,30 @@ def pooled_predictions(cv_out: Path) -> dict[str, tuple[str, str]]:
             for r in csv.DictReader(fh):
                 rows[f"{f.parent.parent.name}/{r['filename']}"] = (r["true"], r["predicted"])
     return rows
+
+
+def write_pooled(cv_out: Path, path: Path) -> int:
+    """Every fold's test predictions in one CSV (fold, then the fold's predictions.csv columns), committed beside
+    the report so that a later configuration can be compared image by image without rerunning this one."""
+    rows, fields = [], None
+    for f in sorted(cv_out.glob("fold*/evaluation/predictions.csv")):
+        with open(f, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = fields or ["fold", *reader.fieldnames]
+            rows += [{"fold": f.parent.parent.name, **r} for r in reader]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields or ["fold"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def baseline_predictions(baseline: Path) -> dict[str, tuple[str, str]]:
+    """``--baseline``: a cv output folder, or a pooled CSV that ``write_pooled`` wrote for an earlier run."""
+    if baseline.is_dir():
+        return pooled_predictions(baseline)
+    with open(baseline, newline="") as fh:
+        return {f"{r['fold']}/{r['filename']}": (r["true"], r["predicted"]) for r in csv.DictReader(fh)}
 
 
 def patient(key: str) -> str:
@@ -146,7 +171,8 @@ def main() -> int:
     ap.add_argument("--data", default=None, help="MSLD v2.0 folder (default $MPOXSCOPE_MSLD or ../shared/...)")
     ap.add_argument("--out", required=True, help="cv output folder (finished folds are reused)")
     ap.add_argument("--render-only", action="store_true", help="only (re)write the result files")
-    ap.add_argument("--baseline", help="another cv output on the same folds, for the paired comparison")
+    ap.add_argument("--baseline", help="another cv output on the same folds, or the *_test_predictions.csv this script "
+                                       "wrote for one, for the paired comparison")
     ap.add_argument("--name", default="msld_v2_default", help="result file stem under benchmarks/results/")
     ap.add_argument("--title", default="the default configuration",
                     help="what the report calls the configuration (another --name: say it is a candidate)")
@@ -173,8 +199,10 @@ def main() -> int:
     for r, m in zip(summary["per_fold"], summary["per_fold"]):
         meta = json.loads((out / m["fold"] / "run" / "model.json").read_text())
         r["validation_f1_macro"] = meta.get("validation", {}).get("f1_macro")
-    comparison = paired(pooled_predictions(out), pooled_predictions(Path(args.baseline))) if args.baseline else None
+    comparison = (paired(pooled_predictions(out), baseline_predictions(Path(args.baseline))) if args.baseline
+                  else None)
     results = HERE / "results"
+    write_pooled(out, results / f"{args.name}_test_predictions.csv")
     conditions = conditions or "what else ran beside it: not stated"
     (results / f"{args.name}.md").write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison,
                                                     args.baseline, conditions, args.title))
