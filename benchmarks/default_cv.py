@@ -116,7 +116,10 @@ def model_line(summary: dict) -> str:
     m, t = summary["model"], summary["train"]
     ens = t.get("ensemble")
     what = f"ensemble of {' + '.join(ens)}, {m['head']} heads" if ens else f"{m['backbone']} + {m['head']} head"
-    return (f"{what}, {m['image_size']} px; {'members without @PRESET: ' if ens else ''}trainable stages "
+    sizes = {int(e.split("/")[1].split(",")[0]) for e in ens or () if "/" in e}  # members' own /PX
+    px = f"{m['image_size']} px" + (f" (members with /PX: their own; input {max(sizes | {m['image_size']})} px)"
+                                    if sizes else "")
+    return (f"{what}, {px}; {'members without @PRESET: ' if ens else ''}trainable stages "
             f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}")
 
 
