@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
+from mpoxscope.engine.ensemble import parse_member
+
 HERE = Path(__file__).resolve().parent
 PUBLISHED = [("Ali et al. 2024 (dataset authors), DenseNet121 + HAM10000 transfer, same official folds",
               "83.59 ± 2.11"),
@@ -116,7 +118,7 @@ def model_line(summary: dict) -> str:
     m, t = summary["model"], summary["train"]
     ens = t.get("ensemble")
     what = f"ensemble of {' + '.join(ens)}, {m['head']} heads" if ens else f"{m['backbone']} + {m['head']} head"
-    sizes = {int(e.split("/")[1].split(",")[0]) for e in ens or () if "/" in e}  # members' own /PX
+    sizes = {parse_member(e, 0).image_size for e in ens or ()} - {None}  # members' own /PX
     px = f"{m['image_size']} px" + (f" (members with /PX: their own; input {max(sizes | {m['image_size']})} px)"
                                     if sizes else "")
     return (f"{what}, {px}; {'members without @PRESET: ' if ens else ''}trainable stages "

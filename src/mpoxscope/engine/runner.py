@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig
-from mpoxscope.data.protocol import dataset_name, resolve_folds
+from mpoxscope.data.protocol import dataset_name, resolve_folds, split_request
 from mpoxscope.data.samples import SampleSet, load_samples
-from mpoxscope.data.splits import Fold, find_split_file, select_fold
+from mpoxscope.data.splits import Fold, select_fold
 from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.evaluate import evaluate
 from mpoxscope.engine.train import TrainResult, train
@@ -34,17 +34,6 @@ def prepare(cfg: DataConfig, seed: int = 0) -> PreparedData:
     data = load_samples(cfg.root, cfg.groups_csv)
     folds, source = resolve_folds(data, cfg.split_file, cfg.folds, seed)
     return PreparedData(data, folds, source, split_request(data, cfg.split_file), cfg.folds)
-
-
-def split_request(data: SampleSet, split_file: str | None) -> str:
-    """The ``--split-file`` value that rebuilds the folds ``resolve_folds`` made: ``auto`` resolved to the file it
-    found (absolute), so a later ``evaluate`` or ``ensemble`` reads the same split even if another file appears."""
-    if split_file in (None, "none"):
-        return "none"
-    if split_file == "auto":
-        found = find_split_file(data.root) if data.root is not None else None
-        return str(found.resolve()) if found is not None else "auto"
-    return str(Path(split_file).resolve())
 
 
 def recorded_split(recorded: dict) -> tuple[str, int]:
