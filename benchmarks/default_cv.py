@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -171,6 +172,14 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
     return "\n".join(lines) + "\n"
 
 
+def kept_notes(report: Path) -> str:
+    """The hand-written part of an existing report (from its first ``## Notes`` heading or ``Notes (by hand``
+    paragraph on), so a re-render keeps it."""
+    text = report.read_text() if report.is_file() else ""
+    found = re.search(r"^(## Notes|Notes \(by hand)", text, flags=re.MULTILINE)
+    return "" if found is None else "\n" + text[found.start():]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="MSLD v2.0 folder (default $MPOXSCOPE_MSLD or ../shared/...)")
@@ -209,8 +218,9 @@ def main() -> int:
     results = HERE / "results"
     write_pooled(out, results / f"{args.name}_test_predictions.csv")
     conditions = conditions or "what else ran beside it: not stated"
-    (results / f"{args.name}.md").write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison,
-                                                    args.baseline, conditions, args.title))
+    report = results / f"{args.name}.md"
+    report.write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison, args.baseline,
+                             conditions, args.title) + kept_notes(report))
     (results / f"{args.name}.json").write_text(json.dumps({"command": cmd, "wall_time_s": wall,
                                                            "conditions": conditions,
                                                            "summary": summary["summary"],

@@ -79,15 +79,19 @@ def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, syn
     monkeypatch.setattr(features, "build_feature_bank", lambda *a, **k: calls.append(1) or real(*a, **k))
     data_cfg = DataConfig(root=str(synthetic_root), split_file=None, folds=2)
     e2e = dataclasses.replace(FAST, epochs=1, trainable_stages=-1, cache_views=0, tta="none",
-                              ensemble=("tf_efficientnet_lite0", "tf_efficientnet_lite0:1@tiny"))
+                              ensemble=("tf_efficientnet_lite0", "tf_efficientnet_lite0:1@tiny/112"))
     summary = cross_validate(data_cfg, SMALL, e2e, CVConfig(out=str(tmp_path / "cv")), progress=False,
                              log=lambda *_: None)
     assert summary["summary"]["n_folds"] == 2 and len(calls) == 1
     report = (tmp_path / "cv" / "cv_report.md").read_text()
-    assert "**Model:** ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite0:1@tiny" in report
+    # the summary names the size the ensemble reads (its /112 member's), not the shared recipe's 96 px
+    assert summary["input_size"] == 112
+    assert ("**Model:** ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite0:1@tiny/112 (agfn heads, input "
+            "112 px; members without /PX read 96 px") in report
     _assert_validation_reused_and_exact(tmp_path / "cv", data_cfg)
-    assert (tmp_path / "cv" / "tf_efficientnet_lite0-seed1-tiny.feature_cache.safetensors").is_file()
-    assert (tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed1-tiny" / "model.json").is_file()
+    assert (tmp_path / "cv" / "tf_efficientnet_lite0-seed1-tiny-112px.feature_cache.safetensors").is_file()
+    assert (tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed1-tiny-112px" /
+            "model.json").is_file()
 
 
 def _assert_validation_reused_and_exact(cv_dir, data_cfg, fold="fold1"):

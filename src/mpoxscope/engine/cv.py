@@ -120,11 +120,16 @@ def member_banks(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, tra
 def shared_images(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
                   progress: bool = True) -> ImageCache:
     """Every image any fold trains or validates on, decoded once for all folds (and all ensemble members)."""
+    needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
+    return build_image_cache(data, needed, model_input_size(model_cfg, train_cfg), workers=train_cfg.num_workers,
+                             progress_bar=progress)
+
+
+def model_input_size(model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
+    """The image size the trained model reads: an ensemble's (its largest member's ``/PX``), else the recipe's."""
     from mpoxscope.engine.ensemble import input_size
 
-    needed = sorted({i for f in folds for i in (*f.train, *f.validation)})
-    size = input_size(train_cfg.ensemble, model_cfg, train_cfg) if train_cfg.ensemble else model_cfg.image_size
-    return build_image_cache(data, needed, size, workers=train_cfg.num_workers, progress_bar=progress)
+    return input_size(train_cfg.ensemble, model_cfg, train_cfg) if train_cfg.ensemble else model_cfg.image_size
 
 
 def shared_inputs(data: SampleSet, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path,
@@ -274,6 +279,7 @@ def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, 
                     f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "
                     f"fold's validation part only",
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+        "input_size": model_input_size(model_cfg, train_cfg),
         "summary": summarize(per_fold, classes),
         "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s")} for m in per_fold],
         "classes": classes,
@@ -331,8 +337,10 @@ def cv_report(summary: dict) -> str:
     model = (f"{m['backbone']} + {m['head']} head, {m['image_size']} px, trainable backbone stages "
              f"{t['trainable_stages']}, cached views {t['cache_views']}")
     if t.get("ensemble"):  # the members' recipes differ from the top-level one (e.g. @frozen): name them
-        model = (f"ensemble of {' + '.join(t['ensemble'])} ({m['head']} heads, {m['image_size']} px; members "
-                 f"without @PRESET follow trainable stages {t['trainable_stages']}, cached views {t['cache_views']})")
+        model = (f"ensemble of {' + '.join(t['ensemble'])} ({m['head']} heads, input "
+                 f"{summary.get('input_size', m['image_size'])} px; members without /PX read {m['image_size']} px, "
+                 f"members without @PRESET follow trainable stages {t['trainable_stages']}, cached views "
+                 f"{t['cache_views']})")
     lines = ["# mpoxscope cross-validation", "", f"**Protocol:** {summary['protocol']}  ", f"**Model:** {model}  ",
              f"**Wall time:** {summary['wall_time_s']:.0f} s (folds already finished are not re-run)", "",
              "| metric (test, %) | mean ± std over folds |", "|---|---|"]
