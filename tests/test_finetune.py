@@ -430,6 +430,13 @@ def test_ensemble_preset_and_backbone_means_one_model():
     assert m.backbone == "resnet18" and t.ensemble == ()
     _, t = configs_from_args(p.parse_args(["--ensemble", "none"]))
     assert t.ensemble == ()
+    m, t = configs_from_args(p.parse_args(["--preset", "accurate"]))  # the default's members + Lite2 at 260 px
+    assert t.ensemble[:2] == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen")
+    from mpoxscope.engine.ensemble import input_size, member_configs
+
+    assert input_size(t.ensemble, m, t) == 260
+    names = [name for name, _, _ in member_configs(t.ensemble, m, t)]
+    assert names[2] == "tf_efficientnet_lite2-seed0-260px-16ep"  # the folder recipe_search #32 trained
 
 
 def test_building_a_feature_bank_leaves_the_global_rng_as_it_was(data_and_fold):

@@ -14,7 +14,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: preset, model, optimisation, device."""
     g = p.add_argument_group("model and training (override the preset)")
     g.add_argument("--preset", default="default", help="default (Lite0 end to end averaged with an AGFN head on a "
-                   "frozen Lite2) | lite0 (the Lite0 member alone) | frozen | paper (ResNet50 AGFN, end to end) | tiny")
+                   "frozen Lite2) | accurate (those two + Lite2 fine-tuned at 260 px; ~2.4x the time) | "
+                   "lite0 (the Lite0 member alone) | frozen | paper (ResNet50 AGFN, end to end) | tiny")
     g.add_argument("--backbone", help="timm model name, e.g. tf_efficientnet_lite0 (offline), resnet50")
     g.add_argument("--head", choices=Choices(HEADS), metavar="HEAD", help="classification head: %(choices)s")
     g.add_argument("--pretrained", help="auto | imagenet | none | PATH to .safetensors/.pth ImageNet weights")
