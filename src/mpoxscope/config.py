@@ -61,6 +61,7 @@ class TrainConfig:
     screen_class: str = "Mpox"  # the class the screening rule must catch
     screen_sensitivity: float = 0.90  # its target sensitivity, met on validation
     screen_confidence: float | None = 0.95  # ... with this confidence (bootstrap lower bound); None: point estimate
+    solver: str = "adamw"  # "adamw" (epochs of gradient steps) | "logistic" (linear probe fitted by scikit-learn)
     ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED][@PRESET][/PX][,epochs=N] per member; empty: one model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -107,6 +108,9 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # The paper's model: ResNet50 ImageNet backbone, AGFN head, 8 heads, fine-tuned end to end (meant for a GPU).
     "paper": (ModelConfig(backbone="resnet50", pretrained="imagenet", d_model=512, num_heads=8),
               TrainConfig(trainable_stages=-1, epochs=50, lr=1e-4, backbone_lr=1e-5, batch_size=32)),
+    # A linear probe: frozen trunk, linear head fitted by logistic regression on its pooled features under the
+    # eight symmetries of the square (engine/probe.py); seconds once the features exist (~3 min for Lite2 260 px).
+    "probe": (ModelConfig(head="linear"), TrainConfig(solver="logistic", cache_views=0, epochs=1, tta="auto")),
     # Smallest thing that learns: for smoke tests and the demo.
     "tiny": (ModelConfig(image_size=160, d_model=128, num_heads=4),
              TrainConfig(epochs=12, cache_views=3, warmup_epochs=1, patience=12)),

@@ -15,7 +15,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training (override the preset)")
     g.add_argument("--preset", default="default", help="default (Lite0 end to end averaged with an AGFN head on a "
                    "frozen Lite2) | accurate (those two + Lite2 fine-tuned at 260 px; ~2.4x the time) | "
-                   "lite0 (the Lite0 member alone) | frozen | paper (ResNet50 AGFN, end to end) | tiny")
+                   "lite0 (the Lite0 member alone) | probe (logistic regression on a frozen trunk) | frozen | "
+                   "paper (ResNet50 AGFN, end to end) | tiny")
     g.add_argument("--backbone", help="timm model name, e.g. tf_efficientnet_lite0 (offline), resnet50")
     g.add_argument("--head", choices=Choices(HEADS), metavar="HEAD", help="classification head: %(choices)s")
     g.add_argument("--pretrained", help="auto | imagenet | none | PATH to .safetensors/.pth ImageNet weights")
@@ -52,6 +53,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (default 0: off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA",
                    help="CutMix with Beta(ALPHA, ALPHA) (default 0: off); with --mixup, one of the two per batch")
+    g.add_argument("--solver", choices=["adamw", "logistic"],
+                   help="adamw: epochs of gradient steps (default); logistic: a linear head on a frozen trunk fitted "
+                        "by scikit-learn's logistic regression on pooled features of 8 views (the probe preset)")
     g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
                    help="test-time views stored with the model: auto (default) picks none, flips (identity + "
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
@@ -157,6 +161,9 @@ def check_train_options(model_cfg, train_cfg) -> None:
             raise MpoxscopeError(f"--{name.replace('_', '-')}: must be at least 1")
     if train_cfg.cache_views < 0:
         raise MpoxscopeError("--cache-views: must be 0 (no cache) or more")
+    from mpoxscope.engine.probe import check_probe
+
+    check_probe(model_cfg, train_cfg)
     if not 0 <= train_cfg.ema_decay < 1:
         raise MpoxscopeError(f"--ema-decay: must be in [0, 1) (0: off), got {train_cfg.ema_decay}")
     for name in ("mixup", "cutmix"):

@@ -250,6 +250,8 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
     finished = _finished_result(run_dir, model_cfg, train_cfg, data_info, resume, log)
     if finished is not None:
         return finished
+    if train_cfg.solver == "logistic":
+        return _probe(data, fold, model_cfg, train_cfg, run_dir, data_info, images, progress, log)
     ctx = distributed.context()
     log = log if ctx.is_main else (lambda *a, **k: None)
     seed_everything(train_cfg.seed)
@@ -282,6 +284,20 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
     meta = read_meta(run_dir)
     return TrainResult(run_dir, state.best_epoch, state.epoch, meta["validation"], time.perf_counter() - t0,
                        skipped, False)
+
+
+def _probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
+           data_info: dict, images: ImageCache | None, progress: bool, log) -> TrainResult:
+    """A linear probe (``solver="logistic"``): one fit, no epochs (``engine.probe``)."""
+    from mpoxscope.engine.probe import check_probe, fit_probe
+
+    check_probe(model_cfg, train_cfg)
+    if distributed.context().active:
+        raise MpoxscopeError("--solver logistic runs in one process; start it without torchrun")
+    fold, skipped = drop_unreadable(data, fold, train_cfg.skip_bad_images)
+    best, run, val, seconds = fit_probe(data, fold, model_cfg, train_cfg, run_dir, data_info, images, progress, log,
+                                         skipped)
+    return TrainResult(run_dir, best, run, val, seconds, skipped, False)
 
 
 @dataclass

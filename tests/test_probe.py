@@ -1,0 +1,111 @@
+"""Linear probe (``solver="logistic"``): the folded scaler, the validation choice of C, and a probe run that every
+consumer reads as an ordinary linear-head run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mpoxscope.config import ModelConfig, TrainConfig, preset
+from mpoxscope.data.protocol import resolve_folds
+from mpoxscope.data.samples import load_samples
+from mpoxscope.engine.probe import check_probe, fit_logistic
+from mpoxscope.errors import MpoxscopeError
+
+
+def test_fit_logistic_folds_the_scaler_into_the_weights_and_picks_c_by_validation_loss():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=3, size=(3, 5))
+
+    def sample(n):
+        y = rng.integers(0, 3, n)
+        x = centres[y][:, None, :] + rng.normal(size=(n, 2, 5)) * rng.uniform(0.5, 4, 5) + 10  # off-centre, scaled
+        return x, y
+    (tx, ty), (vx, vy) = sample(60), sample(40)
+    fit = fit_logistic(tx, ty, vx, vy, n_classes=3, grid=(0.001, 1.0))
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=fit.c, max_iter=5000, class_weight="balanced"))
+    ref.fit(tx.reshape(-1, 5), np.repeat(ty, 2))
+    rows = vx.reshape(-1, 5)
+    np.testing.assert_allclose(rows @ fit.weight.T + fit.bias, ref.decision_function(rows), rtol=1e-4, atol=1e-4)
+    assert fit.losses[str(fit.c)] == min(fit.losses.values()) and set(fit.losses) == {"0.001", "1.0"}
+
+
+def test_fit_logistic_refuses_a_training_part_without_every_class():
+    x = np.zeros((4, 1, 3))
+    x[2:] = 1
+    with pytest.raises(MpoxscopeError, match="2 of 3 classes"):
+        fit_logistic(x, np.array([0, 0, 1, 1]), x, np.array([0, 0, 1, 1]), n_classes=3, grid=(1.0,))
+
+
+def test_check_probe_wants_a_frozen_trunk_and_the_linear_head():
+    m, t = preset("probe")
+    check_probe(m, t)
+    with pytest.raises(MpoxscopeError, match="--head linear"):
+        check_probe(dataclasses.replace(m, head="agfn"), t)
+    with pytest.raises(MpoxscopeError, match="--finetune 0"):
+        check_probe(m, dataclasses.replace(t, trainable_stages=-1))
+
+
+def test_probe_run_is_read_by_the_predictor_as_fitted(tmp_path, synthetic_root):
+    """A fold's probe: one fit, validation scores that the Predictor reproduces, and a finished run that a rerun
+    does not fit again."""
+    from mpoxscope.data.images import load_image
+    from mpoxscope.engine.checkpoint import read_meta
+    from mpoxscope.engine.predict import Predictor
+    from mpoxscope.engine.train import train
+
+    data = load_samples(synthetic_root)
+    fold = resolve_folds(data, None, n_folds=3)[0][0]
+    model_cfg = ModelConfig(head="linear", image_size=96)
+    train_cfg = dataclasses.replace(preset("probe")[1], device="cpu")
+    result = train(data, fold, model_cfg, train_cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    meta = read_meta(tmp_path / "run")
+    assert meta["probe"]["C"] in (0.001, 0.003, 0.01, 0.03, 0.1) and meta["tta"]["chosen_on"] == "validation"
+    predictor = Predictor.from_run(tmp_path / "run", device="cpu")
+    probs = predictor.predict_images([load_image(data.samples[i].path) for i in fold.validation])
+    acc = float(np.mean(probs.argmax(1) == np.array([data.targets[i] for i in fold.validation])))
+    assert abs(acc - result.validation["accuracy"]) < 1e-6
+    logs: list[str] = []
+    again = train(data, fold, model_cfg, train_cfg, tmp_path / "run", progress=False, log=logs.append)
+    assert again.resumed and any("already trained" in line for line in logs)
+
+
+def test_a_probe_member_in_a_cross_validated_ensemble(tmp_path, synthetic_root):
+    """``BACKBONE@probe`` beside a gradient-trained member: both train, the ensemble is scored, and the probe's
+    features are computed once for both folds (the second fold finds them in memory)."""
+    from mpoxscope.config import DataConfig
+    from mpoxscope.engine import probe
+    from mpoxscope.engine.cv import CVConfig, cross_validate
+
+    probe._FEATURES.clear()
+    data_cfg = DataConfig(root=str(synthetic_root), split_file=None, folds=2)
+    cfg = TrainConfig(epochs=1, batch_size=16, cache_views=2, warmup_epochs=1, tta="none", device="cpu",
+                      ensemble=("tf_efficientnet_lite0@tiny", "tf_efficientnet_lite0@probe"))
+    summary = cross_validate(data_cfg, ModelConfig(image_size=96, d_model=32, num_heads=4), cfg,
+                             CVConfig(out=str(tmp_path / "cv")), progress=False, log=lambda *_: None)
+    assert summary["summary"]["n_folds"] == 2
+    member = tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed0-probe"
+    assert (member / "best.safetensors").is_file()
+    (store,) = probe._FEATURES.values()
+    assert len(store) == len(load_samples(synthetic_root))  # every image once, over two folds
+
+
+def test_fit_logistic_two_classes_gives_two_logits_with_sklearns_probabilities():
+    from scipy.special import softmax
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 30)
+    x = (y[:, None, None] + rng.normal(size=(30, 1, 4))).astype(np.float32)
+    fit = fit_logistic(x, y, x, y, n_classes=2, grid=(0.3,))
+    scaler = StandardScaler().fit(x[:, 0])
+    ref = LogisticRegression(C=0.3, max_iter=5000, class_weight="balanced").fit(scaler.transform(x[:, 0]), y)
+    np.testing.assert_allclose(softmax(x[:, 0] @ fit.weight.T + fit.bias, axis=1),
+                               ref.predict_proba(scaler.transform(x[:, 0])), atol=1e-4)
