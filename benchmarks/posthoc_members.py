@@ -49,8 +49,8 @@ def member_probs(cv: Path, fold: str, split: str, order: list[str] | None) -> tu
 def combine(probs: list[np.ndarray], rule: str) -> np.ndarray:
     """Ensemble logits of members' probabilities, each (n, classes): ``log-mean`` is mpoxscope's rule (log of the
     mean probability); ``mean-log`` the geometric mean (mean of the log-probabilities), a candidate alternative."""
-    if rule == "log-mean":
-        return np.log(np.mean(probs, axis=0))
+    if rule == "log-mean":  # saved probabilities may round to 0 (6 decimals): a floor keeps the log finite
+        return np.log(np.clip(np.mean(probs, axis=0), 1e-6, 1.0))
     return np.mean(np.log(np.clip(probs, 1e-6, 1.0)), axis=0)  # saved probabilities may round to 0
 
 

@@ -71,6 +71,9 @@ def test_probe_run_is_read_by_the_predictor_as_fitted(tmp_path, synthetic_root):
     probs = predictor.predict_images([load_image(data.samples[i].path) for i in fold.validation])
     acc = float(np.mean(probs.argmax(1) == np.array([data.targets[i] for i in fold.validation])))
     assert abs(acc - result.validation["accuracy"]) < 1e-6
+    from mpoxscope.card import build_card
+
+    assert "linear probe: sklearn LogisticRegression" in build_card(meta)  # not "epochs 1, lr ..."
     logs: list[str] = []
     again = train(data, fold, model_cfg, train_cfg, tmp_path / "run", progress=False, log=logs.append)
     assert again.resumed and any("already trained" in line for line in logs)

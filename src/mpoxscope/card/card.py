@@ -166,6 +166,12 @@ def _model_section(meta: dict, parameters: int | None) -> str:
         rows.insert(2, ("AGFN size", dims))
     train = _section_dict(meta, "train")
     recipe = ", ".join(f"{_label(k)} {_fmt(train[k])}" for k in _TRAIN_KEYS if k in train) if train else ""
+    probe = _section_dict(meta, "probe")
+    if probe:  # no epochs or learning rates: one logistic-regression fit on the frozen trunk's features
+        recipe = (f"linear probe: {probe.get('solver', 'logistic regression')}, class balanced "
+                  f"{_fmt((train or {}).get('class_balanced', True))}, on the frozen trunk's pooled features of "
+                  f"{len(probe.get('training_views') or [])} views per image; C {probe.get('C')} chosen by "
+                  f"validation log-loss")
     rows.append(("Training", recipe or None))
     return "## Model details\n\n" + _bullets(rows)
 
