@@ -122,6 +122,9 @@ def model_line(summary: dict) -> str:
     sizes = {parse_member(e, 0).image_size for e in ens or ()} - {None}  # members' own /PX
     px = f"{m['image_size']} px" + (f" (members with /PX: their own; input {max(sizes | {m['image_size']})} px)"
                                     if sizes else "")
+    if t.get("solver") == "logistic" and not ens:  # one fit, no epochs (engine/probe.py)
+        return (f"{what}, {px}; frozen trunk, linear probe fitted by logistic regression on pooled features of "
+                f"8 views, C chosen on validation; test-time views {t['tta']}")
     return (f"{what}, {px}; {'members without @PRESET: ' if ens else ''}trainable stages "
             f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}")
 
