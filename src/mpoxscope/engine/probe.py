@@ -36,6 +36,7 @@ from mpoxscope.engine.checkpoint import build_meta, save_weights, write_meta
 from mpoxscope.engine.device import resolve_device
 from mpoxscope.engine.finish import finish_run
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
+from mpoxscope.engine.train import TrainResult
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import write_json
 from mpoxscope.models.factory import SkinLesionNet, create_model
@@ -125,9 +126,9 @@ def pooled_features(model: SkinLesionNet, data: SampleSet, images: ImageCache, i
 
 def fit_probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
               data_info: dict, images: ImageCache | None, progress: bool, log,
-              skipped: list[str] | None = None) -> tuple[int, int, dict, float]:
-    """Fit the probe of one fold and write its run (weights, ``model.json``, finish); returns (best epoch,
-    epochs run, validation scores, seconds) as ``train`` reports them (one "epoch": the fit)."""
+              skipped: list[str] | None = None) -> TrainResult:
+    """Fit the probe of one fold and write its run (weights, ``model.json``, finish); reported as ``train``
+    reports a run, with the fit as its one "epoch"."""
     t0 = time.perf_counter()
     device = resolve_device(train_cfg.device)
     model = create_model(model_cfg, len(data.classes)).to(device)
@@ -160,4 +161,4 @@ def fit_probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: Tr
     seconds = round(time.perf_counter() - t0, 1)
     write_json(run_dir / rundir.STATE, {"status": "finished", "epochs_run": 1, "best_epoch": 1,
                                         "wall_time_s": seconds, "skipped_files": list(skipped or [])})
-    return 1, 1, meta["validation"], seconds
+    return TrainResult(run_dir, 1, 1, meta["validation"], seconds, list(skipped or []), False)

@@ -295,9 +295,7 @@ def _probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: Train
     if distributed.context().active:
         raise MpoxscopeError("--solver logistic runs in one process; start it without torchrun")
     fold, skipped = drop_unreadable(data, fold, train_cfg.skip_bad_images)
-    best, run, val, seconds = fit_probe(data, fold, model_cfg, train_cfg, run_dir, data_info, images, progress, log,
-                                         skipped)
-    return TrainResult(run_dir, best, run, val, seconds, skipped, False)
+    return fit_probe(data, fold, model_cfg, train_cfg, run_dir, data_info, images, progress, log, skipped)
 
 
 @dataclass
