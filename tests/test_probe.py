@@ -11,6 +11,7 @@ import pytest
 from mpoxscope.config import ModelConfig, TrainConfig, preset
 from mpoxscope.data.protocol import resolve_folds
 from mpoxscope.data.samples import load_samples
+from mpoxscope.engine import probe
 from mpoxscope.engine.probe import check_probe, fit_logistic
 from mpoxscope.errors import MpoxscopeError
 
@@ -112,3 +113,80 @@ def test_fit_logistic_two_classes_gives_two_logits_with_sklearns_probabilities()
     ref = LogisticRegression(C=0.3, max_iter=5000, class_weight="balanced").fit(scaler.transform(x[:, 0]), y)
     np.testing.assert_allclose(softmax(x[:, 0] @ fit.weight.T + fit.bias, axis=1),
                                ref.predict_proba(scaler.transform(x[:, 0])), atol=1e-4)
+
+
+def test_refit_keeps_every_validation_choice_and_refits_on_train_plus_validation(tmp_path, synthetic_root):
+    """``--refit``: the same C, views, calibration, threshold and validation scores as the plain probe, new weights
+    (those of a fit on training + validation), marked in model.json, the card and an evaluation of validation."""
+    from safetensors.torch import load_file
+
+    from mpoxscope.card import build_card
+    from mpoxscope.engine.checkpoint import read_meta
+    from mpoxscope.engine.train import train
+
+    data = load_samples(synthetic_root)
+    fold = resolve_folds(data, None, n_folds=3)[0][0]
+    model_cfg = ModelConfig(head="linear", image_size=96)
+    plain_cfg = dataclasses.replace(preset("probe")[1], device="cpu")
+    quiet = {"progress": False, "log": lambda *_: None}
+    train(data, fold, model_cfg, plain_cfg, tmp_path / "plain", **quiet)
+    train(data, fold, model_cfg, dataclasses.replace(plain_cfg, refit=True), tmp_path / "refit", **quiet)
+    plain, refit = read_meta(tmp_path / "plain"), read_meta(tmp_path / "refit")
+    for key in ("probe", "tta", "calibration", "validation", "screening"):
+        assert plain[key] == refit[key], key
+    assert "refit" not in plain and refit["refit"]["images"] == len(fold.train) + len(fold.validation)
+    w_plain = load_file(str(tmp_path / "plain" / "best.safetensors"))["head.classifier.weight"]
+    w_refit = load_file(str(tmp_path / "refit" / "best.safetensors"))["head.classifier.weight"]
+    assert not np.allclose(w_plain.numpy(), w_refit.numpy(), atol=1e-4)
+    rows = [*fold.train, *fold.validation]
+    z = probe._FEATURES[(model_cfg.backbone, model_cfg.image_size, model_cfg.pretrained)]
+    from mpoxscope.engine.probe import _file_key
+
+    x = np.stack([z[_file_key(data.samples[i].path)].numpy() for i in rows])
+    y = np.asarray(data.targets)[rows]
+    direct = fit_logistic(x, y, x, y, len(data.classes), grid=(plain["probe"]["C"],))
+    np.testing.assert_allclose(w_refit.numpy(), direct.weight, atol=1e-5)
+    assert "Refit" in build_card(refit)
+    from mpoxscope.engine.runner import evaluate_run
+
+    m = evaluate_run(tmp_path / "refit", synthetic_root, tmp_path / "ev", split="validation", split_file="none",
+                     device="cpu")
+    assert "IN-SAMPLE" in m["protocol"]
+
+
+def test_refit_is_refused_where_no_probe_is_trained():
+    check_probe(ModelConfig(head="linear"), TrainConfig(solver="logistic", refit=True))
+    check_probe(ModelConfig(), TrainConfig(ensemble=("tf_efficientnet_lite0", "tf_efficientnet_lite2@probe"),
+                                           refit=True))
+    with pytest.raises(MpoxscopeError, match="--refit refits linear probes"):
+        check_probe(ModelConfig(), TrainConfig(refit=True))
+    with pytest.raises(MpoxscopeError, match="this configuration trains none"):
+        check_probe(ModelConfig(), TrainConfig(ensemble=("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen"),
+                                               refit=True))
+
+
+def test_a_refit_ensemble_is_calibrated_before_its_probe_is_refit(tmp_path, synthetic_root):
+    """The ensemble's calibration and threshold are fitted before the refit and never again: a rerun (a resumed
+    or repeated command) leaves them and the refit weights as they are."""
+    from mpoxscope.engine.checkpoint import read_meta
+    from mpoxscope.engine.ensemble import train_ensemble
+    from mpoxscope.engine.rundir import weights_sha256
+
+    data = load_samples(synthetic_root)
+    fold = resolve_folds(data, None, n_folds=3)[0][0]
+    specs = ("tf_efficientnet_lite0@tiny", "tf_efficientnet_lite0@probe")
+    cfg = TrainConfig(epochs=1, batch_size=16, cache_views=2, warmup_epochs=1, tta="none", device="cpu",
+                      ensemble=specs)
+    model_cfg = ModelConfig(image_size=96, d_model=32, num_heads=4)
+    quiet = {"progress": False, "log": lambda *_: None}
+    train_ensemble(data, fold, model_cfg, cfg, specs, tmp_path / "plain", **quiet)
+    train_ensemble(data, fold, model_cfg, dataclasses.replace(cfg, refit=True), specs, tmp_path / "refit", **quiet)
+    plain, refit = read_meta(tmp_path / "plain"), read_meta(tmp_path / "refit")
+    assert plain["calibration"] == refit["calibration"] and plain["screening"] == refit["screening"]
+    assert refit["refit"]["members"] == ["tf_efficientnet_lite0-seed0-probe"]
+    member = tmp_path / "refit" / "members" / "tf_efficientnet_lite0-seed0-probe"
+    assert read_meta(member)["refit"]["images"] == len(fold.train) + len(fold.validation)
+    assert weights_sha256(member) != weights_sha256(tmp_path / "plain" / "members" / member.name)
+    before = weights_sha256(member)
+    train_ensemble(data, fold, model_cfg, dataclasses.replace(cfg, refit=True), specs, tmp_path / "refit", **quiet)
+    assert read_meta(tmp_path / "refit")["calibration"] == refit["calibration"] and weights_sha256(member) == before

@@ -62,6 +62,7 @@ class TrainConfig:
     screen_sensitivity: float = 0.90  # its target sensitivity, met on validation
     screen_confidence: float | None = 0.95  # ... with this confidence (bootstrap lower bound); None: point estimate
     solver: str = "adamw"  # "adamw" (epochs of gradient steps) | "logistic" (linear probe fitted by scikit-learn)
+    refit: bool = False  # refit probes on train + validation after every validation choice (engine.probe)
     ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED][@PRESET][/PX][,epochs=N] per member; empty: one model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

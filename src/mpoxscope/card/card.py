@@ -173,6 +173,12 @@ def _model_section(meta: dict, parameters: int | None) -> str:
                   f"{len(probe.get('training_views') or [])} views per image; C {probe.get('C')} chosen by "
                   f"validation log-loss")
     rows.append(("Training", recipe or None))
+    refit = _section_dict(meta, "refit")
+    if refit:
+        members = refit.get("members")
+        who = f"members {', '.join(map(str, members))}" if isinstance(members, list) and members else "the linear head"
+        rows.append(("Refit", f"{who} refit on the training and validation parts after every choice made on "
+                              "validation; the validation scores are from before the refit"))
     return "## Model details\n\n" + _bullets(rows)
 
 

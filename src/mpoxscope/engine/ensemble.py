@@ -7,6 +7,7 @@ the averaged model, fitted on the validation part only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import calibrated_softmax
 from mpoxscope.engine.train import TrainResult, train
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.fileio import write_json
+from mpoxscope.fileio import read_json, write_json
 
 #: Fields a member always takes from the ensemble's own configuration, whatever its recipe: where and how it
 #: runs, and what the averaged model is asked to do.
@@ -110,7 +111,9 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
         shared = {f: getattr(train_cfg, f) for f in _SHARED_TRAIN_FIELDS}
         out.append((spec.name, dataclasses.replace(mc, backbone=spec.backbone,
                                                    image_size=spec.image_size or model_cfg.image_size),
-                    dataclasses.replace(tc, seed=spec.seed, ensemble=(), epochs=spec.epochs or tc.epochs, **shared)))
+                    # a member is never refit on its own: the ensemble refits its probes after its calibration
+                    dataclasses.replace(tc, seed=spec.seed, ensemble=(), epochs=spec.epochs or tc.epochs,
+                                        refit=False, **shared)))
     return out
 
 
@@ -147,11 +150,46 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
                              bank=(banks or {}).get(name), progress=progress, log=log))
     if distributed.is_main():  # under torchrun, rank 0 alone writes
         size = max(mc.image_size for _, mc, _ in members)
-        combine(run_dir, [n for n, _, _ in members], data, fold, images_at(size), train_cfg, data_info, specs)
+        names = [n for n, _, _ in members]
+        status = _status(run_dir, train_cfg)
+        if status is None:  # a refit ensemble's calibration is never fitted again: its probes saw validation
+            combine(run_dir, names, data, fold, images_at(size), train_cfg, data_info, specs)
+        if train_cfg.refit and status != "finished":
+            _refit_members(run_dir, members, data, fold, images_at, train_cfg, log)
     distributed.barrier()
     meta = read_meta(run_dir)
     return TrainResult(run_dir, 0, max(r.epochs_run for r in results), meta["validation"],
                        time.perf_counter() - t0, results[0].skipped_files, all(r.resumed for r in results))
+
+
+def _status(run_dir: Path, train_cfg: TrainConfig) -> str | None:
+    """``calibrated`` or ``finished`` for a refit ensemble of this configuration already calibrated (or also
+    refit) in ``run_dir``, else None (calibrate)."""
+    if not train_cfg.refit or not (run_dir / rundir.STATE).is_file():
+        return None
+    status = read_json(run_dir / rundir.STATE).get("status")
+    stored = read_meta(run_dir).get("train", {})
+    same = stored == json.loads(json.dumps({**to_dict(train_cfg), "ensemble": list(train_cfg.ensemble)}))
+    return status if same and status in ("calibrated", "finished") else None
+
+
+def _refit_members(run_dir: Path, members: list, data: SampleSet, fold: Fold, images_at, train_cfg: TrainConfig,
+                   log) -> None:
+    """Refit the probe members on training + validation, after the ensemble's calibration and threshold were
+    fitted on validation (``engine.probe.refit_probe``)."""
+    from mpoxscope.engine.probe import refit_probe
+
+    device = resolve_device(train_cfg.device)
+    probes = [(name, mc) for name, mc, tc in members if tc.solver == "logistic"]
+    for name, mc in probes:
+        refit_probe(run_dir / rundir.MEMBERS / name, data, fold, images_at(mc.image_size), device,
+                    workers=train_cfg.num_workers, log=log)
+    meta = read_meta(run_dir)
+    meta["refit"] = {"members": [name for name, _ in probes], "parts": ["train", "validation"],
+                     "note": "these members were refit on the training and validation parts after the ensemble's "
+                             "calibration and threshold were fitted; validation scores are from before the refit"}
+    write_meta(run_dir, meta)
+    write_json(run_dir / rundir.STATE, {"status": "finished", "members": [n for n, _, _ in members]})
 
 
 def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images: ImageCache,
@@ -183,7 +221,8 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
                                         [data.groups[i] for i in fold.validation])
     save_validation_probs(run_dir, [data.samples[i].filename for i in fold.validation], probs, meta)
     write_meta(run_dir, meta)
-    write_json(run_dir / rundir.STATE, {"status": "finished", "members": names})
+    # a refit follows (train_ensemble): until it is done, a rerun must not calibrate again
+    write_json(run_dir / rundir.STATE, {"status": "calibrated" if train_cfg.refit else "finished", "members": names})
     return meta
 
 

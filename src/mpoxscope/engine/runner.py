@@ -81,6 +81,8 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str
     f = select_fold(prepared.folds, cfg.fold)
     predictor = load_predictor(run_dir, device, runtime, onnx_file=onnx_file)
     protocol = f"{dataset_name(prepared.data)}, {prepared.split_source}, {f.name}, {split}"
+    if split != "test" and meta.get("refit"):  # the refit trained on the validation part too
+        protocol += " (IN-SAMPLE: the model was refit on training + validation)"
     return evaluate(predictor, prepared.data, f.indices(split), out_dir, protocol)
 
 
