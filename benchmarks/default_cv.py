@@ -122,11 +122,12 @@ def model_line(summary: dict) -> str:
     sizes = {parse_member(e, 0).image_size for e in ens or ()} - {None}  # members' own /PX
     px = f"{m['image_size']} px" + (f" (members with /PX: their own; input {max(sizes | {m['image_size']})} px)"
                                     if sizes else "")
+    refit = "; probes refit on training + validation after every validation choice" if t.get("refit") else ""
     if t.get("solver") == "logistic" and not ens:  # one fit, no epochs (engine/probe.py)
         return (f"{what}, {px}; frozen trunk, linear probe fitted by logistic regression on pooled features of "
-                f"8 views, C chosen on validation; test-time views {t['tta']}")
+                f"8 views, C chosen on validation; test-time views {t['tta']}{refit}")
     return (f"{what}, {px}; {'members without @PRESET: ' if ens else ''}trainable stages "
-            f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}")
+            f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}{refit}")
 
 
 def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None,

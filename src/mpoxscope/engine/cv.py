@@ -277,7 +277,8 @@ def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, 
     summary = {
         "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
                     f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "
-                    f"fold's validation part only",
+                    f"fold's validation part only"
+                    + ("; then the probes refit on training + validation (--refit)" if train_cfg.refit else ""),
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
         "input_size": model_input_size(model_cfg, train_cfg),
         "summary": summarize(per_fold, classes),

@@ -1,0 +1,162 @@
+"""Post-hoc prototypes for the linear probe (recipe_search.md #40-#41): other poolings and stages of the frozen
+trunk, a learning curve on validation, and a refit on training + validation, without building them into the package.
+
+    # 1. every image's features under the 8 d4 views: average pool of stages 4-8, max and GeM pool of the last map
+    python benchmarks/probe_prototypes.py features --out runs/l2_260.npz  # ~2.5 min (Lite2 260, 2 cores)
+    # 2. a probe on some of them per official fold (C by validation log-loss, temperature on validation); writes
+    #    <out>/<fold>/{validation,evaluation}/predictions.csv for benchmarks/posthoc_members.py
+    python benchmarks/probe_prototypes.py fit runs/l2_260.npz gap4+gap5+gap6+gap7+gap8+gmp --out runs/cv_multi
+    python benchmarks/probe_prototypes.py fit runs/l2_260.npz gap8 --refit --out runs/cv_refit  # post hoc refit
+    # 3. pooled validation macro-F1 when training on a patient-grouped fraction of each fold's training part
+    python benchmarks/probe_prototypes.py curve runs/l2_260.npz gap8
+
+Test numbers are printed by ``fit`` and reported in recipe_search.md, never used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import softmax
+from sklearn.metrics import f1_score
+from sklearn.model_selection import GroupShuffleSplit
+
+from mpoxscope.config import ModelConfig
+from mpoxscope.data.batch_augment import normalise
+from mpoxscope.data.protocol import resolve_folds
+from mpoxscope.data.samples import load_samples, msld_root
+from mpoxscope.engine.calibration import expected_calibration_error, fit_temperature
+from mpoxscope.engine.imagecache import build_image_cache
+from mpoxscope.engine.probe import C_GRID, fit_logistic
+from mpoxscope.models.factory import create_model
+from mpoxscope.models.tta import TTA_SETS, VIEWS
+
+
+@torch.no_grad()
+def features(args: argparse.Namespace) -> None:
+    data = load_samples(msld_root())
+    model = create_model(ModelConfig(backbone=args.backbone, image_size=args.image_size, head="linear"),
+                         len(data.classes)).eval()
+    idx = list(range(len(data.samples)))
+    cache = build_image_cache(data, idx, args.image_size, progress_bar=False)
+    t0, out = time.time(), {}
+    for s in range(0, len(idx), 16):
+        x = normalise(cache.clean.index_select(0, cache.index(idx[s:s + 16])), model.mean, model.std)
+        views = []
+        for v in TTA_SETS["d4"]:
+            h, parts = VIEWS[v](x).contiguous(memory_format=torch.channels_last), {}
+            for k, stage in enumerate(model.stages):
+                h = stage(h)
+                if k >= 4:
+                    parts[f"gap{k}"] = h.float().mean((2, 3))
+            parts["gmp"] = h.float().amax((2, 3))
+            parts["gem"] = h.float().clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
+            views.append(parts)
+        for key in views[0]:
+            out.setdefault(key, []).append(torch.stack([p[key] for p in views], 1).numpy())
+    np.savez(args.out, names=np.array([p.path.name for p in data.samples]), **{k: np.concatenate(v) for k, v in
+                                                                               out.items()})
+    print(f"{args.out}: {', '.join(out)} for {len(idx)} images in {time.time() - t0:.0f} s")
+
+
+def _load(npz: str, keys: str):
+    z = np.load(npz)
+    data = load_samples(msld_root())
+    if list(z["names"]) != [s.path.name for s in data.samples]:
+        sys.exit(f"{npz}: computed for other images than {msld_root()}")
+    x = np.concatenate([z[k] for k in keys.split("+")], -1).astype(np.float32)
+    folds, _ = resolve_folds(data, msld_root() / "datalog.xlsx")
+    return data, x, np.asarray(data.targets), folds
+
+
+def _write(path: Path, data, idx: list[int], probs: np.ndarray) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    classes = list(data.classes)
+    lines = ["filename,true,predicted,confidence," + ",".join(classes)]
+    for i, p in zip(idx, probs):
+        lines.append(f"{data.samples[i].path.name},{classes[data.targets[i]]},{classes[p.argmax()]},{p.max():.4f},"
+                     + ",".join(f"{v:.6f}" for v in p))
+    (path / "predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+def fit(args: argparse.Namespace) -> None:
+    data, x, y, folds = _load(args.npz, args.keys)
+    pooled = {"validation": ([], []), "evaluation": ([], [])}
+    for f in folds:
+        tr, va, te = list(f.train), list(f.validation), list(f.test)
+        probe = fit_logistic(x[tr], y[tr], x[va], y[va], len(data.classes), grid=C_GRID_WIDE)
+        val_logits = (x[va] @ probe.weight.T + probe.bias).mean(1)
+        t = fit_temperature(val_logits, y[va])
+        if args.refit:  # same C on training + validation; the temperature above (validation is now in-sample)
+            probe = fit_logistic(x[tr + va], y[tr + va], x[va], y[va], len(data.classes), grid=(probe.c,))
+        for split, idx, logits in (("validation", va, val_logits),
+                                   ("evaluation", te, (x[te] @ probe.weight.T + probe.bias).mean(1))):
+            p = softmax(logits / t, 1)
+            _write(args.out / f.name / split, data, idx, p)
+            pooled[split][0].append(y[idx])
+            pooled[split][1].append(p)
+    (yv, pv), (yt, pt) = ((np.concatenate(a), np.concatenate(b)) for a, b in pooled.values())
+    print(f"{args.keys}{' refit' if args.refit else ''}: pooled validation macro-F1 "
+          f"{100 * f1_score(yv, pv.argmax(1), average='macro'):.2f} | test (reported, not used) accuracy "
+          f"{100 * (pt.argmax(1) == yt).mean():.2f}, macro-F1 {100 * f1_score(yt, pt.argmax(1), average='macro'):.2f}"
+          f", ECE {expected_calibration_error(pt, yt):.3f}")
+
+
+def curve(args: argparse.Namespace) -> None:
+    data, x, y, folds = _load(args.npz, args.keys)
+    groups = np.array(data.groups)
+    for frac in args.fractions:
+        scores = []
+        for draw in range(args.draws if frac < 1 else 1):
+            yv, pv = [], []
+            for f in folds:
+                tr, va = np.array(f.train), list(f.validation)
+                if frac < 1:  # whole patients, so no patient is split between kept and dropped
+                    keep, _ = next(GroupShuffleSplit(1, train_size=frac, random_state=draw).split(tr,
+                                                                                                groups=groups[tr]))
+                    tr = tr[keep]
+                probe = fit_logistic(x[tr], y[tr], x[va], y[va], len(data.classes))
+                pv.append((x[va] @ probe.weight.T + probe.bias).mean(1).argmax(1))
+                yv.append(y[va])
+            scores.append(100 * f1_score(np.concatenate(yv), np.concatenate(pv), average="macro"))
+        print(f"training fraction {frac}: pooled validation macro-F1 {np.mean(scores):.2f} "
+              f"({', '.join(f'{s:.2f}' for s in scores)})", flush=True)
+
+
+#: Wider than the package's grid: several stages concatenated have more features to regularise.
+C_GRID_WIDE = (0.0003, *C_GRID)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("features")
+    p.add_argument("--backbone", default="tf_efficientnet_lite2")
+    p.add_argument("--image-size", type=int, default=260)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=features)
+    p = sub.add_parser("fit")
+    p.add_argument("npz")
+    p.add_argument("keys", help="feature names joined by +, e.g. gap8+gmp")
+    p.add_argument("--refit", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=fit)
+    p = sub.add_parser("curve")
+    p.add_argument("npz")
+    p.add_argument("keys")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0])
+    p.add_argument("--draws", type=int, default=3)
+    p.set_defaults(run=curve)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
