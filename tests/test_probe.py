@@ -64,7 +64,7 @@ def test_probe_run_is_read_by_the_predictor_as_fitted(tmp_path, synthetic_root):
     data = load_samples(synthetic_root)
     fold = resolve_folds(data, None, n_folds=3)[0][0]
     model_cfg = ModelConfig(head="linear", image_size=96)
-    train_cfg = dataclasses.replace(preset("probe")[1], device="cpu")
+    train_cfg = dataclasses.replace(preset("probe")[1], device="cpu", refit=False)  # validation stays held out
     result = train(data, fold, model_cfg, train_cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     meta = read_meta(tmp_path / "run")
     assert meta["probe"]["C"] in (0.001, 0.003, 0.01, 0.03, 0.1) and meta["tta"]["chosen_on"] == "validation"
@@ -127,7 +127,7 @@ def test_refit_keeps_every_validation_choice_and_refits_on_train_plus_validation
     data = load_samples(synthetic_root)
     fold = resolve_folds(data, None, n_folds=3)[0][0]
     model_cfg = ModelConfig(head="linear", image_size=96)
-    plain_cfg = dataclasses.replace(preset("probe")[1], device="cpu")
+    plain_cfg = dataclasses.replace(preset("probe")[1], device="cpu", refit=False)
     quiet = {"progress": False, "log": lambda *_: None}
     train(data, fold, model_cfg, plain_cfg, tmp_path / "plain", **quiet)
     train(data, fold, model_cfg, dataclasses.replace(plain_cfg, refit=True), tmp_path / "refit", **quiet)

@@ -110,10 +110,12 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "paper": (ModelConfig(backbone="resnet50", pretrained="imagenet", d_model=512, num_heads=8),
               TrainConfig(trainable_stages=-1, epochs=50, lr=1e-4, backbone_lr=1e-5, batch_size=32)),
     # A linear probe: a frozen Lite2 trunk at its own 260 px, a linear head fitted by logistic regression on its
-    # pooled features under the eight symmetries of the square (engine/probe.py); minutes for a whole cv. As an
-    # ensemble member (BACKBONE@probe) it takes the member's backbone and size.
+    # pooled features under the eight symmetries of the square (engine/probe.py); minutes for a whole cv; refit on
+    # training + validation once validation has chosen everything (its learning curve still rises at 100 % of the
+    # training part: recipe_search.md #41). As an ensemble member (BACKBONE@probe) it takes the member's backbone
+    # and size, and the ensemble's --refit decides the refit.
     "probe": (ModelConfig(backbone="tf_efficientnet_lite2", image_size=260, head="linear"),
-              TrainConfig(solver="logistic", cache_views=0, epochs=1, tta="auto")),
+              TrainConfig(solver="logistic", cache_views=0, epochs=1, tta="auto", refit=True)),
     # Smallest thing that learns: for smoke tests and the demo.
     "tiny": (ModelConfig(image_size=160, d_model=128, num_heads=4),
              TrainConfig(epochs=12, cache_views=3, warmup_epochs=1, patience=12)),

@@ -56,10 +56,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", choices=["adamw", "logistic"],
                    help="adamw: epochs of gradient steps (default); logistic: a linear head on a frozen trunk fitted "
                         "by scikit-learn's logistic regression on pooled features of 8 views (the probe preset)")
-    g.add_argument("--refit", action="store_true", default=None,
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="after every choice made on validation (C, views, calibration, thresholds), refit linear "
                         "probes (--solver logistic, or an ensemble's @probe members) on training + validation "
-                        "(validation scores stay those of the model before the refit)")
+                        "(validation scores stay those of the model before the refit; --preset probe refits, "
+                        "--no-refit keeps the fit on the training part)")
     g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
                    help="test-time views stored with the model: auto (default) picks none, flips (identity + "
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
