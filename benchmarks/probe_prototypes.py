@@ -9,6 +9,9 @@ trunk, a learning curve on validation, and a refit on training + validation, wit
     python benchmarks/probe_prototypes.py fit runs/l2_260.npz gap8 --refit --out runs/cv_refit  # post hoc refit
     # 3. pooled validation macro-F1 when training on a patient-grouped fraction of each fold's training part
     python benchmarks/probe_prototypes.py curve runs/l2_260.npz gap8
+    # 4. the refit rehearsed inside the training part, scored on the real validation part (#43)
+    python benchmarks/probe_prototypes.py simulate runs/l2_260.npz gap8
+    python benchmarks/probe_prototypes.py simulate runs/l2_260.npz gap8 --beside runs/cvm3_tf_efficientnet_lite0-seed0
 
 Test numbers are printed by ``fit`` and reported in recipe_search.md, never used to choose.
 """
@@ -128,6 +131,51 @@ def curve(args: argparse.Namespace) -> None:
               f"({', '.join(f'{s:.2f}' for s in scores)})", flush=True)
 
 
+def _member_probs(path: Path, data, idx: list[int]) -> np.ndarray:
+    from mpoxscope.engine.screening import read_predictions_csv
+
+    pred, _ = read_predictions_csv(path)
+    rows = {n: i for i, n in enumerate(pred.names)}
+    p = pred.probs[[rows[data.samples[i].path.name] for i in idx]]
+    return p / p.sum(1, keepdims=True)
+
+
+def simulate(args: argparse.Namespace) -> None:
+    """The refit rehearsed on validation: within each fold's training part, A (the share the real training part
+    has of training + validation) plays "training" and B "validation"; the fold's real validation part scores
+    (i) the fit on A, (ii) a refit on A + B with the same C, (iii) a refit with C scaled by |A| / |A + B|."""
+    data, x, y, folds = _load(args.npz, args.keys)
+    groups = np.array(data.groups)
+    variants = ("no refit", "refit, same C", "refit, C x |A|/|A+B|")
+    for draw in range(args.draws):
+        out = {v: ([], []) for v in variants}
+        for f in folds:
+            tr, va = np.array(f.train), list(f.validation)
+            share = len(tr) / (len(tr) + len(va))
+            a, b = next(GroupShuffleSplit(1, train_size=share, random_state=draw).split(tr, groups=groups[tr]))
+            a, b = list(tr[a]), list(tr[b])
+            first = fit_logistic(x[a], y[a], x[b], y[b], len(data.classes))
+            t = fit_temperature((x[b] @ first.weight.T + first.bias).mean(1), y[b])
+            fits = {variants[0]: first}
+            for name, c in ((variants[1], first.c), (variants[2], first.c * len(a) / (len(a) + len(b)))):
+                fits[name] = fit_logistic(x[a + b], y[a + b], x[b], y[b], len(data.classes), grid=(c,))
+            for name, fit_ in fits.items():
+                out[name][0].append(y[va])
+                out[name][1].append(softmax((x[va] @ fit_.weight.T + fit_.bias).mean(1) / t, 1))
+        if args.beside:  # the ensemble's rule (log of the mean calibrated probability) with another member
+            other = [_member_probs(args.beside / f.name / "validation" / "predictions.csv", data, list(f.validation))
+                     for f in folds]
+            for name in variants:
+                out[f"{name} + member"] = (out[name][0], [np.exp(np.log(np.clip((p + q) / 2, 1e-6, 1)))
+                                                         for p, q in zip(out[name][1], other)])
+        for name, (ys, ps) in out.items():
+            yy, pp = np.concatenate(ys), np.concatenate(ps)
+            nll_ = -np.log(np.clip(pp[np.arange(len(yy)), yy], 1e-12, 1)).mean()
+            print(f"draw {draw} {name:22s}: pooled validation macro-F1 "
+                  f"{100 * f1_score(yy, pp.argmax(1), average='macro'):.2f}, NLL {nll_:.4f}, "
+                  f"ECE {expected_calibration_error(pp, yy):.4f}", flush=True)
+
+
 #: Wider than the package's grid: several stages concatenated have more features to regularise.
 C_GRID_WIDE = (0.0003, *C_GRID)
 
@@ -152,6 +200,12 @@ def main() -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0])
     p.add_argument("--draws", type=int, default=3)
     p.set_defaults(run=curve)
+    p = sub.add_parser("simulate")
+    p.add_argument("npz")
+    p.add_argument("keys")
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--beside", type=Path, help="a cv folder of another member's predictions: also score the pair")
+    p.set_defaults(run=simulate)
     args = ap.parse_args()
     torch.set_num_threads(2)
     args.run(args)
