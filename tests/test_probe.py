@@ -190,3 +190,27 @@ def test_a_refit_ensemble_is_calibrated_before_its_probe_is_refit(tmp_path, synt
     before = weights_sha256(member)
     train_ensemble(data, fold, model_cfg, dataclasses.replace(cfg, refit=True), specs, tmp_path / "refit", **quiet)
     assert read_meta(tmp_path / "refit")["calibration"] == refit["calibration"] and weights_sha256(member) == before
+
+
+def test_an_ensemble_is_never_calibrated_on_a_refit_member(tmp_path, synthetic_root):
+    """A refit run's validation predictions are in-sample: ``mpoxscope ensemble`` refuses it as a member, and an
+    ensemble trained with --refit is not calibrated again on its refit members by the same command without it."""
+    from mpoxscope.engine.ensemble import assemble, train_ensemble
+    from mpoxscope.engine.train import train
+
+    data = load_samples(synthetic_root)
+    fold = resolve_folds(data, None, n_folds=3)[0][0]
+    model_cfg = ModelConfig(head="linear", image_size=96)
+    quiet = {"progress": False, "log": lambda *_: None}
+    probe_cfg = dataclasses.replace(preset("probe")[1], device="cpu")
+    for name, refit in (("plain", False), ("refit", True)):
+        train(data, fold, model_cfg, dataclasses.replace(probe_cfg, refit=refit), tmp_path / name, **quiet)
+    with pytest.raises(MpoxscopeError, match="was refit on training \\+ validation"):
+        assemble([tmp_path / "plain", tmp_path / "refit"], tmp_path / "ens", data_root=synthetic_root,
+                 split_file="none", device="cpu", progress=False)
+    specs = ("tf_efficientnet_lite0@probe/96", "tf_efficientnet_lite1@probe/96")
+    cfg = TrainConfig(device="cpu", ensemble=specs, refit=True)
+    train_ensemble(data, fold, model_cfg, cfg, specs, tmp_path / "ens2", **quiet)
+    with pytest.raises(MpoxscopeError, match="an ensemble cannot be calibrated"):  # the same --out without --refit
+        train_ensemble(data, fold, model_cfg, dataclasses.replace(cfg, refit=False), specs, tmp_path / "ens2",
+                       **quiet)

@@ -162,6 +162,14 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
                        time.perf_counter() - t0, results[0].skipped_files, all(r.resumed for r in results))
 
 
+def _refuse_refit(run: Path, meta: dict) -> None:
+    """An ensemble's calibration is fitted on validation: a member refit on it would score it in-sample."""
+    if meta.get("refit"):
+        raise MpoxscopeError(f"{run}: was refit on training + validation, so an ensemble cannot be calibrated on its "
+                             f"validation part; use the run as it was before the refit (train it with --no-refit) "
+                             f"or a new --out")
+
+
 def _status(run_dir: Path, train_cfg: TrainConfig) -> str | None:
     """``calibrated`` or ``finished`` for a refit ensemble of this configuration already calibrated (or also
     refit) in ``run_dir``, else None (calibrate)."""
@@ -197,6 +205,8 @@ def combine(run_dir: Path, names: list[str], data: SampleSet, fold: Fold, images
     """Write the ensemble's ``model.json`` from trained members (no test data involved)."""
     from mpoxscope.engine.calibration import ENSEMBLE_METHODS, calibrate
 
+    for n in names:
+        _refuse_refit(run_dir / rundir.MEMBERS / n, read_meta(run_dir / rundir.MEMBERS / n))
     first = read_meta(run_dir / rundir.MEMBERS / names[0])
     meta = {k: first[k] for k in ("format_version", "mpoxscope_version", "classes", "normalization")}
     meta["image_size"] = int(images.clean.shape[-1])  # the largest member's; the others resize inside the model
@@ -246,6 +256,7 @@ def check_assemble_inputs(runs: list[str | Path]) -> list[tuple[str, Path, dict]
         state = read_json(run / rundir.STATE) if (run / rundir.STATE).is_file() else {}
         if state.get("status") != "finished" or not (run / rundir.BEST).is_file():
             raise MpoxscopeError(f"{run}: training has not finished (no finished {rundir.STATE} and {rundir.BEST})")
+        _refuse_refit(run, meta)
         first = first or (run, meta)
         for key in ("classes", "normalization"):
             if meta.get(key) != first[1].get(key):
