@@ -139,7 +139,10 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
              f"**Command:** `{shlex.join(cmd)}`  ",
              f"**Model:** {model_line(summary)}  ",
              f"**Wall time:** {wall / 60:.1f} min for the whole command" if wall else
-             f"**Wall time:** {summary['wall_time_s'] / 60:.1f} min (cv's own clock)",
+             f"**Wall time:** {summary['wall_time_s'] / 60:.1f} min (cv's own clock)" if not summary.get("reused_folds")
+             else f"**Wall time:** not measured for the whole command (cv reused {len(summary['reused_folds'])} "
+                  f"finished folds; their recorded times sum to "
+                  f"{sum(r.get('wall_time_s') or 0 for r in summary['per_fold']) / 60:.1f} min)",
              f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; {conditions}",
              "", "| test, % | mean ± std over folds | pooled, 95 % CI (patient bootstrap) | leak-free mean ± std |",
              "|---|---|---|---|"]

@@ -65,6 +65,9 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     assert again["per_fold"][2]["accuracy"] == summary["per_fold"][2]["accuracy"]
     saved = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
     assert saved["summary"]["accuracy"]["mean"] == pytest.approx(summary["summary"]["accuracy"]["mean"])
+    # the rerun's clock is not the cv's: the report says which folds an earlier command paid for
+    assert summary["reused_folds"] == [] and saved["reused_folds"] == ["fold1", "fold2"]
+    assert "2 of 3 folds reused from an earlier command" in (tmp_path / "cv" / "cv_report.md").read_text()
 
 
 def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, synthetic_root, monkeypatch):

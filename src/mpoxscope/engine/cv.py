@@ -187,7 +187,7 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
     done = fold_dir / rundir.EVALUATION / rundir.EVAL_METRICS
     if done.is_file():
         log(f"{fold.name}: already evaluated, skipping")
-        m = read_json(done)
+        m = {**read_json(done), "reused": True}  # its wall time is an earlier command's
     else:
         tf = time.perf_counter()
         data = prepared.data
@@ -271,6 +271,17 @@ def _test_predictions(fold_dir: Path, names: set[str], classes: list[str]) -> tu
     return pred.probs[rows], pred.targets[rows], [pred.names[r] for r in rows], list(failed)
 
 
+def _wall_line(summary: dict) -> str:
+    """This command's wall time, and what the folds it reused from an earlier command had recorded."""
+    reused = summary.get("reused_folds") or []
+    line = f"{summary['wall_time_s']:.0f} s for this command"
+    if not reused:
+        return line
+    earlier = sum(m.get("wall_time_s") or 0 for m in summary["per_fold"] if m.get("fold") in reused)
+    return (f"{line}; {len(reused)} of {len(summary['per_fold'])} folds reused from an earlier command (their "
+            f"recorded training and evaluation: {earlier:.0f} s)")
+
+
 def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
              per_fold: list[dict], leak_free: list[dict], wall_s: float) -> dict:
     classes = prepared.data.classes
@@ -284,7 +295,8 @@ def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, 
         "summary": summarize(per_fold, classes),
         "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s")} for m in per_fold],
         "classes": classes,
-        "wall_time_s": round(wall_s, 1),
+        "wall_time_s": round(wall_s, 1),  # this command's; folds reused from an earlier one took their own
+        "reused_folds": [m["fold"] for m in per_fold if m.get("reused")],
     }
     if leak_free:
         summary["leak_free"] = {"summary": summarize(leak_free, classes),
@@ -343,7 +355,7 @@ def cv_report(summary: dict) -> str:
                  f"members without @PRESET follow trainable stages {t['trainable_stages']}, cached views "
                  f"{t['cache_views']})")
     lines = ["# mpoxscope cross-validation", "", f"**Protocol:** {summary['protocol']}  ", f"**Model:** {model}  ",
-             f"**Wall time:** {summary['wall_time_s']:.0f} s (folds already finished are not re-run)", "",
+             f"**Wall time:** {_wall_line(summary)}", "",
              "| metric (test, %) | mean ± std over folds |", "|---|---|"]
     for key in SUMMARY_KEYS:
         lines.append(f"| {key} | {_ms(s[key])} |")
