@@ -222,7 +222,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if not is_main():  # under torchrun, rank 0 reports
         return 0
-    print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}] accuracy "
+    refit = " (before the refit on training + validation)" if train_cfg.refit else ""
+    print(f"best epoch {result.best_epoch} of {result.epochs_run}; [{v.get('protocol')}]{refit} accuracy "
           f"{v.get('accuracy', float('nan')):.4f}, macro-F1 {v.get('f1_macro', float('nan')):.4f}; "
           f"{result.wall_time_s:.0f} s; run saved to {result.run_dir}")
     return 0
