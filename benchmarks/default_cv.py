@@ -130,6 +130,17 @@ def model_line(summary: dict) -> str:
             f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}{refit}")
 
 
+def wall_text(summary: dict, wall: float | None) -> str:
+    """The measured wall time, else cv's own clock — unless that cv reused finished folds (then it is a rerun's)."""
+    if wall:
+        return f"{wall / 60:.1f} min for the whole command"
+    if not summary.get("reused_folds"):
+        return f"{summary['wall_time_s'] / 60:.1f} min (cv's own clock)"
+    folds = sum(r.get("wall_time_s") or 0 for r in summary["per_fold"]) / 60
+    return (f"not measured for the whole command (cv reused {len(summary['reused_folds'])} finished folds; their "
+            f"recorded times sum to {folds:.1f} min)")
+
+
 def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None,
            conditions: str, title: str) -> str:
     s, lf = summary["summary"], summary.get("leak_free", {}).get("summary")
@@ -138,11 +149,7 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
              f"**Protocol:** {summary['protocol']}  ",
              f"**Command:** `{shlex.join(cmd)}`  ",
              f"**Model:** {model_line(summary)}  ",
-             f"**Wall time:** {wall / 60:.1f} min for the whole command" if wall else
-             f"**Wall time:** {summary['wall_time_s'] / 60:.1f} min (cv's own clock)" if not summary.get("reused_folds")
-             else f"**Wall time:** not measured for the whole command (cv reused {len(summary['reused_folds'])} "
-                  f"finished folds; their recorded times sum to "
-                  f"{sum(r.get('wall_time_s') or 0 for r in summary['per_fold']) / 60:.1f} min)",
+             f"**Wall time:** {wall_text(summary, wall)}",
              f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; {conditions}",
              "", "| test, % | mean ± std over folds | pooled, 95 % CI (patient bootstrap) | leak-free mean ± std |",
              "|---|---|---|---|"]

@@ -131,15 +131,6 @@ def curve(args: argparse.Namespace) -> None:
               f"({', '.join(f'{s:.2f}' for s in scores)})", flush=True)
 
 
-def _member_probs(path: Path, data, idx: list[int]) -> np.ndarray:
-    from mpoxscope.engine.screening import read_predictions_csv
-
-    pred, _ = read_predictions_csv(path)
-    rows = {n: i for i, n in enumerate(pred.names)}
-    p = pred.probs[[rows[data.samples[i].path.name] for i in idx]]
-    return p / p.sum(1, keepdims=True)
-
-
 def simulate(args: argparse.Namespace) -> None:
     """The refit rehearsed on validation: within each fold's training part, A (the share the real training part
     has of training + validation) plays "training" and B "validation"; the fold's real validation part scores
@@ -163,10 +154,12 @@ def simulate(args: argparse.Namespace) -> None:
                 out[name][0].append(y[va])
                 out[name][1].append(softmax((x[va] @ fit_.weight.T + fit_.bias).mean(1) / t, 1))
         if args.beside:  # the ensemble's rule (log of the mean calibrated probability) with another member
-            other = [_member_probs(args.beside / f.name / "validation" / "predictions.csv", data, list(f.validation))
-                     for f in folds]
+            from posthoc_members import member_probs  # beside this script
+
+            other = [member_probs(args.beside, f.name, "validation", [data.samples[i].path.name
+                                                                      for i in f.validation])[0] for f in folds]
             for name in variants:
-                out[f"{name} + member"] = (out[name][0], [np.exp(np.log(np.clip((p + q) / 2, 1e-6, 1)))
+                out[f"{name} + member"] = (out[name][0], [np.clip((p + q) / 2, 1e-6, 1)
                                                          for p, q in zip(out[name][1], other)])
         for name, (ys, ps) in out.items():
             yy, pp = np.concatenate(ys), np.concatenate(ps)

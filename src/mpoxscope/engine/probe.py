@@ -189,10 +189,10 @@ def refit_probe(run_dir: Path, data: SampleSet, fold: Fold, images: ImageCache |
 
 def fit_probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
               data_info: dict, images: ImageCache | None, progress: bool, log,
-              skipped: list[str] | None = None, refit: bool | None = None) -> TrainResult:
+              skipped: list[str] | None = None) -> TrainResult:
     """Fit the probe of one fold and write its run (weights, ``model.json``, finish), refit on training +
-    validation afterwards when ``refit`` (default ``train_cfg.refit``); reported as ``train`` reports a run, with
-    the fit as its one "epoch"."""
+    validation afterwards when ``train_cfg.refit``; reported as ``train`` reports a run, with the fit as its one
+    "epoch"."""
     t0 = time.perf_counter()
     device = resolve_device(train_cfg.device)
     model = create_model(model_cfg, len(data.classes)).to(device)
@@ -218,7 +218,7 @@ def fit_probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: Tr
     meta = finish_run(run_dir, model, val_images, len(model.stages), data, fold, train_cfg, device, "fp32", meta, 1,
                       progress)
     write_meta(run_dir, meta)
-    if train_cfg.refit if refit is None else refit:  # after every choice made on validation
+    if train_cfg.refit:  # after every choice made on validation
         refit_probe(run_dir, data, fold, images, device, model, progress=progress, log=log)
         meta = read_meta(run_dir)
     seconds = round(time.perf_counter() - t0, 1)
