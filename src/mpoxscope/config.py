@@ -63,6 +63,7 @@ class TrainConfig:
     screen_confidence: float | None = 0.95  # ... with this confidence (bootstrap lower bound); None: point estimate
     solver: str = "adamw"  # "adamw" (epochs of gradient steps) | "logistic" (linear probe fitted by scikit-learn)
     refit: bool = False  # refit probes on train + validation after every validation choice (engine.probe)
+    refit_trained: bool = False  # with refit: retrain AdamW runs on train + validation too (engine.refit)
     ensemble: tuple[str, ...] = ()  # BACKBONE[:SEED][@PRESET][/PX][,epochs=N] per member; empty: one model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

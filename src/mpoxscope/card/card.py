@@ -176,7 +176,8 @@ def _model_section(meta: dict, parameters: int | None) -> str:
     refit = _section_dict(meta, "refit")
     if refit:
         members = refit.get("members")
-        who = f"members {', '.join(map(str, members))}" if isinstance(members, list) and members else "the linear head"
+        who = (f"members {', '.join(map(str, members))}" if isinstance(members, list) and members
+               else f"the network (retrained for {refit['epochs']} epochs)" if "epochs" in refit else "the linear head")
         rows.append(("Refit", f"{who} refit on the training and validation parts after every choice made on "
                               "validation; the validation scores are from before the refit"))
     return "## Model details\n\n" + _bullets(rows)

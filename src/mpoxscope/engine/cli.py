@@ -61,6 +61,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "probes (--solver logistic, or an ensemble's @probe members) on training + validation "
                         "(validation scores stay those of the model before the refit; --preset probe refits, "
                         "--no-refit keeps the fit on the training part)")
+    g.add_argument("--refit-trained", action="store_true", default=None,
+                   help="implies --refit, and also retrains trained (AdamW) runs and members from the same start on "
+                        "training + validation for the epoch count chosen on validation, keeping every choice "
+                        "made on validation (about 1.3 x each such run's training time again)")
     g.add_argument("--tta", choices=["auto", "none", "flips", "d4"],
                    help="test-time views stored with the model: auto (default) picks none, flips (identity + "
                         "h + v) or d4 (the 8 symmetries of the square) on validation")
@@ -141,6 +145,8 @@ def configs_from_args(args: argparse.Namespace):
         train_over["ensemble"] = tuple(e for e in train_over["ensemble"] if e.lower() != "none")
     elif "backbone" in model_over:  # --backbone X asks for one model of X, not the preset's ensemble members
         train_over["ensemble"] = ()
+    if train_over.get("refit_trained"):  # an extension of --refit; --no-refit beside it is refused later
+        train_over.setdefault("refit", True)
     return dataclasses.replace(model_cfg, **model_over), dataclasses.replace(train_cfg, **train_over)
 
 

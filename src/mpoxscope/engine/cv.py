@@ -282,6 +282,12 @@ def _wall_line(summary: dict) -> str:
             f"recorded training and evaluation: {earlier:.0f} s)")
 
 
+def _refit_words(train_cfg: TrainConfig) -> str:
+    if train_cfg.refit_trained:
+        return "; then every model refit on training + validation for what validation chose (--refit-trained)"
+    return "; then the probes refit on training + validation (--refit)" if train_cfg.refit else ""
+
+
 def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, train_cfg: TrainConfig,
              per_fold: list[dict], leak_free: list[dict], wall_s: float) -> dict:
     classes = prepared.data.classes
@@ -289,7 +295,7 @@ def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, 
         "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
                     f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "
                     f"fold's validation part only"
-                    + ("; then the probes refit on training + validation (--refit)" if train_cfg.refit else ""),
+                    + _refit_words(train_cfg),
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
         "input_size": model_input_size(model_cfg, train_cfg),
         "summary": summarize(per_fold, classes),

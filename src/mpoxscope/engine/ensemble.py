@@ -111,9 +111,9 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
         shared = {f: getattr(train_cfg, f) for f in _SHARED_TRAIN_FIELDS}
         out.append((spec.name, dataclasses.replace(mc, backbone=spec.backbone,
                                                    image_size=spec.image_size or model_cfg.image_size),
-                    # a member is never refit on its own: the ensemble refits its probes after its calibration
+                    # a member is never refit on its own: the ensemble refits it after its own calibration
                     dataclasses.replace(tc, seed=spec.seed, ensemble=(), epochs=spec.epochs or tc.epochs,
-                                        refit=False, **shared)))
+                                        refit=False, refit_trained=False, **shared)))
     return out
 
 
@@ -155,7 +155,7 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
         if status is None:  # a refit ensemble's calibration is never fitted again: its probes saw validation
             combine(run_dir, names, data, fold, images_at(size), train_cfg, data_info, specs)
         if train_cfg.refit and status != "finished":
-            _refit_members(run_dir, members, data, fold, images_at, train_cfg, log)
+            _refit_members(run_dir, members, data, fold, images_at, train_cfg, log, banks or {}, progress)
     distributed.barrier()
     meta = read_meta(run_dir)
     return TrainResult(run_dir, 0, max(r.epochs_run for r in results), meta["validation"],
@@ -183,18 +183,23 @@ def _status(run_dir: Path, train_cfg: TrainConfig) -> str | None:
 
 
 def _refit_members(run_dir: Path, members: list, data: SampleSet, fold: Fold, images_at, train_cfg: TrainConfig,
-                   log) -> None:
-    """Refit the probe members on training + validation, after the ensemble's calibration and threshold were
-    fitted on validation (``engine.probe.refit_probe``)."""
+                   log, banks: dict[str, FeatureBank], progress: bool = False) -> None:
+    """Refit the probe members (and, with ``refit_trained``, the trained ones) on training + validation, after
+    the ensemble's calibration and threshold were fitted on validation (``engine.probe.refit_probe``,
+    ``engine.refit.refit_trained``). Each member's refit is resumable and done once."""
     from mpoxscope.engine.probe import refit_probe
+    from mpoxscope.engine.refit import refit_trained
 
     device = resolve_device(train_cfg.device)
-    probes = [(name, mc) for name, mc, tc in members if tc.solver == "logistic"]
-    for name, mc in probes:
-        refit_probe(run_dir / rundir.MEMBERS / name, data, fold, images_at(mc.image_size), device,
-                    workers=train_cfg.num_workers, log=log)
+    refit = [(name, mc, tc) for name, mc, tc in members if tc.solver == "logistic" or train_cfg.refit_trained]
+    for name, mc, tc in refit:
+        member = run_dir / rundir.MEMBERS / name
+        if tc.solver == "logistic":
+            refit_probe(member, data, fold, images_at(mc.image_size), device, workers=train_cfg.num_workers, log=log)
+        else:
+            refit_trained(member, data, fold, mc, tc, images_at(mc.image_size), banks.get(name), progress, log)
     meta = read_meta(run_dir)
-    meta["refit"] = {"members": [name for name, _ in probes], "parts": ["train", "validation"],
+    meta["refit"] = {"members": [name for name, _, _ in refit], "parts": ["train", "validation"],
                      "note": "these members were refit on the training and validation parts after the ensemble's "
                              "calibration and threshold were fitted; validation scores are from before the refit"}
     write_meta(run_dir, meta)

@@ -77,13 +77,19 @@ def check_probe(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     if train_cfg.solver == "logistic" and (model_cfg.head != "linear" or train_cfg.trainable_stages != 0):
         raise MpoxscopeError("--solver logistic fits a linear head on a frozen trunk: use --head linear and "
                              "--finetune 0 (the probe preset)")
+    from mpoxscope.engine.refit import check_refit_trained
+
+    check_refit_trained(train_cfg)
     if train_cfg.refit and not refits_something(model_cfg, train_cfg):
         raise MpoxscopeError("--refit refits linear probes (--solver logistic, or an ensemble's @probe members); "
-                             "this configuration trains none")
+                             "this configuration trains none (--refit-trained retrains the others too)")
 
 
 def refits_something(model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
-    """Whether the run (or, for an ensemble, one of its members) is a probe that ``--refit`` can refit."""
+    """Whether the run (or, for an ensemble, one of its members) is a probe that ``--refit`` can refit, or any
+    run at all with ``refit_trained``."""
+    if train_cfg.refit_trained:
+        return True
     if not train_cfg.ensemble:
         return train_cfg.solver == "logistic"
     from mpoxscope.engine.ensemble import member_configs

@@ -247,11 +247,18 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     data_info = {**(data_info or {}), "fold": fold.name}
+    if train_cfg.refit_trained:
+        from mpoxscope.engine.refit import check_refit_trained
+
+        check_refit_trained(train_cfg)
     finished = _finished_result(run_dir, model_cfg, train_cfg, data_info, resume, log)
-    if finished is not None:
+    if finished is not None and not _refit_pending(run_dir, train_cfg):
         return finished
     if train_cfg.solver == "logistic":
         return _probe(data, fold, model_cfg, train_cfg, run_dir, data_info, images, progress, log)
+    if finished is not None:  # trained by an earlier command, killed before or during its refit
+        fold, _ = drop_unreadable(data, fold, train_cfg.skip_bad_images)
+        return _refit(finished, data, fold, model_cfg, train_cfg, images, bank, progress, log)
     ctx = distributed.context()
     log = log if ctx.is_main else (lambda *a, **k: None)
     seed_everything(train_cfg.seed)
@@ -282,8 +289,29 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
                                           "skipped_files": skipped})
     distributed.barrier()
     meta = read_meta(run_dir)
-    return TrainResult(run_dir, state.best_epoch, state.epoch, meta["validation"], time.perf_counter() - t0,
-                       skipped, False)
+    result = TrainResult(run_dir, state.best_epoch, state.epoch, meta["validation"], time.perf_counter() - t0,
+                         skipped, False)
+    if not _refit_pending(run_dir, train_cfg):
+        return result
+    images = getattr(r.batches, "images", images)  # the decoded images cover training + validation already
+    return _refit(result, data, fold, model_cfg, train_cfg, images, bank, progress, log)
+
+
+def _refit_pending(run_dir: Path, train_cfg: TrainConfig) -> bool:
+    """Whether ``--refit-trained`` asks for a refit this finished AdamW run does not have yet."""
+    return (train_cfg.refit_trained and train_cfg.solver == "adamw" and distributed.is_main()
+            and not read_meta(run_dir).get("refit"))
+
+
+def _refit(result: TrainResult, data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig,
+           images: ImageCache | None, bank: FeatureBank | None, progress: bool, log) -> TrainResult:
+    """After every choice made on validation: retrain on training + validation (``engine.refit``)."""
+    from mpoxscope.engine.refit import refit_trained
+
+    t0 = time.perf_counter()
+    refit_trained(result.run_dir, data, fold, model_cfg, train_cfg, images, bank, progress, log)
+    result.wall_time_s += time.perf_counter() - t0
+    return result
 
 
 def _probe(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
@@ -368,6 +396,22 @@ def _one_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, data: Sam
         log(f"epoch {epoch:3d}/{cfg.epochs}  train loss {record['train_loss']:.3f} "
             f"acc {record['train_accuracy']:.3f}  val loss {val['loss']:.3f} acc {val['accuracy']:.3f} "
             f"macro-F1 {val['f1_macro']:.3f}  {record['seconds']:.0f} s{'  *' if improved else ''}")
+
+
+def _one_refit_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, cfg: TrainConfig, log) -> None:
+    """One epoch of a refit (``engine.refit``): train on training + validation and commit; nothing to validate."""
+    te = time.perf_counter()
+    r.batches.set_epoch(epoch)
+    record = _train_epoch(r.model, r.step, r.batches, r.stop, r.optimizer, r.scheduler, r.criterion, cfg, r.device,
+                          r.precision, epoch, r.ema)
+    record = {"epoch": epoch, **record, "lr": r.scheduler.get_last_lr()[0],
+              "seconds": round(time.perf_counter() - te, 2)}
+    state.epoch = epoch
+    state.history.append(record)
+    rundir.commit_epoch(run_dir, r.model, r.optimizer, r.scheduler, state, ema=r.ema)
+    if log is not None:
+        log(f"refit epoch {epoch:3d}  train loss {record['train_loss']:.3f} acc {record['train_accuracy']:.3f}  "
+            f"{record['seconds']:.0f} s")
 
 
 def _finished_result(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_info: dict,

@@ -1,0 +1,118 @@
+"""``--refit-trained``: a trained (AdamW) run retrained on training + validation for the epoch count validation
+chose, every validation choice kept; resumable to the same weights; in an ensemble, after its calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mpoxscope.config import ModelConfig, TrainConfig
+from mpoxscope.data.protocol import resolve_folds
+from mpoxscope.data.samples import load_samples
+from mpoxscope.engine import rundir
+from mpoxscope.engine.checkpoint import read_meta
+from mpoxscope.engine.rundir import weights_sha256
+from mpoxscope.engine.train import train
+from mpoxscope.errors import MpoxscopeError
+
+SMALL = ModelConfig(image_size=96, d_model=32, num_heads=4)
+#: end to end on decoded images (the default member's path), three epochs
+E2E = TrainConfig(epochs=3, batch_size=16, cache_views=0, warmup_epochs=1, patience=10, tta="none", device="cpu",
+                  precision="fp32")
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def data_and_fold(synthetic_root):
+    data = load_samples(synthetic_root)
+    return data, resolve_folds(data, None, n_folds=3)[0][0]
+
+
+def test_refit_trained_keeps_every_validation_choice_and_retrains_for_the_chosen_epochs(tmp_path, data_and_fold):
+    from mpoxscope.card import build_card
+
+    data, fold = data_and_fold
+    train(data, fold, SMALL, E2E, tmp_path / "plain", **QUIET)
+    cfg = dataclasses.replace(E2E, refit=True, refit_trained=True)
+    result = train(data, fold, SMALL, cfg, tmp_path / "refit", **QUIET)
+    plain, refit = read_meta(tmp_path / "plain"), read_meta(tmp_path / "refit")
+    for key in ("tta", "calibration", "validation", "screening"):
+        assert plain[key] == refit[key], key
+    assert refit["refit"]["epochs"] == result.best_epoch and refit["refit"]["of_epochs"] == 3
+    assert refit["refit"]["images"] == len(fold.train) + len(fold.validation)
+    history = (tmp_path / "refit" / "refit" / rundir.METRICS).read_text().splitlines()
+    assert len(history) == result.best_epoch  # stopped after the chosen epoch
+    assert weights_sha256(tmp_path / "refit") != weights_sha256(tmp_path / "plain")
+    assert "retrained for" in build_card(refit)
+    before = weights_sha256(tmp_path / "refit")
+    again = train(data, fold, SMALL, cfg, tmp_path / "refit", **QUIET)  # done once: a rerun changes nothing
+    assert again.resumed and weights_sha256(tmp_path / "refit") == before
+
+
+def test_an_interrupted_refit_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, data_and_fold, monkeypatch):
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, epochs=2, patience=10, refit=True, refit_trained=True)
+    train(data, fold, SMALL, cfg, tmp_path / "whole", **QUIET)
+    if read_meta(tmp_path / "whole")["refit"]["epochs"] < 2:
+        pytest.skip("validation chose epoch 1: no refit epoch to interrupt after")
+    real = rundir.commit_epoch
+
+    def killed_after_refit_epoch_1(run_dir, *args, **kwargs):
+        real(run_dir, *args, **kwargs)
+        if run_dir.name == "refit" and args[-1].epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "commit_epoch", killed_after_refit_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, fold, SMALL, cfg, tmp_path / "killed", **QUIET)
+    monkeypatch.setattr(rundir, "commit_epoch", real)
+    assert "refit" not in read_meta(tmp_path / "killed")
+    logs = []
+    train(data, fold, SMALL, cfg, tmp_path / "killed", progress=False, log=logs.append)
+    assert any("resuming" in line and "refit" in line for line in logs)
+    assert weights_sha256(tmp_path / "killed") == weights_sha256(tmp_path / "whole")
+
+
+def test_refit_trained_needs_refit_and_one_process():
+    from mpoxscope.engine.probe import check_probe
+
+    check_probe(ModelConfig(), TrainConfig(refit=True, refit_trained=True))  # any run can be retrained
+    with pytest.raises(MpoxscopeError, match="--refit-trained needs --refit"):
+        check_probe(ModelConfig(), TrainConfig(refit=False, refit_trained=True))
+
+
+def test_refit_trained_flag_implies_refit():
+    import argparse
+
+    from mpoxscope.engine.cli import add_model_options, configs_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    _, cfg = configs_from_args(p.parse_args(["--refit-trained"]))
+    assert cfg.refit and cfg.refit_trained
+    _, cfg = configs_from_args(p.parse_args(["--refit-trained", "--no-refit"]))
+    assert cfg.refit_trained and not cfg.refit  # refused by check_probe, as tested above
+
+
+def test_an_ensemble_retrains_its_members_after_its_calibration(tmp_path, data_and_fold):
+    from mpoxscope.engine.ensemble import train_ensemble
+
+    data, fold = data_and_fold
+    specs = ("tf_efficientnet_lite0@tiny", "tf_efficientnet_lite0@probe")
+    cfg = TrainConfig(epochs=2, batch_size=16, cache_views=2, warmup_epochs=1, tta="none", device="cpu",
+                      ensemble=specs)
+    small = ModelConfig(image_size=96, d_model=32, num_heads=4)
+    train_ensemble(data, fold, small, cfg, specs, tmp_path / "plain", **QUIET)
+    refit_cfg = dataclasses.replace(cfg, refit=True, refit_trained=True)
+    train_ensemble(data, fold, small, refit_cfg, specs, tmp_path / "refit", **QUIET)
+    plain, refit = read_meta(tmp_path / "plain"), read_meta(tmp_path / "refit")
+    assert plain["calibration"] == refit["calibration"] and plain["screening"] == refit["screening"]
+    names = ["tf_efficientnet_lite0-seed0-tiny", "tf_efficientnet_lite0-seed0-probe"]
+    assert refit["refit"]["members"] == names
+    trained = tmp_path / "refit" / "members" / names[0]
+    assert read_meta(trained)["refit"]["epochs"] >= 1
+    assert weights_sha256(trained) != weights_sha256(tmp_path / "plain" / "members" / names[0])
+    before = weights_sha256(trained)
+    train_ensemble(data, fold, small, refit_cfg, specs, tmp_path / "refit", **QUIET)
+    assert weights_sha256(trained) == before and read_meta(tmp_path / "refit")["calibration"] == refit["calibration"]
