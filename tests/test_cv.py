@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from mpoxscope.config import DataConfig, ModelConfig, TrainConfig
+from mpoxscope.engine.checkpoint import read_meta
 from mpoxscope.engine.cv import CVConfig, cross_validate, summarize
+from mpoxscope.errors import MpoxscopeError
 
 SMALL = ModelConfig(image_size=96, d_model=32, num_heads=4)
 FAST = TrainConfig(epochs=3, batch_size=16, cache_views=2, warmup_epochs=1, lr=3e-3)
@@ -68,13 +71,14 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     # the rerun's clock is not the cv's: the report says which folds an earlier command paid for
     assert summary["reused_folds"] == [] and saved["reused_folds"] == ["fold1", "fold2"]
     assert "2 of 3 folds reused from an earlier command" in (tmp_path / "cv" / "cv_report.md").read_text()
+    # a finished fold of another configuration is never reported under this one: its run refuses to be reused
+    with pytest.raises(MpoxscopeError, match="another configuration"):
+        cross_validate(data_cfg, SMALL, dataclasses.replace(FAST, lr=1.0), cv, progress=False, log=lambda *_: None)
 
 
 def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, synthetic_root, monkeypatch):
     """An end-to-end member plus a frozen-trunk member (@frozen): the frozen member's trunk outputs are computed
     once for all folds, not once per fold."""
-    import dataclasses
-
     from mpoxscope.engine import features
 
     calls = []
@@ -95,6 +99,12 @@ def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, syn
     assert (tmp_path / "cv" / "tf_efficientnet_lite0-seed1-tiny-112px.feature_cache.safetensors").is_file()
     assert (tmp_path / "cv" / "fold2" / "run" / "members" / "tf_efficientnet_lite0-seed1-tiny-112px" /
             "model.json").is_file()
+    # the same out with --refit-trained: members reused, the ensemble recombined, refit and evaluated again
+    refit = cross_validate(data_cfg, SMALL, dataclasses.replace(e2e, refit=True, refit_trained=True),
+                           CVConfig(out=str(tmp_path / "cv")), progress=False, log=lambda *_: None)
+    assert refit["reused_folds"] == [] and "--refit-trained" in refit["protocol"]
+    assert read_meta(tmp_path / "cv" / "fold1" / "run")["refit"]["members"] == [
+        "tf_efficientnet_lite0-seed0", "tf_efficientnet_lite0-seed1-tiny-112px"]
 
 
 def _assert_validation_reused_and_exact(cv_dir, data_cfg, fold="fold1"):

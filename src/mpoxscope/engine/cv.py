@@ -30,7 +30,7 @@ from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import Predictor
 from mpoxscope.engine.rundir import FEATURE_CACHE
 from mpoxscope.engine.runner import PreparedData, prepare
-from mpoxscope.engine.train import seed_everything, train
+from mpoxscope.engine.train import run_matches, seed_everything, train
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
 from mpoxscope.models.factory import create_model
@@ -185,7 +185,7 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
     """Train one fold (or read its finished evaluation) and evaluate it on validation, then test, once; the
     test metrics with the fold's validation block. None on torchrun ranks other than 0."""
     done = fold_dir / rundir.EVALUATION / rundir.EVAL_METRICS
-    if done.is_file():
+    if done.is_file() and run_matches(fold_dir / rundir.CV_RUN, model_cfg, train_cfg):
         log(f"{fold.name}: already evaluated, skipping")
         m = {**read_json(done), "reused": True}  # its wall time is an earlier command's
     else:

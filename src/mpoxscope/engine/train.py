@@ -214,6 +214,19 @@ def _check_same_config(run_dir: Path, meta_now: dict) -> None:
                              f"or pass --overwrite")
 
 
+def run_matches(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a run of this configuration (an ensemble's ``model.json`` describes its model by
+    its members, so only its training settings, which list them, are compared). A fold of a cv written with
+    other settings (e.g. without ``--refit``) is trained or combined again, not reported under these."""
+    if not (run_dir / rundir.META).is_file():
+        return False
+    meta = read_meta(run_dir)
+    now = json.loads(json.dumps({"model": to_dict(model_cfg), "train": to_dict(train_cfg)}))  # tuples -> lists
+    defaults = json.loads(json.dumps({"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())}))
+    keys = ("train",) if meta.get("kind") == "ensemble" else ("model", "train")
+    return all(same_settings(meta.get(k), now[k], defaults[k]) for k in keys)
+
+
 def same_settings(stored: dict | None, now: dict, defaults: dict) -> bool:
     """Whether a run written with ``stored`` settings is the one ``now`` asks for. A setting missing from
     ``stored`` (a run from a version without it) matches only its default: new settings are added with the
