@@ -122,7 +122,9 @@ def model_line(summary: dict) -> str:
     sizes = {parse_member(e, 0).image_size for e in ens or ()} - {None}  # members' own /PX
     px = f"{m['image_size']} px" + (f" (members with /PX: their own; input {max(sizes | {m['image_size']})} px)"
                                     if sizes else "")
-    refit = "; probes refit on training + validation after every validation choice" if t.get("refit") else ""
+    refit = ("; every member refit on training + validation after every validation choice (the trained ones for "
+             "their chosen epochs)" if t.get("refit_trained") else
+             "; probes refit on training + validation after every validation choice" if t.get("refit") else "")
     if t.get("solver") == "logistic" and not ens:  # one fit, no epochs (engine/probe.py)
         return (f"{what}, {px}; frozen trunk, linear probe fitted by logistic regression on pooled features of "
                 f"8 views, C chosen on validation; test-time views {t['tta']}{refit}")

@@ -425,12 +425,17 @@ def test_ensemble_preset_and_backbone_means_one_model():
     _, t = configs_from_args(p.parse_args(["--preset", "lite0"]))
     assert t.ensemble == () and t.trainable_stages == -1 and t.epochs == 20
     _, t = configs_from_args(p.parse_args([]))
-    assert t.ensemble == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen") and t.trainable_stages == -1
+    assert t.ensemble == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@probe/260") and t.trainable_stages == -1
+    assert t.refit and t.refit_trained
+    _, t = configs_from_args(p.parse_args(["--no-refit"]))  # the default without its refit: validation only
+    assert not t.refit and not t.refit_trained
+    _, t = configs_from_args(p.parse_args(["--preset", "pair"]))
+    assert t.ensemble == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen") and not t.refit
     m, t = configs_from_args(p.parse_args(["--backbone", "resnet18"]))
     assert m.backbone == "resnet18" and t.ensemble == ()
     _, t = configs_from_args(p.parse_args(["--ensemble", "none"]))
     assert t.ensemble == ()
-    m, t = configs_from_args(p.parse_args(["--preset", "accurate"]))  # the default's members + Lite2 at 260 px
+    m, t = configs_from_args(p.parse_args(["--preset", "accurate"]))  # pair's members + Lite2 at 260 px
     assert t.ensemble[:2] == ("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen")
     from mpoxscope.engine.ensemble import input_size, member_configs
 

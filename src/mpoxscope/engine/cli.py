@@ -13,10 +13,11 @@ from mpoxscope.registry import HEADS, RUNTIMES, Choices
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: preset, model, optimisation, device."""
     g = p.add_argument_group("model and training (override the preset)")
-    g.add_argument("--preset", default="default", help="default (Lite0 end to end averaged with an AGFN head on a "
-                   "frozen Lite2) | accurate (those two + Lite2 fine-tuned at 260 px; ~2.4x the time) | "
-                   "lite0 (the Lite0 member alone) | probe (logistic regression on a frozen trunk) | frozen | "
-                   "paper (ResNet50 AGFN, end to end) | tiny")
+    g.add_argument("--preset", default="default", help="default (Lite0 end to end averaged with a linear probe on a "
+                   "frozen Lite2 at 260 px, both refit on training + validation) | pair (the previous default: Lite0 "
+                   "end to end averaged with an AGFN head on a frozen Lite2, no refit) | accurate (pair + Lite2 "
+                   "fine-tuned at 260 px) | lite0 (the Lite0 member alone) | probe (logistic regression on a frozen "
+                   "trunk) | frozen | paper (ResNet50 AGFN, end to end) | tiny")
     g.add_argument("--backbone", help="timm model name, e.g. tf_efficientnet_lite0 (offline), resnet50")
     g.add_argument("--head", choices=Choices(HEADS), metavar="HEAD", help="classification head: %(choices)s")
     g.add_argument("--pretrained", help="auto | imagenet | none | PATH to .safetensors/.pth ImageNet weights")
@@ -147,6 +148,8 @@ def configs_from_args(args: argparse.Namespace):
         train_over["ensemble"] = ()
     if train_over.get("refit_trained"):  # an extension of --refit; --no-refit beside it is refused later
         train_over.setdefault("refit", True)
+    elif train_over.get("refit") is False:  # --no-refit turns off every refit a preset asks for
+        train_over["refit_trained"] = False
     return dataclasses.replace(model_cfg, **model_over), dataclasses.replace(train_cfg, **train_over)
 
 
