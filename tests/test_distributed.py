@@ -14,7 +14,7 @@ from mpoxscope.engine import distributed
 
 ARGS = ["--split-file", "none", "--folds", "3", "--epochs", "2", "--image-size", "64", "--d-model", "32",
         "--num-heads", "4", "--finetune", "-1", "--cache-views", "0", "--batch-size", "16", "--tta", "none",
-        "--precision", "fp32", "--ensemble", "none", "--quiet"]
+        "--precision", "fp32", "--ensemble", "none", "--no-refit", "--quiet"]
 
 
 def _run(cmd: list[str], tmp_path) -> None:

@@ -38,7 +38,8 @@ def check_refit_trained(train_cfg: TrainConfig) -> None:
     if train_cfg.refit_trained and not train_cfg.refit:
         raise MpoxscopeError("--refit-trained needs --refit (it refits the trained runs too); drop --no-refit")
     if train_cfg.refit_trained and distributed.context().active:
-        raise MpoxscopeError("--refit-trained runs in one process; start it without torchrun")
+        raise MpoxscopeError("--refit-trained runs in one process (the default preset refits): start it without "
+                             "torchrun, or pass --no-refit")
 
 
 def refit_trained(run_dir: str | Path, data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig,
