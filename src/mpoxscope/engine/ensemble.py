@@ -7,7 +7,6 @@ the averaged model, fitted on the validation part only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mpoxscope.engine.features import FeatureBank
 from mpoxscope.engine.finish import brief, logits_of, protocol, save_validation_probs, scored, screening_block
 from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import calibrated_softmax
-from mpoxscope.engine.train import TrainResult, same_settings, train
+from mpoxscope.engine.train import TrainResult, stored_settings_match, train
 from mpoxscope.errors import MpoxscopeError
 from mpoxscope.fileio import read_json, write_json
 
@@ -176,9 +175,7 @@ def _status(run_dir: Path, train_cfg: TrainConfig) -> str | None:
     if not train_cfg.refit or not (run_dir / rundir.STATE).is_file():
         return None
     status = read_json(run_dir / rundir.STATE).get("status")
-    now, defaults = json.loads(json.dumps([{**to_dict(train_cfg), "ensemble": list(train_cfg.ensemble)},
-                                           to_dict(TrainConfig())]))  # tuples read back as lists
-    same = same_settings(read_meta(run_dir).get("train"), now, defaults)  # the rule a run's reuse follows
+    same = stored_settings_match(read_meta(run_dir), {"train": to_dict(train_cfg)}, ("train",))
     return status if same and status in ("calibrated", "finished") else None
 
 

@@ -5,7 +5,7 @@ abstain and screening thresholds (and, in an ensemble, the ensemble's own temper
 is trained again from the same start on training + validation, with the same recipe and schedule, and stopped
 after the epoch that validation chose; its weights replace the selected ones, every choice stays. The linear
 probe's refit (``engine.probe.refit_probe``) is the same idea for a model without epochs. The training part is
-only ~70 % of what an official MSLD fold may learn from, and the validation learning curves (recipe_search.md #41,
+only ~78 % of what an official MSLD fold may learn from, and the validation learning curves (recipe_search.md #41,
 #46) still rise at 100 %.
 
 The refit is its own resumable run in ``RUN/refit/`` (``resume.pt`` after every epoch, as training), so a kill

@@ -203,12 +203,17 @@ def validate(model: SkinLesionNet, batches, stop: int, classes: list[str], devic
     return metrics, logits_t.numpy(), targets_t.numpy()
 
 
+def stored_settings_match(meta: dict, now: dict, keys: tuple[str, ...] = ("model", "train")) -> bool:
+    """Whether a run's ``model.json`` (``meta``) holds the ``keys`` settings of ``now`` (dicts of ``to_dict`` of
+    the configs), by :func:`same_settings` — the one rule every reuse of a run follows."""
+    now = json.loads(json.dumps({k: now.get(k) for k in keys}))  # tuples read back as lists
+    defaults = json.loads(json.dumps({"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())}))
+    return all(same_settings(meta.get(k), now[k], defaults[k]) for k in keys)
+
+
 def _check_same_config(run_dir: Path, meta_now: dict) -> None:
     meta = read_meta(run_dir)
-    now = json.loads(json.dumps({k: meta_now.get(k) for k in ("model", "train")}))  # tuples read back as lists
-    defaults = json.loads(json.dumps({"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())}))
-    same = all(same_settings(meta.get(k), now[k], defaults[k]) for k in ("model", "train")) and \
-        meta.get("data", {}).get("fold") == meta_now["data"].get("fold")
+    same = stored_settings_match(meta, meta_now) and meta.get("data", {}).get("fold") == meta_now["data"].get("fold")
     if not same:
         raise MpoxscopeError(f"{run_dir}: holds a run with another configuration; choose a new --out "
                              f"or pass --overwrite")
@@ -221,10 +226,8 @@ def run_matches(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -
     if not (run_dir / rundir.META).is_file():
         return False
     meta = read_meta(run_dir)
-    now = json.loads(json.dumps({"model": to_dict(model_cfg), "train": to_dict(train_cfg)}))  # tuples -> lists
-    defaults = json.loads(json.dumps({"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())}))
     keys = ("train",) if meta.get("kind") == "ensemble" else ("model", "train")
-    return all(same_settings(meta.get(k), now[k], defaults[k]) for k in keys)
+    return stored_settings_match(meta, {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}, keys)
 
 
 def same_settings(stored: dict | None, now: dict, defaults: dict) -> bool:
