@@ -2,8 +2,8 @@
 # One GPU session (about 9 minutes on one H100/H200) for the measurements a CPU cannot make in time:
 #   A. the default's 5-fold cv on the official folds, alone on the GPU, timed (issue 8: "under 5 minutes, GPU-bound"),
 #      with GPU utilisation sampled every 0.5 s;
-#   B. the default configuration under the two LEAKY protocols (image-level, then augment-then-split with --copies
-#      COPIES), then one protocols table whose official row is A's test predictions (--official-from), assembled
+#   B. the default configuration under the LEAKY protocols B_PROTOCOLS (default: image-level, then augment-then-split
+#      with --copies COPIES), then one protocols table whose official row is A's test predictions (--official-from), assembled
 #      from the finished protocol summaries (issue 9).
 # Nothing new starts after DEADLINE seconds; running steps are stopped then, and what finished is packed.
 # Needs mpoxscope importable (PYTHONPATH=src) and its wheels (.whl/, see benchmarks/results/cuda.md); writes logs
@@ -35,24 +35,24 @@ SMI=$!
 
 stamp "A: default cv, official folds, alone on the GPU"
 s=$SECONDS
-timeout --signal=INT "$(cap 330)" "${MS[@]}" cv "$DATA" --split-file "$SPLIT" --out "$W/cv_default" \
+timeout --signal=INT "$(cap 420)" "${MS[@]}" cv "$DATA" --split-file "$SPLIT" --out "$W/cv_default" \
     --exclude-leaks --device "$DEVICE" --workers 8 "${EXTRA[@]}"
 stamp "A: rc=$? wall $((SECONDS - s)) s"
 pack cv_default
 
 P=(protocols "$DATA" --split-file "$SPLIT" --device "$DEVICE" --workers 8 --copies "$COPIES" "${EXTRA[@]}")
 # One after the other: side by side (2026-11-26) both sat in their frozen member's PIL-augmented feature bank, one
-# CPU thread each, with the GPU idle, and neither finished.
-stamp "B: image-level"
-s=$SECONDS
-timeout --signal=INT "$(left)" "${MS[@]}" "${P[@]}" --protocols image-level --out "$W/p_il" > "$OUT/b_il.log" 2>&1
-stamp "B: image-level rc=$? wall $((SECONDS - s)) s"
-s=$SECONDS
-timeout --signal=INT "$(left)" "${MS[@]}" "${P[@]}" --protocols augment-then-split --out "$W/protocols" \
-    > "$OUT/b_ats.log" 2>&1
-stamp "B: augment-then-split (copies $COPIES) rc=$? wall $((SECONDS - s)) s"
+# CPU thread each, with the GPU idle, and neither finished. B_PROTOCOLS picks which leaky protocols run here (a
+# session too short for both runs one and the other on a CPU).
+read -r -a BP <<< "${B_PROTOCOLS:-image-level augment-then-split}"
+for p in "${BP[@]}"; do
+    stamp "B: $p"
+    s=$SECONDS
+    timeout --signal=INT "$(left)" "${MS[@]}" "${P[@]}" --protocols "$p" --out "$W/p_$p" > "$OUT/b_$p.log" 2>&1
+    stamp "B: $p rc=$? wall $((SECONDS - s)) s"
+done
 mkdir -p "$W/protocols/work"
-cp "$W"/p_il/work/*.summary.json "$W/protocols/work/" 2>/dev/null
+cp "$W"/p_*/work/*.summary.json "$W/protocols/work/" 2>/dev/null
 # One table of what finished (a protocol without its summary would be run again here: leave it out).
 done_p=()
 [ -f "$W/cv_default/cv_summary.json" ] && done_p+=(official)
@@ -63,5 +63,5 @@ list=$(IFS=,; echo "${done_p[*]}")
 stamp "B: table rc=$?"
 kill "$SMI" 2>/dev/null
 pack protocols
-tail -n 40 "$OUT/b_il.log" "$OUT/b_ats.log"
+tail -n 40 "$OUT"/b_*.log
 stamp "done"
