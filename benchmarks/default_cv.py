@@ -144,7 +144,7 @@ def wall_text(summary: dict, wall: float | None) -> str:
 
 
 def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict | None, baseline: str | None,
-           conditions: str, title: str) -> str:
+           conditions: str, title: str, machine: str) -> str:
     s, lf = summary["summary"], summary.get("leak_free", {}).get("summary")
     unc = summary.get("uncertainty", {}).get("pooled", {})
     lines = [f"# MSLD v2.0, official 5 folds: {title}", "",
@@ -152,7 +152,7 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
              f"**Command:** `{shlex.join(cmd)}`  ",
              f"**Model:** {model_line(summary)}  ",
              f"**Wall time:** {wall_text(summary, wall)}",
-             f"**Machine:** {platform.processor() or platform.machine()}, 2 cores, no GPU; {conditions}",
+             f"**Machine:** {machine}; {conditions}",
              "", "| test, % | mean ± std over folds | pooled, 95 % CI (patient bootstrap) | leak-free mean ± std |",
              "|---|---|---|---|"]
     for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro-F1")):
@@ -208,6 +208,8 @@ def main() -> int:
                     help="what the report calls the configuration (another --name: say it is a candidate)")
     ap.add_argument("--conditions", help="what else ran on the machine meanwhile, for the report (a wall time means "
                                          "little without it); --render-only keeps the recorded one if not given")
+    ap.add_argument("--machine", default=f"{platform.processor() or platform.machine()}, 2 cores, no GPU",
+                    help="where the cv ran, for the report (default: this machine, as the 2-core development CPU)")
     ap.add_argument("extra", nargs="*", help="more cv options after --, e.g. -- --preset frozen")
     args = ap.parse_args()
     from mpoxscope.data.samples import msld_root
@@ -235,8 +237,8 @@ def main() -> int:
     write_pooled(out, results / f"{args.name}_test_predictions.csv")
     conditions = conditions or "what else ran beside it: not stated"
     report = results / f"{args.name}.md"
-    report.write_text(render(summary, cmd, wall or summary.get("wall_time_s"), comparison, args.baseline,
-                             conditions, args.title) + kept_notes(report))
+    report.write_text(render(summary, cmd, wall, comparison, args.baseline,
+                             conditions, args.title, args.machine) + kept_notes(report))
     (results / f"{args.name}.json").write_text(json.dumps({"command": cmd, "wall_time_s": wall,
                                                            "conditions": conditions,
                                                            "summary": summary["summary"],
