@@ -105,6 +105,12 @@ def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, syn
     assert refit["reused_folds"] == [] and "--refit-trained" in refit["protocol"]
     assert read_meta(tmp_path / "cv" / "fold1" / "run")["refit"]["members"] == [
         "tf_efficientnet_lite0-seed0", "tf_efficientnet_lite0-seed1-tiny-112px"]
+    # where each fold's time went: every member's training and the trained member's refit, inside 'training'
+    phases = refit["per_fold"][0]["phases_s"]
+    assert {"training", "evaluation", "train tf_efficientnet_lite0-seed0", "refit tf_efficientnet_lite0-seed0",
+            "train tf_efficientnet_lite0-seed1-tiny-112px"} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert "## Where the time went" in (tmp_path / "cv" / "cv_report.md").read_text()
 
 
 def _assert_validation_reused_and_exact(cv_dir, data_cfg, fold="fold1"):

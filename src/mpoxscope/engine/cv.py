@@ -195,6 +195,7 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
                     images=images, progress=progress, log=log, member_banks=member_banks)
         if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
             return None
+        te = time.perf_counter()
         predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=train_cfg.device)
         # Validation predictions (what screening and pooled calibration are fitted on; those the training run
         # already computed when it chose views and calibration), then test, once.
@@ -202,12 +203,37 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
                  _protocol(prepared, fold, "validation"), predictions=_validation_predictions(data, fold, predictor))
         m = evaluate(predictor, data, fold.test, fold_dir / rundir.EVALUATION, _protocol(prepared, fold))
         m["wall_time_s"] = round(time.perf_counter() - tf, 1)
+        m["phases_s"] = fold_phases(fold_dir / rundir.CV_RUN, te - tf, time.perf_counter() - te)
         write_json(done, {**m, "fold": fold.name})
+        log(f"{fold.name}: {m['wall_time_s']:.0f} s — {phases_line(m['phases_s'])}")
     if not distributed.is_main():
         return None
     m["fold"] = fold.name
     m["validation"] = read_meta(fold_dir / rundir.CV_RUN).get("validation", {})
     return m
+
+
+def fold_phases(run_dir: Path, train_s: float, evaluate_s: float) -> dict[str, float]:
+    """Where one fold's time went, in seconds: ``training`` (everything ``train`` did: members, views, calibration,
+    refits), each training run's own clock (``train MEMBER``), each refit's (``refit MEMBER``), and ``evaluation``
+    (validation and test predictions and reports). The named parts are inside ``training``; what it holds beyond
+    them is shared work (feature banks, the ensemble's calibration, probe refits)."""
+    phases = {"training": round(train_s, 1)}
+    runs = sorted(p for p in (run_dir / rundir.MEMBERS).glob("*") if p.is_dir()) or [run_dir]
+    for run in runs:
+        name = run.name if run != run_dir else "model"
+        state = read_json(run / rundir.STATE) if (run / rundir.STATE).is_file() else {}
+        if state.get("wall_time_s") is not None:
+            phases[f"train {name}"] = state["wall_time_s"]
+        seconds = (read_meta(run).get("refit") or {}).get("seconds")
+        if seconds is not None:
+            phases[f"refit {name}"] = seconds
+    phases["evaluation"] = round(evaluate_s, 1)
+    return phases
+
+
+def phases_line(phases: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
 
 
 def train_model(data, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, info: dict,
@@ -299,7 +325,8 @@ def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, 
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
         "input_size": model_input_size(model_cfg, train_cfg),
         "summary": summarize(per_fold, classes),
-        "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s")} for m in per_fold],
+        "per_fold": [{k: m.get(k) for k in (*SUMMARY_KEYS, "fold", "n_images", "wall_time_s", "phases_s")}
+                     for m in per_fold],
         "classes": classes,
         "wall_time_s": round(wall_s, 1),  # this command's; folds reused from an earlier one took their own
         "reused_folds": [m["fold"] for m in per_fold if m.get("reused")],
@@ -397,7 +424,18 @@ def cv_report(summary: dict) -> str:
     for c, row in zip(classes, s["pooled_confusion_matrix"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
     lines += screening_report_lines(summary.get("screening"))
+    lines += _phase_lines(summary["per_fold"])
     return "\n".join(lines) + "\n"
+
+
+def _phase_lines(per_fold: list[dict]) -> list[str]:
+    """Where each fold's time went (folds trained by an older version have no phases)."""
+    rows = [(r["fold"], r["wall_time_s"], r["phases_s"]) for r in per_fold if r.get("phases_s")]
+    if not rows:
+        return []
+    return ["", "## Where the time went (s; the named runs are inside 'training')", "",
+            "| fold | total | phases |", "|---|---|---|",
+            *(f"| {f} | {w:.0f} | {phases_line(ph)} |" for f, w, ph in rows)]
 
 
 def cv_screening(out: Path, folds: list[str], train_cfg: TrainConfig, protocol: str, log=print) -> dict | None:

@@ -74,7 +74,7 @@ def refit_trained(run_dir: str | Path, data: SampleSet, fold: Fold, model_cfg: M
         _one_refit_epoch(r, done, epoch, sub, train_cfg, log if progress else None)
     rundir.save_weights(r.evaluated, run_dir / rundir.BEST)
     meta["refit"] = {"parts": ["train", "validation"], "images": len(both.train), "epochs": epochs,
-                     "of_epochs": train_cfg.epochs,
+                     "of_epochs": train_cfg.epochs, "seconds": round(time.perf_counter() - t0, 1),
                      "note": "retrained from the same start on the training and validation parts for the epoch "
                              "count chosen on validation; views, calibration, thresholds and the validation scores "
                              "are from before the refit"}
