@@ -73,12 +73,13 @@ def refit_trained(run_dir: str | Path, data: SampleSet, fold: Fold, model_cfg: M
     for epoch in range(done.epoch + 1, epochs + 1):
         _one_refit_epoch(r, done, epoch, sub, train_cfg, log if progress else None)
     rundir.save_weights(r.evaluated, run_dir / rundir.BEST)
+    seconds = round(time.perf_counter() - t0, 1)  # this process's share when the refit was resumed
     meta["refit"] = {"parts": ["train", "validation"], "images": len(both.train), "epochs": epochs,
-                     "of_epochs": train_cfg.epochs, "seconds": round(time.perf_counter() - t0, 1),
+                     "of_epochs": train_cfg.epochs, "seconds": seconds,
                      "note": "retrained from the same start on the training and validation parts for the epoch "
                              "count chosen on validation; views, calibration, thresholds and the validation scores "
                              "are from before the refit"}
     write_meta(run_dir, meta)
     log(f"{run_dir}: retrained on training + validation ({len(both.train)} images, {epochs} of "
-        f"{train_cfg.epochs} epochs, {time.perf_counter() - t0:.0f} s)")
+        f"{train_cfg.epochs} epochs, {seconds:.0f} s)")
     return meta["refit"]
