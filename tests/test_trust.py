@@ -601,3 +601,35 @@ def test_interrupt_message_tells_the_truth(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "resume from the last finished epoch" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_in_one_line_and_keeps_its_epochs(synthetic_root, tmp_path):
+    """``kill PID`` (SIGTERM, what a scheduler's time limit sends) during training: one line naming the signal and
+    how to resume, exit status 143, no traceback, no temporary file left, every reported epoch committed."""
+    import signal
+    import time
+
+    import torch
+
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "mpoxscope.cli", "train", str(synthetic_root), "--out", str(run), "--preset", "tiny",
+           "--epochs", "5000", "--patience", "5000", "--cache-views", "1", "--freeze", "--image-size", "64",
+           "--split-file", "none", "--quiet", "--device", "cpu", "--tta", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]  # still training: 5000 epochs take minutes
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert "terminated (SIGTERM)" in err and "rerun the same command to resume" in err
+    assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
+    committed = torch.load(run / "resume.pt", weights_only=True)  # the epoch's atomic commit
+    assert committed["epoch"] == len(json.loads(committed["history"])) >= 1
+    assert json.loads((run / "train_state.json").read_text())["status"] == "running"
