@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
-from mpoxscope.engine.ensemble import parse_member
+from mpoxscope.config import ModelConfig, TrainConfig, from_dict
+from mpoxscope.engine.ensemble import describe_training
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = [("Ali et al. 2024 (dataset authors), DenseNet121 + HAM10000 transfer, same official folds",
@@ -114,22 +115,8 @@ def ci(d: dict) -> str:
 
 
 def model_line(summary: dict) -> str:
-    """The configuration in words. For an ensemble the members name the backbones: cv_summary's ``model.backbone``
-    is the shared recipe's (the preset's Lite0 even when every member names another)."""
-    m, t = summary["model"], summary["train"]
-    ens = t.get("ensemble")
-    what = f"ensemble of {' + '.join(ens)}, {m['head']} heads" if ens else f"{m['backbone']} + {m['head']} head"
-    sizes = {parse_member(e, 0).image_size for e in ens or ()} - {None}  # members' own /PX
-    px = f"{m['image_size']} px" + (f" (members with /PX: their own; input {max(sizes | {m['image_size']})} px)"
-                                    if sizes else "")
-    refit = ("; every member refit on training + validation after every validation choice (the trained ones for "
-             "their chosen epochs)" if t.get("refit_trained") else
-             "; probes refit on training + validation after every validation choice" if t.get("refit") else "")
-    if t.get("solver") == "logistic" and not ens:  # one fit, no epochs (engine/probe.py)
-        return (f"{what}, {px}; frozen trunk, linear probe fitted by logistic regression on pooled features of "
-                f"8 views, C chosen on validation; test-time views {t['tta']}{refit}")
-    return (f"{what}, {px}; {'members without @PRESET: ' if ens else ''}trainable stages "
-            f"{t['trainable_stages']} (-1 = end to end), {t['epochs']} epochs, test-time views {t['tta']}{refit}")
+    """The configuration in words, every member by its own recipe (``engine.ensemble.describe_training``)."""
+    return describe_training(from_dict(ModelConfig, summary["model"]), from_dict(TrainConfig, summary["train"]))
 
 
 def wall_text(summary: dict, wall: float | None) -> str:

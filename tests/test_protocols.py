@@ -217,9 +217,36 @@ def test_protocols_trains_ensembles_and_reads_the_official_row_from_cv(tmp_path,
     assert not (out / "work" / "official").exists()  # read from cv, not trained again
     members = out / "work" / "image-level" / "fold1" / "members"
     assert sorted(p.name for p in members.iterdir()) == ["tf_efficientnet_lite0-seed0", "tf_efficientnet_lite0-seed1"]
-    assert "ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite0:1" in report["config"]
+    assert report["config"].startswith("ensemble of tf_efficientnet_lite0 (frozen, AGFN head, 96 px, 1 epoch) + "
+                                       "tf_efficientnet_lite0:1 (frozen")
     capsys.readouterr()
     other = [o if o != "1" else "2" for o in opts]  # --epochs 2
     assert main(["protocols", str(synthetic_root), "--out", str(tmp_path / "p2"), "--official-from", str(cv_dir),
                  *other]) == 2
     assert "other settings (epochs)" in capsys.readouterr().err
+
+
+def test_a_finished_protocol_is_reused_by_its_settings_not_its_words(tmp_path):
+    """Renaming a configuration in the report must not rerun hours of training; other settings must."""
+    data = _tiny_images(tmp_path / "data")
+    official = grouped_folds(data, n_folds=3)
+    calls: list[int] = []
+
+    def counting(*args):
+        calls.append(1)
+        return _memorizer(*args)
+
+    def run(name, settings, former=()):
+        run_protocols(data, official, "grouped 3-fold", tmp_path / "out", counting, name, ("official",),
+                      n_folds=3, log=lambda _: None, settings=settings, former_names=former)
+        return len(calls)
+
+    a = {"model": {"backbone": "x"}, "train": {"epochs": 3}}
+    assert run("old words", a) == 1
+    assert run("new words", a) == 1  # same settings, described differently: reused
+    assert run("new words", {"model": {"backbone": "x"}, "train": {"epochs": 4}}) == 2  # another model: rerun
+    summary = tmp_path / "out" / "work" / "official.summary.json"
+    legacy = {k: v for k, v in json.loads(summary.read_text()).items() if k != "settings"}
+    summary.write_text(json.dumps({**legacy, "config": "words of an older version"}))  # written before settings
+    assert run("new words", a, former=("words of an older version",)) == 2
+    assert run("new words", a) == 3  # neither settings nor known words: run again

@@ -1,9 +1,10 @@
 """Dataset and split audit: exact and near-duplicate images, and patients or duplicates that leak across
 train / validation / test. ``mpoxscope audit`` is the command line; the Python API is exported here (loaded on
-first use, so that building the CLI's ``--help`` does not import numpy and scipy).
+first use, so that building the CLI's ``--help`` does not import numpy and scipy). Pairs are found once per
+dataset, leaks once per fold:
 
->>> pairs = find_duplicate_pairs(data)                             # doctest: +SKIP  once per dataset
->>> drop = leaked_test_indices(data, fold, pairs)                  # doctest: +SKIP  per fold
+>>> pairs = find_duplicate_pairs(data)  # doctest: +SKIP
+>>> drop = leaked_test_indices(data, fold, pairs)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -116,6 +116,46 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
     return out
 
 
+def describe_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """One model's configuration in words, as reports state it.
+
+    >>> from mpoxscope.config import preset
+    >>> describe_model(*preset("probe"))  # doctest: +NORMALIZE_WHITESPACE
+    'tf_efficientnet_lite2 frozen, linear probe fitted by logistic regression on pooled features of 8 views with C
+    chosen on validation, 260 px'
+    """
+    m, t = model_cfg, train_cfg
+    if t.solver == "logistic":
+        return (f"{m.backbone} frozen, linear probe fitted by logistic regression on pooled features of 8 views "
+                f"with C chosen on validation, {m.image_size} px")
+    head = "AGFN head" if m.head == "agfn" else f"{m.head} head"
+    trunk = {0: "frozen", -1: "fine-tuned end to end"}.get(t.trainable_stages,
+                                                            f"last {t.trainable_stages} stages fine-tuned")
+    return f"{m.backbone} {trunk}, {head}, {m.image_size} px, {t.epochs} epoch{'s' if t.epochs != 1 else ''}"
+
+
+def describe_training(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """A run's or ensemble's configuration in words: every member by its own recipe, the test-time views and
+    the refit (an ensemble's shared ``model_cfg`` says nothing of a member that follows another preset).
+
+    >>> from mpoxscope.config import preset
+    >>> describe_training(*preset("pair"))  # doctest: +NORMALIZE_WHITESPACE
+    'ensemble of tf_efficientnet_lite0 (fine-tuned end to end, AGFN head, 224 px, 20 epochs) +
+    tf_efficientnet_lite2@frozen (frozen, AGFN head, 224 px, 30 epochs); test-time views chosen on validation'
+    """
+    if train_cfg.ensemble:
+        parts = [f"{spec} ({describe_model(mc, tc).removeprefix(mc.backbone + ' ')})"
+                 for spec, (_, mc, tc) in zip(train_cfg.ensemble, member_configs(train_cfg.ensemble, model_cfg,
+                                                                                 train_cfg), strict=True)]
+        what = "ensemble of " + " + ".join(parts)
+    else:
+        what = describe_model(model_cfg, train_cfg)
+    refit = ("; every member refit on training + validation after every validation choice" if train_cfg.refit_trained
+             else "; probes refit on training + validation after every validation choice" if train_cfg.refit else "")
+    views = "chosen on validation" if train_cfg.tta == "auto" else train_cfg.tta
+    return f"{what}; test-time views {views}{refit}"
+
+
 def input_size(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig) -> int:
     """The ensemble's input side: its largest member's (smaller members resize inside ``EnsembleNet``, so every
     consumer keeps one preprocessed input)."""

@@ -35,10 +35,10 @@ class Prediction:
 
 
 class Predictor:
-    """Class probabilities for RGB images, with the run's preprocessing and temperature.
+    """Class probabilities (N, K) for N RGB images, with the run's preprocessing and temperature.
 
-    >>> p = Predictor.from_run("runs/fold1")          # doctest: +SKIP
-    >>> p.predict_images([img])                       # doctest: +SKIP  (N, K) probabilities
+    >>> p = Predictor.from_run("runs/fold1")  # doctest: +SKIP
+    >>> p.predict_images([img])  # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module | None, meta: dict, device: torch.device) -> None:

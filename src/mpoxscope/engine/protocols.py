@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import math
 import os
 import time
@@ -303,6 +304,35 @@ def cv_runner(cv_dir: str | Path) -> Runner:
     return run
 
 
+#: Training settings that change where and how fast a model trains, not which model: ignored when runs are compared.
+_RUNTIME_ONLY = frozenset({"device", "precision", "num_workers"})
+
+
+def _same_config(previous: dict, config_name: str, settings: dict | None, former_names: tuple[str, ...]) -> bool:
+    if previous.get("settings") is not None and settings is not None:
+        from mpoxscope.engine.train import stored_settings_match  # a setting added later matches its default
+
+        return stored_settings_match(previous["settings"], settings)
+    return previous.get("config") in (config_name, *former_names)
+
+
+def protocol_settings(model_cfg, train_cfg) -> dict:
+    """What makes two protocol runs the same model: every setting but the device, precision and loader threads."""
+    from mpoxscope.config import to_dict
+
+    train = {k: v for k, v in to_dict(train_cfg).items() if k not in _RUNTIME_ONLY}
+    return json.loads(json.dumps({"model": to_dict(model_cfg), "train": train}))  # tuples as lists, as read back
+
+
+def _former_words(model_cfg, train_cfg, preset: str) -> str:
+    """How versions up to 0.x (session 15) named a configuration in a protocol's summary, to reuse their runs."""
+    if train_cfg.ensemble:
+        return (f"ensemble of {' + '.join(train_cfg.ensemble)} ({model_cfg.head.upper()} heads, "
+                f"{model_cfg.image_size} px, preset {preset})")
+    return (f"{model_cfg.backbone} + {model_cfg.head} head, {model_cfg.image_size} px, trainable stages "
+            f"{train_cfg.trainable_stages}, {train_cfg.epochs} epochs (preset {preset})")
+
+
 def check_cv_config(cv_dir: str | Path, model_cfg, train_cfg) -> None:
     """Refuse a cv output whose model or training configuration differs from this run's (device, precision
     and loader threads aside): its official row would describe another model."""
@@ -314,7 +344,7 @@ def check_cv_config(cv_dir: str | Path, model_cfg, train_cfg) -> None:
         summary = read_json(path)
     except (OSError, ValueError) as e:
         raise MpoxscopeError(f"--official-from: {path}: cannot read a finished cv summary ({e})") from None
-    ignore = {"device", "precision", "num_workers"}
+    ignore = _RUNTIME_ONLY
     want = {**to_dict(model_cfg), **{k: v for k, v in to_dict(train_cfg).items() if k not in ignore}}
     have = {**summary.get("model", {}), **{k: v for k, v in summary.get("train", {}).items() if k not in ignore}}
     want["ensemble"] = list(want.get("ensemble") or [])
@@ -371,9 +401,14 @@ def summarize_protocol(protocol: str, results: list[FoldResult], classes: list[s
 def run_protocols(data: SampleSet, official: list[Fold], official_source: str, out: str | Path, runner: Runner,
                   config_name: str, protocols: tuple[str, ...] = PROTOCOLS, copies: int = 5, n_folds: int = 5,
                   seed: int = 0, command: str = "", log: Callable[[str], None] = print,
-                  runners: dict[str, Runner] | None = None) -> dict[str, Any]:
+                  runners: dict[str, Runner] | None = None, settings: dict | None = None,
+                  former_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Evaluate ``runner`` under each protocol (``runners[protocol]`` instead where given, e.g. the official
-    protocol read from a finished cv); write protocols.json/.md/.png to ``out``; return the results."""
+    protocol read from a finished cv); write protocols.json/.md/.png to ``out``; return the results.
+
+    A protocol already evaluated in ``out`` is reused when it was run with the same ``settings`` (the model and
+    training configuration as plain values); one written before settings were stored, when its ``config`` is
+    ``config_name`` or one of ``former_names`` (the words an older version used for this configuration)."""
     from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
 
     runners = runners or {}
@@ -384,14 +419,14 @@ def run_protocols(data: SampleSet, official: list[Fold], official_source: str, o
     for protocol in protocols:
         done = out / "work" / f"{protocol}.summary.json"
         previous = read_json(done) if done.is_file() else {}
-        if previous.get("config") == config_name and previous.get("copies", copies) == copies:
+        if _same_config(previous, config_name, settings, former_names) and previous.get("copies", copies) == copies:
             log(f"[{protocol}] already evaluated ({done}), not run again")
             results[protocol] = summary = previous
         else:
             results[protocol] = summary = _run_protocol(protocol, data, official, official_source, out,
                                                         runners.get(protocol, runner), copies, n_folds, seed, groups,
                                                         log)
-            write_json(done, {**summary, "config": config_name})
+            write_json(done, {**summary, "config": config_name, "settings": settings})
         tag = f"*** {BANNER} *** " if protocol in LEAKY else ""
         log(f"{tag}[{protocol}: {summary['split']}] accuracy {100 * summary['accuracy_mean']:.2f} ± "
             f"{100 * summary['accuracy_std']:.2f} %, macro-F1 {100 * summary['f1_macro_mean']:.2f} ± "
@@ -617,6 +652,7 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
 
     from mpoxscope.config import DataConfig
     from mpoxscope.engine.cli import configs_from_args
+    from mpoxscope.engine.ensemble import describe_training
     from mpoxscope.engine.runner import prepare
     from mpoxscope.fileio import check_output_dir, mark_output_dir
 
@@ -646,17 +682,16 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
         config = (f"--quick: frozen {model_cfg.backbone} ({model_cfg.image_size} px) global-average-pooled features "
                   "+ logistic regression, C chosen on each fold's validation macro-F1 (not the default AGFN "
                   "training)")
+        settings, former = None, ()
     else:
         runner = full_runner(model_cfg, train_cfg, log=log)
-        config = (f"{model_cfg.backbone} + {model_cfg.head} head, {model_cfg.image_size} px, trainable stages "
-                  f"{train_cfg.trainable_stages}, {train_cfg.epochs} epochs (preset {args.preset})")
-        if train_cfg.ensemble:
-            config = (f"ensemble of {' + '.join(train_cfg.ensemble)} ({model_cfg.head.upper()} heads, "
-                      f"{model_cfg.image_size} px, preset {args.preset})")
+        config = f"{describe_training(model_cfg, train_cfg)} (preset {args.preset})"
+        settings, former = protocol_settings(model_cfg, train_cfg), (_former_words(model_cfg, train_cfg, args.preset),)
     runners = {"official": cv_runner(official_from)} if official_from else {}
     command = "mpoxscope protocols " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     report = run_protocols(prepared.data, prepared.folds, prepared.split_source, args.out, runner, config,
-                           protocols, args.copies, args.folds, train_cfg.seed, command, log=print, runners=runners)
+                           protocols, args.copies, args.folds, train_cfg.seed, command, log=print, runners=runners,
+                           settings=settings, former_names=former)
     for p, r in report["protocols"].items():
         tag = f"*** {BANNER} *** " if r["leaky"] else ""
         print(f"{tag}[{p}] pooled accuracy {_ci(r['pooled']['accuracy'])} %, macro-F1 "

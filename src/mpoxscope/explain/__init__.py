@@ -1,8 +1,10 @@
 """Explanations: Grad-CAM family (pytorch-grad-cam) and AGFN attention maps, overlays, gallery, faithfulness.
 
->>> from mpoxscope.explain import explain, overlay, METHODS      # doctest: +SKIP
->>> maps = explain(model, batch, "gradcam")                     # (N, S, S) float32 in [0, 1]
->>> overlay(pil_image, maps[0]).save("cam.png")                 # RGB, at the image's size
+``explain`` gives (N, S, S) float32 maps in [0, 1]; ``overlay`` an RGB image at the photo's size:
+
+>>> from mpoxscope.explain import explain, overlay, METHODS
+>>> maps = explain(model, batch, "gradcam")  # doctest: +SKIP
+>>> overlay(pil_image, maps[0]).save("cam.png")  # doctest: +SKIP
 
 Names resolve lazily, so ``import mpoxscope.explain.cli`` (for ``mpoxscope --help``) does not load torch.
 """

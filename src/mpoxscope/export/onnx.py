@@ -108,8 +108,10 @@ class OnnxPredictor(Predictor):
     """:class:`Predictor` whose logits come from ONNX Runtime; preprocessing, temperature, batching and
     error handling are Predictor's own (only :meth:`logits` differs). ``model`` is ``None``.
 
-    >>> p = OnnxPredictor.from_run("runs/fold1")      # doctest: +SKIP  (exports model.onnx if missing)
-    >>> p.predict_paths(["lesion.jpg"])               # doctest: +SKIP
+    ``from_run`` exports ``model.onnx`` if it is missing:
+
+    >>> p = OnnxPredictor.from_run("runs/fold1")  # doctest: +SKIP
+    >>> p.predict_paths(["lesion.jpg"])  # doctest: +SKIP
     """
 
     def __init__(self, session: ort.InferenceSession, meta: dict, onnx_file: Path | None = None) -> None:
