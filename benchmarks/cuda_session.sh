@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session (about 9 minutes on one H100/H200) for the measurements a CPU cannot make in time:
+#   W. (WARMUP=1, the default; 0 skips it) benchmarks/cuda_warmup.py: a training step's first and second time at
+#      each batch size the default meets, per memory format — the cause of the slow first epochs;
 #   A. the default's 5-fold cv on the official folds, alone on the GPU, timed (issue 8: "under 5 minutes, GPU-bound"),
 #      with GPU utilisation sampled every 0.5 s;
 #   B. the default configuration under the LEAKY protocols B_PROTOCOLS (default: image-level, then augment-then-split
@@ -32,6 +34,12 @@ stamp() { echo "[$(date +%T) t=${SECONDS}s] $*"; }
 'sklearn', sklearn.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/gpu_util.csv" &
 SMI=$!
+
+if [ "${WARMUP:-1}" = 1 ]; then  # W: what a first epoch's seconds go to (benchmarks/cuda_warmup.py), ~1-2 min
+    stamp "W: first-step time per batch size and memory format"
+    timeout "$(cap 150)" "$PY" "$(dirname "$0")/cuda_warmup.py" --out "$OUT/cuda_warmup.json"
+    stamp "W: rc=$?"
+fi
 
 stamp "A: default cv, official folds, alone on the GPU"
 s=$SECONDS

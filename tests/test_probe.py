@@ -37,6 +37,23 @@ def test_fit_logistic_folds_the_scaler_into_the_weights_and_picks_c_by_validatio
     assert fit.losses[str(fit.c)] == min(fit.losses.values()) and set(fit.losses) == {"0.001", "1.0"}
 
 
+def test_fit_logistic_gives_the_same_weights_in_any_number_of_threads_and_restores_blas():
+    """The C grid runs in threads with single-threaded BLAS: the fit must not depend on the thread count, and the
+    process's BLAS threads must be what they were before (the limit is process-wide)."""
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 200)
+    x = rng.normal(size=(200, 3, 64)) + y[:, None, None] * 0.3
+    before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    one = fit_logistic(x[:150], y[:150], x[150:], y[150:], n_classes=4, n_jobs=1)
+    many = fit_logistic(x[:150], y[:150], x[150:], y[150:], n_classes=4, n_jobs=3)
+    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == before
+    assert one.c == many.c and one.losses == many.losses and len(one.losses) == len(probe.C_GRID)
+    np.testing.assert_array_equal(one.weight, many.weight)
+    np.testing.assert_array_equal(one.bias, many.bias)
+
+
 def test_fit_logistic_refuses_a_training_part_without_every_class():
     x = np.zeros((4, 1, 3))
     x[2:] = 1
