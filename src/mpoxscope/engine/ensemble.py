@@ -116,6 +116,17 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
     return out
 
 
+def _recipe_words(m: ModelConfig, t: TrainConfig) -> str:
+    """How a model is trained, without its backbone's name."""
+    if t.solver == "logistic":
+        return (f"frozen, linear probe fitted by logistic regression on pooled features of 8 views with C chosen on "
+                f"validation, {m.image_size} px")
+    head = "AGFN head" if m.head == "agfn" else f"{m.head} head"
+    trunk = {0: "frozen", -1: "fine-tuned end to end"}.get(t.trainable_stages,
+                                                            f"last {t.trainable_stages} stages fine-tuned")
+    return f"{trunk}, {head}, {m.image_size} px, {t.epochs} epoch{'s' if t.epochs != 1 else ''}"
+
+
 def describe_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
     """One model's configuration in words, as reports state it.
 
@@ -124,14 +135,7 @@ def describe_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
     'tf_efficientnet_lite2 frozen, linear probe fitted by logistic regression on pooled features of 8 views with C
     chosen on validation, 260 px'
     """
-    m, t = model_cfg, train_cfg
-    if t.solver == "logistic":
-        return (f"{m.backbone} frozen, linear probe fitted by logistic regression on pooled features of 8 views "
-                f"with C chosen on validation, {m.image_size} px")
-    head = "AGFN head" if m.head == "agfn" else f"{m.head} head"
-    trunk = {0: "frozen", -1: "fine-tuned end to end"}.get(t.trainable_stages,
-                                                            f"last {t.trainable_stages} stages fine-tuned")
-    return f"{m.backbone} {trunk}, {head}, {m.image_size} px, {t.epochs} epoch{'s' if t.epochs != 1 else ''}"
+    return f"{model_cfg.backbone} {_recipe_words(model_cfg, train_cfg)}"
 
 
 def describe_training(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
@@ -144,10 +148,9 @@ def describe_training(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
     tf_efficientnet_lite2@frozen (frozen, AGFN head, 224 px, 30 epochs); test-time views chosen on validation'
     """
     if train_cfg.ensemble:
-        parts = [f"{spec} ({describe_model(mc, tc).removeprefix(mc.backbone + ' ')})"
-                 for spec, (_, mc, tc) in zip(train_cfg.ensemble, member_configs(train_cfg.ensemble, model_cfg,
-                                                                                 train_cfg), strict=True)]
-        what = "ensemble of " + " + ".join(parts)
+        members = member_configs(train_cfg.ensemble, model_cfg, train_cfg)
+        what = "ensemble of " + " + ".join(f"{spec} ({_recipe_words(mc, tc)})"
+                                           for spec, (_, mc, tc) in zip(train_cfg.ensemble, members, strict=True))
     else:
         what = describe_model(model_cfg, train_cfg)
     refit = ("; every member refit on training + validation after every validation choice" if train_cfg.refit_trained

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import math
 import os
 import time
@@ -321,7 +320,7 @@ def protocol_settings(model_cfg, train_cfg) -> dict:
     from mpoxscope.config import to_dict
 
     train = {k: v for k, v in to_dict(train_cfg).items() if k not in _RUNTIME_ONLY}
-    return json.loads(json.dumps({"model": to_dict(model_cfg), "train": train}))  # tuples as lists, as read back
+    return {"model": to_dict(model_cfg), "train": train}
 
 
 def _former_words(model_cfg, train_cfg, preset: str) -> str:
@@ -336,7 +335,6 @@ def _former_words(model_cfg, train_cfg, preset: str) -> str:
 def check_cv_config(cv_dir: str | Path, model_cfg, train_cfg) -> None:
     """Refuse a cv output whose model or training configuration differs from this run's (device, precision
     and loader threads aside): its official row would describe another model."""
-    from mpoxscope.config import to_dict
     from mpoxscope.fileio import read_json
 
     path = Path(cv_dir) / "cv_summary.json"
@@ -344,9 +342,10 @@ def check_cv_config(cv_dir: str | Path, model_cfg, train_cfg) -> None:
         summary = read_json(path)
     except (OSError, ValueError) as e:
         raise MpoxscopeError(f"--official-from: {path}: cannot read a finished cv summary ({e})") from None
-    ignore = _RUNTIME_ONLY
-    want = {**to_dict(model_cfg), **{k: v for k, v in to_dict(train_cfg).items() if k not in ignore}}
-    have = {**summary.get("model", {}), **{k: v for k, v in summary.get("train", {}).items() if k not in ignore}}
+    settings = protocol_settings(model_cfg, train_cfg)
+    want = {**settings["model"], **settings["train"]}
+    have = {**summary.get("model", {}),
+            **{k: v for k, v in summary.get("train", {}).items() if k not in _RUNTIME_ONLY}}
     want["ensemble"] = list(want.get("ensemble") or [])
     differ = sorted(k for k in want if k in have and have[k] != want[k])
     if differ:
