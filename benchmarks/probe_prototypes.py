@@ -67,6 +67,33 @@ def features(args: argparse.Namespace) -> None:
     print(f"{args.out}: {', '.join(out)} for {len(idx)} images in {time.time() - t0:.0f} s")
 
 
+@torch.no_grad()
+def aug_features(args: argparse.Namespace) -> None:
+    """The last map's average pool under ``--views`` random augmentations per image (the fine-tuning recipe's
+    BatchAugment: crop scale, flips, rotation, colour, skin tone), seeded, as extra training rows for the probe."""
+    from mpoxscope.data.batch_augment import BatchAugment
+    from mpoxscope.data.transforms import AugmentConfig
+
+    data = load_samples(msld_root())
+    model = create_model(ModelConfig(backbone=args.backbone, image_size=args.image_size, head="linear"),
+                         len(data.classes)).eval()
+    idx = list(range(len(data.samples)))
+    cache = build_image_cache(data, idx, args.image_size, progress_bar=False)
+    augment = BatchAugment(args.image_size, AugmentConfig(), model.mean, model.std)
+    g, t0, out = torch.Generator().manual_seed(args.seed), time.time(), []
+    for s in range(0, len(idx), 16):
+        raw = cache.train.index_select(0, cache.index(idx[s:s + 16]))
+        views = []
+        for _ in range(args.views):
+            h = augment(raw, g).contiguous(memory_format=torch.channels_last)
+            for stage in model.stages:
+                h = stage(h)
+            views.append(h.float().mean((2, 3)))
+        out.append(torch.stack(views, 1).numpy())
+    np.savez(args.out, names=np.array([p.path.name for p in data.samples]), aug=np.concatenate(out))
+    print(f"{args.out}: aug ({args.views} views) for {len(idx)} images in {time.time() - t0:.0f} s")
+
+
 def _load(npz: str, keys: str):
     z = np.load(npz)
     data = load_samples(msld_root())
@@ -89,14 +116,22 @@ def _write(path: Path, data, idx: list[int], probs: np.ndarray) -> None:
 
 def fit(args: argparse.Namespace) -> None:
     data, x, y, folds = _load(args.npz, args.keys)
+    extra = None
+    if args.extra:  # extra training rows only (validation and test are scored on the views of ``keys``)
+        path, _, n = args.extra.partition(":")
+        extra = np.load(path)["aug"].astype(np.float32)
+        extra = extra[:, :int(n)] if n else extra
     pooled = {"validation": ([], []), "evaluation": ([], [])}
     for f in folds:
         tr, va, te = list(f.train), list(f.validation), list(f.test)
-        probe = fit_logistic(x[tr], y[tr], x[va], y[va], len(data.classes), grid=C_GRID_WIDE)
+        rows = x[tr] if extra is None else np.concatenate([x[tr], extra[tr]], 1)
+        probe = fit_logistic(rows, y[tr], x[va], y[va], len(data.classes), grid=C_GRID_WIDE)
         val_logits = (x[va] @ probe.weight.T + probe.bias).mean(1)
         t = fit_temperature(val_logits, y[va])
         if args.refit:  # same C on training + validation; the temperature above (validation is now in-sample)
-            probe = fit_logistic(x[tr + va], y[tr + va], x[va], y[va], len(data.classes), grid=(probe.c,))
+            both = tr + va
+            rows = x[both] if extra is None else np.concatenate([x[both], extra[both]], 1)
+            probe = fit_logistic(rows, y[both], x[va], y[va], len(data.classes), grid=(probe.c,))
         for split, idx, logits in (("validation", va, val_logits),
                                    ("evaluation", te, (x[te] @ probe.weight.T + probe.bias).mean(1))):
             p = softmax(logits / t, 1)
@@ -104,7 +139,8 @@ def fit(args: argparse.Namespace) -> None:
             pooled[split][0].append(y[idx])
             pooled[split][1].append(p)
     (yv, pv), (yt, pt) = ((np.concatenate(a), np.concatenate(b)) for a, b in pooled.values())
-    print(f"{args.keys}{' refit' if args.refit else ''}: pooled validation macro-F1 "
+    name = f"{args.keys}{' + ' + args.extra if args.extra else ''}{' refit' if args.refit else ''}"
+    print(f"{name}: pooled validation macro-F1 "
           f"{100 * f1_score(yv, pv.argmax(1), average='macro'):.2f} | test (reported, not used) accuracy "
           f"{100 * (pt.argmax(1) == yt).mean():.2f}, macro-F1 {100 * f1_score(yt, pt.argmax(1), average='macro'):.2f}"
           f", ECE {expected_calibration_error(pt, yt):.3f}")
@@ -185,8 +221,16 @@ def main() -> int:
     p.add_argument("npz")
     p.add_argument("keys", help="feature names joined by +, e.g. gap8+gmp")
     p.add_argument("--refit", action="store_true")
+    p.add_argument("--extra", help="NPZ[:N]: the first N views of an augfeatures file as extra training rows")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=fit)
+    p = sub.add_parser("augfeatures")
+    p.add_argument("--backbone", default="tf_efficientnet_lite2")
+    p.add_argument("--image-size", type=int, default=260)
+    p.add_argument("--views", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=aug_features)
     p = sub.add_parser("curve")
     p.add_argument("npz")
     p.add_argument("keys")

@@ -309,8 +309,11 @@ def test_member_spec_may_name_its_own_epochs():
     assert (n0, t0.epochs) == ("a-seed0", 5)
     assert (n1, m1.image_size, t1.epochs, t1.trainable_stages) == ("a-seed0-frozen-96px-3ep", 96, 3, 0)
     assert parse_member("a:2,epochs=7", 0) == MemberSpec("a", 2, None, None, 7)
+    assert parse_member("a,refit=no", 0) == MemberSpec("a", 0, refit=False)
+    assert parse_member("a,epochs=2,refit=yes", 0).name == "a-seed0-2ep-refit"
     for bad, match in (("a,epochs=0", "epochs of"), ("a,epochs=x", "epochs of"), ("a,lr=1", "unknown option"),
-                       ("a,epochs", "unknown option")):
+                       ("a,epochs", "unknown option"), ("a,refit=maybe", "refit of .* must be yes or no"),
+                       ("a,epochs=2,epochs=3", "epochs given twice")):
         with pytest.raises(MpoxscopeError, match=match):
             member_configs((bad,), SMALL, cfg)
 

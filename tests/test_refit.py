@@ -138,3 +138,28 @@ def test_an_ensemble_retrains_its_members_after_its_calibration(tmp_path, data_a
     before = weights_sha256(trained)
     train_ensemble(data, fold, small, refit_cfg, specs, tmp_path / "refit", **QUIET)
     assert weights_sha256(trained) == before and read_meta(tmp_path / "refit")["calibration"] == refit["calibration"]
+
+
+def test_a_member_that_says_refit_no_is_left_as_validation_chose_it(tmp_path, data_and_fold):
+    """``--refit-trained`` retrains every trained member except one whose spec says ``refit=no``: its weights are
+    those of the same member in an ensemble that was never refit; the other member's are not."""
+    from mpoxscope.engine.ensemble import train_ensemble
+
+    data, fold = data_and_fold
+    specs = ("tf_efficientnet_lite0", "tf_efficientnet_lite0:1,epochs=1,refit=no")
+    cfg = dataclasses.replace(E2E, epochs=1, ensemble=specs)
+    train_ensemble(data, fold, SMALL, cfg, specs, tmp_path / "plain", **QUIET)
+    # the same trained members (training need not be bitwise repeatable), then the refit
+    shutil.copytree(tmp_path / "plain", tmp_path / "refit")
+    refit_cfg = dataclasses.replace(cfg, refit=True, refit_trained=True)
+    train_ensemble(data, fold, SMALL, refit_cfg, specs, tmp_path / "refit", **QUIET)
+    kept, refit = "tf_efficientnet_lite0-seed1-1ep-norefit", "tf_efficientnet_lite0-seed0"
+    assert read_meta(tmp_path / "refit")["refit"]["members"] == [refit]
+    members = {name: [weights_sha256(tmp_path / run / "members" / name) for run in ("plain", "refit")]
+               for name in (kept, refit)}
+    assert members[kept][0] == members[kept][1] and "refit" not in read_meta(tmp_path / "refit" / "members" / kept)
+    assert members[refit][0] != members[refit][1]
+    with pytest.raises(MpoxscopeError, match="refits none"):
+        from mpoxscope.engine.probe import check_probe
+
+        check_probe(SMALL, dataclasses.replace(refit_cfg, ensemble=(specs[1],)))

@@ -36,37 +36,58 @@ _SHARED_TRAIN_FIELDS = ("device", "precision", "num_workers", "screen_class", "s
 
 @dataclasses.dataclass(frozen=True)
 class MemberSpec:
-    """One ``--ensemble`` entry, ``BACKBONE[:SEED][@PRESET][/PX][,epochs=N]``, parsed by :func:`parse_member`.
+    """One ``--ensemble`` entry, ``BACKBONE[:SEED][@PRESET][/PX][,epochs=N][,refit=yes|no]``, parsed by
+    :func:`parse_member`.
 
     ``recipe``: a preset whose recipe the member follows instead of the shared one; ``image_size``: the member's
     own input side; ``epochs``: its own epoch budget (e.g. a slower backbone trained for fewer epochs so that the
-    ensemble fits a time budget). ``None`` means "the ensemble's"."""
+    ensemble fits a time budget); ``refit``: whether the ensemble's ``--refit`` refits this member (by default
+    probes always, trained members with ``--refit-trained``; ``refit=no`` keeps a slow member out of a refit's
+    retraining). ``None`` means "the ensemble's"."""
 
     backbone: str
     seed: int
     recipe: str | None = None
     image_size: int | None = None
     epochs: int | None = None
+    refit: bool | None = None
 
     @property
     def name(self) -> str:
-        """The member's folder under ``RUN/members/``: every field that makes it a different model."""
+        """The member's folder under ``RUN/members/``: every field that makes it a different model (a member
+        kept out of a refit ends with other weights than one refit, so ``refit`` is part of the name)."""
         return (f"{self.backbone}-seed{self.seed}" + (f"-{self.recipe}" if self.recipe else "")
-                + (f"-{self.image_size}px" if self.image_size else "") + (f"-{self.epochs}ep" if self.epochs else ""))
+                + (f"-{self.image_size}px" if self.image_size else "") + (f"-{self.epochs}ep" if self.epochs else "")
+                + ({True: "-refit", False: "-norefit"}.get(self.refit, "")))
 
 
-#: ``,KEY=VALUE`` options a member spec may carry, with their checks (value -> error text or None).
-_MEMBER_OPTIONS = {"epochs": lambda v: None if v.isdigit() and 1 <= int(v) <= 10_000 else "an integer from 1 to 10000"}
+def _epochs(value: str) -> int:
+    if not (value.isdigit() and 1 <= int(value) <= 10_000):
+        raise ValueError("an integer from 1 to 10000")
+    return int(value)
+
+
+def _yes_no(value: str) -> bool:
+    if value not in ("yes", "no"):
+        raise ValueError("yes or no")
+    return value == "yes"
+
+
+#: ``,KEY=VALUE`` options a member spec may carry: value text -> value (ValueError names what is allowed).
+_MEMBER_OPTIONS = {"epochs": _epochs, "refit": _yes_no}
 
 
 def parse_member(spec: str, default_seed: int) -> MemberSpec:
     """``"tf_efficientnet_lite1:3"`` -> backbone and seed 3; ``"tf_efficientnet_lite2@frozen"``: that member
     follows the ``frozen`` preset's recipe instead of the shared one; ``"tf_efficientnet_lite2/260"``: it reads
     260-px images instead of the ensemble's ``--image-size`` (e.g. each backbone at its native resolution);
-    ``"tf_efficientnet_lite2/256,epochs=12"``: and trains for 12 epochs instead of the recipe's.
+    ``"tf_efficientnet_lite2/256,epochs=12"``: and trains for 12 epochs instead of the recipe's;
+    ``",refit=no"``: the ensemble's refit leaves this member as validation chose it.
 
     >>> parse_member("tf_efficientnet_lite2:1@frozen/260,epochs=12", 0)
-    MemberSpec(backbone='tf_efficientnet_lite2', seed=1, recipe='frozen', image_size=260, epochs=12)
+    MemberSpec(backbone='tf_efficientnet_lite2', seed=1, recipe='frozen', image_size=260, epochs=12, refit=None)
+    >>> parse_member("tf_efficientnet_lite2/260,epochs=10,refit=no", 0).name
+    'tf_efficientnet_lite2-seed0-260px-10ep-norefit'
     """
     head, *options = spec.split(",")
     rest, slash, px = head.partition("/")
@@ -88,10 +109,12 @@ def parse_member(spec: str, default_seed: int) -> MemberSpec:
         if key not in _MEMBER_OPTIONS or not eq:
             raise MpoxscopeError(f"--ensemble: unknown option {option!r} in {spec!r}; "
                                  f"use ,KEY=VALUE with KEY one of {', '.join(_MEMBER_OPTIONS)}")
-        problem = _MEMBER_OPTIONS[key](value)
-        if problem:
-            raise MpoxscopeError(f"--ensemble: {key} of {spec!r} must be {problem}")
-        values[key] = int(value)
+        if key in values:
+            raise MpoxscopeError(f"--ensemble: {key} given twice in {spec!r}")
+        try:
+            values[key] = _MEMBER_OPTIONS[key](value)
+        except ValueError as e:
+            raise MpoxscopeError(f"--ensemble: {key} of {spec!r} must be {e}") from None
     return MemberSpec(backbone, seed_value, recipe or None, int(px) if slash else None, **values)
 
 
@@ -114,6 +137,28 @@ def member_configs(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tr
                     dataclasses.replace(tc, seed=spec.seed, ensemble=(), epochs=spec.epochs or tc.epochs,
                                         refit=False, refit_trained=False, **shared)))
     return out
+
+
+def refit_members(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                  ) -> list[tuple[str, ModelConfig, TrainConfig]]:
+    """The members an ensemble's ``--refit`` refits after its calibration, as :func:`member_configs` gives them:
+    a member's own ``refit=yes|no`` if it names one, else probes always and trained members with
+    ``--refit-trained``. Empty without ``--refit``.
+
+    >>> from mpoxscope.config import preset
+    >>> m, t = preset("default")
+    >>> [n for n, _, _ in refit_members(t.ensemble, m, t)]
+    ['tf_efficientnet_lite0-seed0', 'tf_efficientnet_lite2-seed0-probe-260px']
+    >>> specs = (*t.ensemble, "tf_efficientnet_lite2/260,epochs=10,refit=no")
+    >>> [n for n, _, _ in refit_members(specs, m, t)][-1]
+    'tf_efficientnet_lite2-seed0-probe-260px'
+    """
+    if not train_cfg.refit:
+        return []
+    members = member_configs(specs, model_cfg, train_cfg)
+    wanted = [parse_member(text, train_cfg.seed).refit for text in specs]
+    return [(name, mc, tc) for (name, mc, tc), own in zip(members, wanted, strict=True)
+            if ((tc.solver == "logistic" or train_cfg.refit_trained) if own is None else own)]
 
 
 def _recipe_words(m: ModelConfig, t: TrainConfig) -> str:
@@ -147,14 +192,19 @@ def describe_training(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
     'ensemble of tf_efficientnet_lite0 (fine-tuned end to end, AGFN head, 224 px, 20 epochs) +
     tf_efficientnet_lite2@frozen (frozen, AGFN head, 224 px, 30 epochs); test-time views chosen on validation'
     """
+    refit = ("; every member refit on training + validation after every validation choice" if train_cfg.refit_trained
+             else "; probes refit on training + validation after every validation choice" if train_cfg.refit else "")
     if train_cfg.ensemble:
         members = member_configs(train_cfg.ensemble, model_cfg, train_cfg)
         what = "ensemble of " + " + ".join(f"{spec} ({_recipe_words(mc, tc)})"
                                            for spec, (_, mc, tc) in zip(train_cfg.ensemble, members, strict=True))
+        if train_cfg.refit and any(parse_member(t, train_cfg.seed).refit is not None for t in train_cfg.ensemble):
+            chosen = {n for n, _, _ in refit_members(train_cfg.ensemble, model_cfg, train_cfg)}
+            named = [spec for spec, (n, _, _) in zip(train_cfg.ensemble, members, strict=True) if n in chosen]
+            refit = (f"; {' + '.join(named)} refit on training + validation after every validation choice" if named
+                     else "; no member refit")
     else:
         what = describe_model(model_cfg, train_cfg)
-    refit = ("; every member refit on training + validation after every validation choice" if train_cfg.refit_trained
-             else "; probes refit on training + validation after every validation choice" if train_cfg.refit else "")
     views = "chosen on validation" if train_cfg.tta == "auto" else train_cfg.tta
     return f"{what}; test-time views {views}{refit}"
 
@@ -197,7 +247,8 @@ def train_ensemble(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cf
         if status is None:  # a refit ensemble's calibration is never fitted again: its probes saw validation
             combine(run_dir, names, data, fold, images_at(size), train_cfg, data_info, specs)
         if train_cfg.refit and status != "finished":
-            _refit_members(run_dir, members, data, fold, images_at, train_cfg, log, banks or {}, progress)
+            _refit_members(run_dir, members, specs, model_cfg, data, fold, images_at, train_cfg, log, banks or {},
+                           progress)
     distributed.barrier()
     meta = read_meta(run_dir)
     return TrainResult(run_dir, 0, max(r.epochs_run for r in results), meta["validation"],
@@ -222,16 +273,17 @@ def _status(run_dir: Path, train_cfg: TrainConfig) -> str | None:
     return status if same and status in ("calibrated", "finished") else None
 
 
-def _refit_members(run_dir: Path, members: list, data: SampleSet, fold: Fold, images_at, train_cfg: TrainConfig,
-                   log, banks: dict[str, FeatureBank], progress: bool = False) -> None:
-    """Refit the probe members (and, with ``refit_trained``, the trained ones) on training + validation, after
+def _refit_members(run_dir: Path, members: list, specs: tuple[str, ...], model_cfg: ModelConfig, data: SampleSet,
+                   fold: Fold, images_at, train_cfg: TrainConfig, log, banks: dict[str, FeatureBank],
+                   progress: bool = False) -> None:
+    """Refit the members :func:`refit_members` names on training + validation, after
     the ensemble's calibration and threshold were fitted on validation (``engine.probe.refit_probe``,
     ``engine.refit.refit_trained``). Each member's refit is resumable and done once."""
     from mpoxscope.engine.probe import refit_probe
     from mpoxscope.engine.refit import refit_trained
 
     device = resolve_device(train_cfg.device)
-    refit = [(name, mc, tc) for name, mc, tc in members if tc.solver == "logistic" or train_cfg.refit_trained]
+    refit = [m for m in members if m[0] in {n for n, _, _ in refit_members(specs, model_cfg, train_cfg)}]
     for name, mc, tc in refit:
         member = run_dir / rundir.MEMBERS / name
         if tc.solver == "logistic":

@@ -83,19 +83,20 @@ def check_probe(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     check_refit_trained(train_cfg)
     if train_cfg.refit and not refits_something(model_cfg, train_cfg):
         raise MpoxscopeError("--refit refits linear probes (--solver logistic, or an ensemble's @probe members); "
-                             "this configuration trains none (--refit-trained retrains the others too)")
+                             "this configuration refits none (--refit-trained retrains the others too, unless a "
+                             "member says refit=no)")
 
 
 def refits_something(model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
-    """Whether the run (or, for an ensemble, one of its members) is a probe that ``--refit`` can refit, or any
-    run at all with ``refit_trained``."""
-    if train_cfg.refit_trained:
-        return True
+    """Whether the run is a probe that ``--refit`` can refit, or any run at all with ``refit_trained``; for an
+    ensemble, whether ``--refit`` refits one of its members (:func:`~mpoxscope.engine.ensemble.refit_members`)."""
     if not train_cfg.ensemble:
+        if train_cfg.refit_trained:
+            return True
         return train_cfg.solver == "logistic"
-    from mpoxscope.engine.ensemble import member_configs
+    from mpoxscope.engine.ensemble import refit_members
 
-    return any(tc.solver == "logistic" for _, _, tc in member_configs(train_cfg.ensemble, model_cfg, train_cfg))
+    return bool(refit_members(train_cfg.ensemble, model_cfg, train_cfg))
 
 
 def fit_logistic(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
