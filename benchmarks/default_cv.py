@@ -10,6 +10,7 @@ McNemar's exact test and a patient-bootstrap 95 % CI of the accuracy difference.
 
     python benchmarks/default_cv.py --out runs/cv_default --conditions "quiet"  # ~55 min on the 2-core CPU
     python benchmarks/default_cv.py --out runs/cv_default --render-only --baseline runs/cv_frozen
+    python benchmarks/default_cv.py --out runs/cv_x --render-only --name msld_v2_x --wall-time 4900 -- --preset accurate
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ def main() -> int:
                                          "little without it); --render-only keeps the recorded one if not given")
     ap.add_argument("--machine", default=f"{platform.processor() or platform.machine()}, 2 cores, no GPU",
                     help="where the cv ran, for the report (default: this machine, as the 2-core development CPU)")
+    ap.add_argument("--wall-time", type=float, help="with --render-only, for an output this script did not run: its "
+                    "wall time in seconds as measured outside (e.g. /usr/bin/time)")
     ap.add_argument("extra", nargs="*", help="more cv options after --, e.g. -- --preset frozen")
     args = ap.parse_args()
     from mpoxscope.data.samples import msld_root
@@ -214,6 +217,7 @@ def main() -> int:
         if str(out) in prev.get("command", []):
             cmd, wall = prev["command"], prev.get("wall_time_s")
             conditions = conditions or prev.get("conditions")
+        wall = args.wall_time if args.wall_time is not None else wall
     summary = json.loads((out / "cv_summary.json").read_text())
     for r, m in zip(summary["per_fold"], summary["per_fold"]):
         meta = json.loads((out / m["fold"] / "run" / "model.json").read_text())
