@@ -163,3 +163,17 @@ def test_a_member_that_says_refit_no_is_left_as_validation_chose_it(tmp_path, da
         from mpoxscope.engine.probe import check_probe
 
         check_probe(SMALL, dataclasses.replace(refit_cfg, ensemble=(specs[1],)))
+
+
+def test_reports_name_the_members_a_refit_retrains_when_a_member_says_refit_no():
+    from mpoxscope.config import preset
+    from mpoxscope.engine.cv import _refit_words
+    from mpoxscope.engine.ensemble import describe_training
+
+    m, t = preset("default")
+    assert describe_training(m, t).endswith("; every member refit on training + validation after every validation "
+                                            "choice")
+    three = dataclasses.replace(t, ensemble=(*t.ensemble, "tf_efficientnet_lite2/260,epochs=10,refit=no"))
+    kept = "tf_efficientnet_lite0 + tf_efficientnet_lite2@probe/260 refit on training + validation"
+    assert kept in describe_training(m, three) and kept in _refit_words(m, three)
+    assert "every" not in _refit_words(m, three) and "every model" in _refit_words(m, t)

@@ -308,7 +308,13 @@ def _wall_line(summary: dict) -> str:
             f"recorded training and evaluation: {earlier:.0f} s)")
 
 
-def _refit_words(train_cfg: TrainConfig) -> str:
+def _refit_words(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    from mpoxscope.engine.ensemble import refit_specs
+
+    named = refit_specs(model_cfg, train_cfg) if train_cfg.ensemble else None
+    if named is not None:  # a member's own refit= departs from what the flags say
+        return (f"; then {' + '.join(named) or 'no member'} refit on training + validation for what validation "
+                f"chose (member refit= options)")
     if train_cfg.refit_trained:
         return "; then every model refit on training + validation for what validation chose (--refit-trained)"
     return "; then the probes refit on training + validation (--refit)" if train_cfg.refit else ""
@@ -321,7 +327,7 @@ def _summary(prepared: PreparedData, folds: list[Fold], model_cfg: ModelConfig, 
         "protocol": f"{prepared.info(folds[0])['dataset']}, {prepared.split_source}, "
                     f"{len(folds)} folds, test parts; model selection, test-time views and calibration on each "
                     f"fold's validation part only"
-                    + _refit_words(train_cfg),
+                    + _refit_words(model_cfg, train_cfg),
         "model": to_dict(model_cfg), "train": to_dict(train_cfg),
         "input_size": model_input_size(model_cfg, train_cfg),
         "summary": summarize(per_fold, classes),

@@ -161,6 +161,17 @@ def refit_members(specs: tuple[str, ...], model_cfg: ModelConfig, train_cfg: Tra
             if ((tc.solver == "logistic" or train_cfg.refit_trained) if own is None else own)]
 
 
+def refit_specs(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[str] | None:
+    """The ``--ensemble`` entries a refit retrains, where a member's own ``refit=`` makes the flags' words
+    ("probes", "every member") wrong; None where they say it."""
+    specs = train_cfg.ensemble
+    if not (train_cfg.refit and any(parse_member(t, train_cfg.seed).refit is not None for t in specs)):
+        return None
+    chosen = {n for n, _, _ in refit_members(specs, model_cfg, train_cfg)}
+    names = [n for n, _, _ in member_configs(specs, model_cfg, train_cfg)]
+    return [spec for spec, n in zip(specs, names, strict=True) if n in chosen]
+
+
 def _recipe_words(m: ModelConfig, t: TrainConfig) -> str:
     """How a model is trained, without its backbone's name."""
     if t.solver == "logistic":
@@ -198,9 +209,8 @@ def describe_training(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
         members = member_configs(train_cfg.ensemble, model_cfg, train_cfg)
         what = "ensemble of " + " + ".join(f"{spec} ({_recipe_words(mc, tc)})"
                                            for spec, (_, mc, tc) in zip(train_cfg.ensemble, members, strict=True))
-        if train_cfg.refit and any(parse_member(t, train_cfg.seed).refit is not None for t in train_cfg.ensemble):
-            chosen = {n for n, _, _ in refit_members(train_cfg.ensemble, model_cfg, train_cfg)}
-            named = [spec for spec, (n, _, _) in zip(train_cfg.ensemble, members, strict=True) if n in chosen]
+        named = refit_specs(model_cfg, train_cfg)
+        if named is not None:
             refit = (f"; {' + '.join(named)} refit on training + validation after every validation choice" if named
                      else "; no member refit")
     else:
