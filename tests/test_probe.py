@@ -177,7 +177,7 @@ def test_refit_is_refused_where_no_probe_is_trained():
                                            refit=True))
     with pytest.raises(MpoxscopeError, match="--refit refits linear probes"):
         check_probe(ModelConfig(), TrainConfig(refit=True))
-    with pytest.raises(MpoxscopeError, match="this configuration trains none"):
+    with pytest.raises(MpoxscopeError, match="this configuration refits none"):
         check_probe(ModelConfig(), TrainConfig(ensemble=("tf_efficientnet_lite0", "tf_efficientnet_lite2@frozen"),
                                                refit=True))
 
