@@ -293,7 +293,7 @@ def _refit_members(run_dir: Path, members: list, specs: tuple[str, ...], model_c
     from mpoxscope.engine.refit import refit_trained
 
     device = resolve_device(train_cfg.device)
-    refit = [m for m in members if m[0] in {n for n, _, _ in refit_members(specs, model_cfg, train_cfg)}]
+    refit = refit_members(specs, model_cfg, train_cfg)  # the same tuples as ``members``
     for name, mc, tc in refit:
         member = run_dir / rundir.MEMBERS / name
         if tc.solver == "logistic":
