@@ -250,3 +250,23 @@ def test_a_finished_protocol_is_reused_by_its_settings_not_its_words(tmp_path):
     summary.write_text(json.dumps({**legacy, "config": "words of an older version"}))  # written before settings
     assert run("new words", a, former=("words of an older version",)) == 2
     assert run("new words", a) == 3  # neither settings nor known words: run again
+
+
+def test_a_resumed_protocol_says_its_wall_time_is_this_commands_part(tmp_path):
+    """A protocol whose runner finds earlier work in its folder (a resumed training) reports only the time this
+    command spent: the report must say so rather than pass it off as the whole protocol's time."""
+    data = _tiny_images(tmp_path / "data")
+    official = grouped_folds(data, n_folds=3)
+    out = tmp_path / "out"
+
+    def run() -> dict:
+        return run_protocols(data, official, "grouped 3-fold", out, _memorizer, "memorizer", ("official",),
+                             n_folds=3, log=lambda _: None, settings={"n": 1})["protocols"]["official"]
+
+    assert run()["resumed"] is False
+    md = (out / "protocols.md").read_text()
+    assert "official" in md and "resumed" not in md
+    (out / "work" / "official.summary.json").unlink()  # as if killed before the summary was written
+    (out / "work" / "official" / "fold1").mkdir(parents=True)  # a fold a trainer had started
+    assert run()["resumed"] is True
+    assert "resumed: this command's part only" in (out / "protocols.md").read_text()
