@@ -31,6 +31,7 @@ from scipy.stats import binomtest
 
 from mpoxscope.config import ModelConfig, TrainConfig, from_dict
 from mpoxscope.engine.ensemble import describe_training
+from mpoxscope.engine.uncertainty import ece_words
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = [("Ali et al. 2024 (dataset authors), DenseNet121 + HAM10000 transfer, same official folds",
@@ -157,7 +158,8 @@ def render(summary: dict, cmd: list[str], wall: float | None, comparison: dict |
         lines.append(f"| {r['fold']} | {r['n_images']} | {acc} | {f1} | "
                      f"{pct(r.get('validation_f1_macro'))} | {r.get('wall_time_s') or ''} |")
     if unc:
-        lines += ["", f"Pooled test ECE (15 bins): {unc.get('ece', float('nan')):.3f}; AURC {unc.get('aurc', 0):.3f}."]
+        ece = ece_words(unc.get("ece", float("nan")), unc.get("ece_check"))
+        lines += ["", f"Pooled test ECE (15 bins): {ece}; AURC {unc.get('aurc', 0):.3f}."]
     sc = summary.get("screening")
     if sc and "sensitivity" in sc:
         lines += ["", f"Screening ({sc['target_class']} first, target sensitivity {pct(sc['target_sensitivity'])} %, "

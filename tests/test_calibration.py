@@ -13,6 +13,7 @@ from mpoxscope.engine.calibration import (
     apply_temperature,
     calibrate,
     choose_abstain_threshold,
+    ece_consistency,
     expected_calibration_error,
     fit_temperature,
     nll,
@@ -246,3 +247,33 @@ def test_ece_fifteen_equal_width_bins_hand_computed():
     probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.5, 0.5]])
     assert expected_calibration_error(probs, [0, 1, 0]) == pytest.approx(0.3 + 1 / 6)
     assert len(reliability_bins(probs, [0, 1, 0]).count) == 15
+
+
+def _top_label_set(n: int, rng: np.random.Generator, calibrated: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class probabilities with top confidence in [0.55, 0.99]; right as often as they say, or 40 % of
+    the time whatever they say."""
+    conf = rng.uniform(0.55, 0.99, n)
+    right = rng.random(n) < (conf if calibrated else 0.4)
+    probs = np.stack([conf, 1 - conf], 1)
+    return probs, np.where(right, 0, 1)
+
+
+def test_ece_consistency_tells_sampling_noise_from_miscalibration():
+    rng = np.random.default_rng(0)
+    probs, y = _top_label_set(300, rng, calibrated=True)
+    ok = ece_consistency(probs, y, n_bins=15, draws=2000, seed=1)
+    assert ok["ece"] == pytest.approx(expected_calibration_error(probs, y, 15))  # the same ECE, bins and all
+    assert ok["ece"] > 0.01 and ok["perfect_mean"] > 0.01  # a calibrated model still shows a positive ECE
+    assert ok["p_value"] > 0.05 and ok["perfect_mean"] < ok["perfect_p95"]
+    bad = ece_consistency(*_top_label_set(300, rng, calibrated=False), n_bins=15, draws=2000)
+    assert bad["ece"] > bad["perfect_p95"] and bad["p_value"] == 0.0
+    # the bias shrinks with the number of predictions (about 1 / sqrt(N))
+    big = ece_consistency(*_top_label_set(30000, rng, calibrated=True), n_bins=15, draws=200)
+    assert big["perfect_mean"] < ok["perfect_mean"] / 5
+
+
+def test_ece_consistency_is_reproducible_and_checks_its_inputs():
+    probs, y = _top_label_set(50, np.random.default_rng(3), calibrated=True)
+    assert ece_consistency(probs, y, seed=4) == ece_consistency(probs, y, seed=4)
+    with pytest.raises(MpoxscopeError):
+        ece_consistency(probs, y[:-1])

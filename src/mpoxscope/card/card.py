@@ -115,8 +115,14 @@ def _bullets(items: Iterable[tuple[str, Any]]) -> str:
     return "\n".join(f"- **{k}**: {v if isinstance(v, str) else _fmt(v)}" for k, v in items)
 
 
+#: Keys whose words need more than underscores replaced (the ECE check of ``evaluate``'s metrics.json).
+_WORDS = {"ece": "ECE", "ece_check": "test ECE beside a perfectly calibrated model's (same confidences and images)",
+          "perfect_mean": "perfectly calibrated model: mean ECE",
+          "perfect_p95": "perfectly calibrated model: 95th percentile", "p_value": "P(ECE ≥ observed) for it"}
+
+
 def _label(key: str) -> str:
-    return key.replace("_", " ")
+    return _WORDS.get(key, key.replace("_", " "))
 
 
 def _section_dict(meta: dict, key: str) -> dict | None:
@@ -233,7 +239,7 @@ def _metrics_block(metrics: dict, classes: list) -> list[str]:
     for key, value in metrics.items():
         if _is_interval(value) or _is_scalar(value):
             continue
-        title = f"**{_label(key).capitalize()}**"
+        title = f"**{_label(key)[:1].upper()}{_label(key)[1:]}**"
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             cols = list(dict.fromkeys(c for row in value.values() for c, x in row.items()
                                       if _is_scalar(x) or _is_interval(x)))

@@ -132,6 +132,38 @@ def expected_calibration_error(probs: Any, targets: Any, n_bins: int = 15) -> fl
     return float(np.sum(weights * np.abs(bins.accuracy[used] - bins.confidence[used])))
 
 
+def ece_consistency(probs: Any, targets: Any, n_bins: int = 15, draws: int = 2000, seed: int = 0,
+                    ) -> dict[str, Any]:
+    """How large an ECE sampling alone gives a perfectly calibrated model with these confidences.
+
+    probs (N, K), targets (N,). ECE is biased upwards on small sets: a model right exactly as often as it says
+    shows a positive ECE on N predictions. Consistency resampling (Bröcker & Smith, 2007): each prediction is
+    drawn right with probability equal to its top-class confidence (``draws`` times, same bins), and the observed
+    ECE is compared with the draws' ECEs. Returns ``{"ece", "perfect_mean", "perfect_p95", "p_value", "draws",
+    "n_bins"}``; ``p_value`` is the share of draws with an ECE at least the observed one (small: miscalibrated
+    beyond what sampling explains).
+
+    >>> p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    >>> r = ece_consistency(p, np.array([0, 1, 1, 0]), n_bins=5, draws=500)
+    >>> 0.0 < r["perfect_mean"] < r["perfect_p95"] and 0.0 <= r["p_value"] <= 1.0
+    True
+    """
+    p, y = _check(probs, targets, "probabilities")
+    conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # as reliability_bins
+    onehot = np.eye(n_bins)[idx]  # (N, B)
+    conf_sum = conf @ onehot  # (B,)
+
+    def ece(hits: np.ndarray) -> np.ndarray:  # (D, N) 0/1 -> (D,) ECE, the same sum as expected_calibration_error
+        return np.abs(hits @ onehot - conf_sum).sum(axis=-1) / len(conf)
+
+    observed = float(ece(correct[None])[0])
+    sims = ece((np.random.default_rng(seed).random((draws, len(conf))) < conf).astype(np.float64))
+    return {"ece": observed, "perfect_mean": float(sims.mean()), "perfect_p95": float(np.percentile(sims, 95)),
+            "p_value": float(np.mean(sims >= observed - 1e-12)), "draws": draws, "n_bins": n_bins}
+
+
 @dataclass(frozen=True)
 class AbstainChoice:
     """A confidence threshold: predictions with top probability ``< threshold`` are withheld (abstain).

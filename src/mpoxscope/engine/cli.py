@@ -329,11 +329,11 @@ def run_cv(args: argparse.Namespace) -> int:
           f"macro-F1 {100 * s['f1_macro']['mean']:.2f} ± {100 * s['f1_macro']['std']:.2f} % (mean ± std over folds)")
     pooled = (summary.get("uncertainty") or {}).get("pooled")
     if pooled:
-        from mpoxscope.engine.uncertainty import fmt_ci
+        from mpoxscope.engine.uncertainty import ece_words, fmt_ci
 
         print(f"[pooled over {pooled['n']} test predictions, 95% CI by patient] accuracy "
               f"{fmt_ci(pooled['ci']['accuracy'])} %, macro-F1 {fmt_ci(pooled['ci']['f1_macro'])} %, "
-              f"test ECE {pooled['ece']:.3f}, AURC {pooled['aurc']:.3f}")
+              f"test ECE {ece_words(pooled['ece'], pooled.get('ece_check'))}, AURC {pooled['aurc']:.3f}")
     if "leak_free" in summary:
         lf = summary["leak_free"]["summary"]
         print(f"[leak-free variant] accuracy {100 * lf['accuracy']['mean']:.2f} ± {100 * lf['accuracy']['std']:.2f} %, "

@@ -28,6 +28,8 @@ from mpoxscope.engine.calibration import (
 )
 from mpoxscope.engine.uncertainty import (
     classification_cis,
+    ece_check,
+    ece_words,
     fmt_ci,
     reliability_grid_png,
     risk_coverage,
@@ -62,6 +64,7 @@ def _summary(probs: np.ndarray, targets: np.ndarray, groups: list[str], classes:
     return {"n": len(targets), "n_patients": len(set(groups)),
             "ci": classification_cis(targets, preds, classes, groups),
             "ece": expected_calibration_error(probs, targets, N_BINS),
+            "ece_check": ece_check(probs, targets, groups, N_BINS),
             "aurc": rc["aurc"], "aurc_optimal": rc["aurc_optimal"],
             "coverage": float(keep.mean()),
             "accuracy_kept": float((preds == targets)[keep].mean()) if keep.any() else None}
@@ -120,7 +123,7 @@ def cv_uncertainty(out: str | Path, folds: list[str], data: SampleSet, protocol:
     write_bytes(out / "risk_coverage.png", risk_coverage_png(curves, "test risk-coverage: " + protocol[:90], marks))
     log(f"[{protocol}] pooled test (n={pooled['n']}, {pooled['n_patients']} patients): accuracy "
         f"{fmt_ci(pooled['ci']['accuracy'])} %, macro-F1 {fmt_ci(pooled['ci']['f1_macro'])} %, ECE "
-        f"{pooled['ece']:.3f}, AURC {pooled['aurc']:.3f}")
+        f"{ece_words(pooled['ece'], pooled['ece_check'])}, AURC {pooled['aurc']:.3f}")
     return result
 
 
@@ -172,19 +175,20 @@ def uncertainty_report_lines(u: dict | None) -> list[str]:
              f"Pooled over all {p['n']} test predictions ({p['n_patients']} patients; {p['ci']['method']}): "
              f"**accuracy {fmt_ci(p['ci']['accuracy'])} %**, **macro-F1 {fmt_ci(p['ci']['f1_macro'])} %**, "
              f"weighted F1 {fmt_ci(p['ci']['f1_weighted'])} % (value [95% CI]). Test ECE ({u['ece_bins']} equal-width "
-             f"bins) {p['ece']:.3f}; AURC {p['aurc']:.3f} (oracle {p['aurc_optimal']:.3f}); at each fold's "
-             f"validation-chosen abstain threshold: coverage {100 * p['coverage']:.1f} %, accuracy on kept "
-             f"{_pct(p['accuracy_kept'])} %.", "",
-             "| fold | n test | accuracy [95% CI] | macro-F1 [95% CI] | calibration | test ECE | AURC | "
-             "abstain threshold | coverage | accuracy on kept |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"bins) {ece_words(p['ece'], p.get('ece_check'))}; AURC {p['aurc']:.3f} "
+             f"(oracle {p['aurc_optimal']:.3f}); at each fold's validation-chosen abstain threshold: coverage "
+             f"{100 * p['coverage']:.1f} %, accuracy on kept {_pct(p['accuracy_kept'])} %.", "",
+             "| fold | n test | accuracy [95% CI] | macro-F1 [95% CI] | calibration | test ECE (a perfectly "
+             "calibrated model's) | AURC | abstain threshold | coverage | accuracy on kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f, r in u["per_fold"].items():
         t = f" (T={r['temperature']:.2f})" if r.get("temperature") not in (None, 1.0) else ""
         thr = "n/a" if r["abstain_threshold"] is None else f"{r['abstain_threshold']:.3f}"
         lines.append(f"| {f} | {r['n']} | {fmt_ci(r['ci']['accuracy'])} | {fmt_ci(r['ci']['f1_macro'])} | "
-                     f"{r['calibration']}{t} | {r['ece']:.3f} | {r['aurc']:.3f} | {thr} | "
+                     f"{r['calibration']}{t} | {r['ece']:.3f}{_perfect(r)} | {r['aurc']:.3f} | {thr} | "
                      f"{100 * r['coverage']:.1f} | {_pct(r['accuracy_kept'])} |")
     lines.append(f"| pooled | {p['n']} | {fmt_ci(p['ci']['accuracy'])} | {fmt_ci(p['ci']['f1_macro'])} | per fold | "
-                 f"{p['ece']:.3f} | {p['aurc']:.3f} | per fold | {100 * p['coverage']:.1f} | "
+                 f"{p['ece']:.3f}{_perfect(p)} | {p['aurc']:.3f} | per fold | {100 * p['coverage']:.1f} | "
                  f"{_pct(p['accuracy_kept'])} |")
     lines += ["", "Per-class recall, pooled (value [95% CI], %): " + ", ".join(
         f"{c} {fmt_ci(iv)}" for c, iv in p["ci"]["recall"].items())]
@@ -198,6 +202,11 @@ def uncertainty_report_lines(u: dict | None) -> list[str]:
     lines += ["", "![reliability diagrams per fold and pooled](reliability.png) "
               "![risk-coverage curves](risk_coverage.png)"]
     return lines
+
+
+def _perfect(r: dict) -> str:
+    check = r.get("ece_check")
+    return f" ({check['perfect_mean']:.3f})" if check else ""
 
 
 def _pct(v: float | None) -> str:

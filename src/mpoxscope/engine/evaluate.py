@@ -105,6 +105,13 @@ def markdown_report(m: dict, protocol: str, meta: dict) -> str:
         if cal.get("abstain_threshold") is not None:
             lines.append(f"| abstain below p={cal['abstain_threshold']:.3f}: coverage / accuracy on kept | "
                          f"{_fmt(cal.get('coverage'))} / {_fmt(cal.get('accuracy_kept'))} |")
+    check = m.get("ece_check")
+    if check:  # on a few hundred images a calibrated model shows a positive ECE too: say how large
+        from mpoxscope.engine.uncertainty import fmt_ci
+
+        lines.append(f"| test ECE, 95% CI ({check['resampled']}); a perfectly calibrated model with these "
+                     f"confidences: mean (95th percentile), P(ECE ≥ observed) | {fmt_ci(check['ece'], pct=False)}; "
+                     f"{check['perfect_mean']:.4f} ({check['perfect_p95']:.4f}), {check['p_value']:.2f} |")
     sel = m.get("selective")
     if sel:
         kept = sel.get("accuracy_kept_ci")
@@ -235,7 +242,7 @@ def uncertainty_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[st
                         calibration: dict | None = None) -> dict:
     """95 % bootstrap intervals (by patient when patients are known) and the risk–coverage summary, as the
     ``"ci"`` and ``"selective"`` entries of metrics.json; probs (N, K), targets (N,)."""
-    from mpoxscope.engine.uncertainty import classification_cis, risk_coverage
+    from mpoxscope.engine.uncertainty import classification_cis, ece_check, risk_coverage
 
     ci = classification_cis(targets, probs.argmax(1), classes, groups)
     rc = risk_coverage(probs.max(1), probs.argmax(1) == targets)
@@ -249,7 +256,7 @@ def uncertainty_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[st
             kept = classification_cis(targets[keep], probs.argmax(1)[keep], classes,
                                       None if groups is None else np.asarray(groups)[keep])
             selective["accuracy_kept_ci"] = kept["accuracy"]
-    return {"ci": ci, "selective": selective}
+    return {"ci": ci, "selective": selective, "ece_check": ece_check(probs, targets, groups)}
 
 
 def write_uncertainty_plots(out: Path, probs: np.ndarray, targets: np.ndarray, m: dict, title: str) -> None:
