@@ -484,3 +484,32 @@ def test_feature_bank_is_the_same_with_worker_processes(data_and_fold):
     assert not torch.equal(alone.views[0], alone.views[1])  # two different draws per image
     assert features.bank_workers(torch.device("cpu"), 8) == 0 and features.bank_workers(torch.device("cuda"), 8) == 8
 
+
+
+def test_augment_option_sets_strengths_for_the_trained_members_and_refuses_bad_values(capsys):
+    """`--augment NAME=VALUE` changes the training augmentation over the preset's, reaches the AdamW members of an
+    ensemble (the probe reads clean views and keeps its preset), and bad values fail before any work."""
+    import argparse
+
+    from mpoxscope.cli import main
+    from mpoxscope.data.transforms import AugmentConfig, parse_augment
+    from mpoxscope.engine.cli import add_model_options, configs_from_args
+    from mpoxscope.engine.ensemble import member_configs
+    from mpoxscope.errors import MpoxscopeError
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    m, t = configs_from_args(p.parse_args(["--augment", "scale_min=0.35", "vflip=no", "skin-tone-p=0"]))
+    assert (t.augment.scale_min, t.augment.vflip, t.augment.skin_tone_p) == (0.35, False, 0.0)
+    assert t.augment.rotation == AugmentConfig().rotation  # the rest as the preset had it
+    lite0, probe = (tc.augment for _, _, tc in member_configs(t.ensemble, m, t))
+    assert lite0.scale_min == 0.35 and probe.scale_min == AugmentConfig().scale_min
+    assert parse_augment([]) == AugmentConfig()
+    for bad, words in ((["scale_min=0"], "above 0"), (["rotation=200"], "rotation: must be in"),
+                       (["hue=nan"], "hue: must be in"), (["vflip=2"], "yes or no"), (["colour=1"], "NAME=VALUE"),
+                       (["rotation=5", "rotation=6"], "twice"), (["brightness=x"], "not a number")):
+        with pytest.raises(MpoxscopeError, match=words):
+            parse_augment(bad)
+    assert main(["train", "no-such-data", "--out", "x", "--augment", "scale_min=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "scale_min" in err and len(err.strip().splitlines()) == 1

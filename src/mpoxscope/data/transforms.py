@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torchvision.transforms import v2 as T
 
 from mpoxscope.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "eval_transform", "train_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "eval_transform", "parse_augment", "train_transform"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,53 @@ class AugmentConfig:
     hue: float = 0.03
     skin_tone_p: float = 0.5
     skin_tone_strength: float = 0.3
+
+    def check(self) -> AugmentConfig:
+        """Refuse a value the augmentation could only fail on, or silently misuse, naming the field."""
+        from mpoxscope.errors import MpoxscopeError
+
+        for name, (lo, hi) in _RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise MpoxscopeError(f"augment {name}: must be in [{lo}, {hi}], got {value}")
+        if self.scale_min <= 0:
+            raise MpoxscopeError(f"augment scale_min: must be above 0 (a crop keeps that share of the photo's "
+                                 f"area at least), got {self.scale_min}")
+        return self
+
+
+#: Allowed values of AugmentConfig's numeric fields (RandomResizedCrop's area share, degrees, ColorJitter's factors).
+_RANGES = {"scale_min": (0.0, 1.0), "rotation": (0.0, 180.0), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0),
+           "saturation": (0.0, 1.0), "hue": (0.0, 0.5), "skin_tone_p": (0.0, 1.0), "skin_tone_strength": (0.0, 0.9)}
+
+
+def parse_augment(items: list[str], base: AugmentConfig | None = None) -> AugmentConfig:
+    """``["scale_min=0.35", "vflip=no"]`` -> ``base`` (default: AugmentConfig()) with those fields replaced, checked.
+
+    >>> parse_augment(["scale_min=0.35", "vflip=no"]).scale_min
+    0.35
+    """
+    from mpoxscope.errors import MpoxscopeError
+
+    fields = {f.name: f for f in dataclasses.fields(AugmentConfig)}
+    changes: dict[str, float | bool] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise MpoxscopeError(f"--augment {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        if name in changes:
+            raise MpoxscopeError(f"--augment: {name} given twice")
+        if fields[name].type in (bool, "bool"):
+            if text.lower() not in ("yes", "no", "true", "false", "1", "0"):
+                raise MpoxscopeError(f"--augment {name}: expected yes or no, got {text!r}")
+            changes[name] = text.lower() in ("yes", "true", "1")
+        else:
+            try:
+                changes[name] = float(text)
+            except ValueError:
+                raise MpoxscopeError(f"--augment {name}: not a number: {text!r}") from None
+    return dataclasses.replace(base or AugmentConfig(), **changes).check()
 
 
 class SkinToneShift(torch.nn.Module):

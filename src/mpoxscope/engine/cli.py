@@ -54,6 +54,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (default 0: off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA",
                    help="CutMix with Beta(ALPHA, ALPHA) (default 0: off); with --mixup, one of the two per batch")
+    g.add_argument("--augment", nargs="+", metavar="NAME=VALUE",
+                   help="training augmentation strengths, e.g. --augment scale_min=0.35 rotation=45 vflip=no; "
+                        "NAME: scale_min (least area share a random crop keeps, default 0.6), rotation (degrees, 30), "
+                        "vflip (yes), brightness, contrast, saturation (0.25), hue (0.03), skin_tone_p (0.5), "
+                        "skin_tone_strength (0.3); stored in model.json; ensemble members with @PRESET keep that "
+                        "preset's")
     g.add_argument("--solver", choices=["adamw", "logistic"],
                    help="adamw: epochs of gradient steps (default); logistic: a linear head on a frozen trunk fitted "
                         "by scikit-learn's logistic regression on pooled features of 8 views (the probe preset)")
@@ -142,6 +148,10 @@ def configs_from_args(args: argparse.Namespace):
                   if getattr(args, f.name, None) is not None}
     train_over = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                   if getattr(args, f.name, None) is not None}
+    if "augment" in train_over:  # NAME=VALUE items over the preset's strengths
+        from mpoxscope.data.transforms import parse_augment
+
+        train_over["augment"] = parse_augment(train_over["augment"], train_cfg.augment)
     if "ensemble" in train_over:
         train_over["ensemble"] = tuple(e for e in train_over["ensemble"] if e.lower() != "none")
     elif "backbone" in model_over:  # --backbone X asks for one model of X, not the preset's ensemble members
@@ -183,6 +193,7 @@ def check_train_options(model_cfg, train_cfg) -> None:
     for name in ("mixup", "cutmix"):
         if getattr(train_cfg, name) < 0:
             raise MpoxscopeError(f"--{name}: must be 0 (off) or a positive Beta alpha, got {getattr(train_cfg, name)}")
+    train_cfg.augment.check()
     if model_cfg.image_size < 32:
         raise MpoxscopeError("--image-size: must be at least 32")
     if model_cfg.d_model % model_cfg.num_heads:
