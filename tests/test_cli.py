@@ -74,8 +74,8 @@ def test_evaluate_writes_report(tiny_run, synthetic_root, tmp_path, capsys):
     assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
     assert f"[{ci['low']:.4f}, {ci['high']:.4f}]" in (tmp_path / "ev" / "report.md").read_text()
     check = m["ece_check"]  # the test ECE beside what a calibrated model would show on this many images
-    assert check["ece"]["low"] <= check["ece"]["value"] <= check["ece"]["high"] and 0 <= check["p_value"] <= 1
-    assert check["ece"]["value"] == pytest.approx(m["calibration"]["ece_after"])
+    assert check["perfect_mean"] <= check["perfect_p95"] and 0 <= check["p_value"] <= 1
+    assert check["ece"] == pytest.approx(m["calibration"]["ece_after"])
     assert "a perfectly calibrated model" in (tmp_path / "ev" / "report.md").read_text()
 
 

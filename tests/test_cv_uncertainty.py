@@ -62,10 +62,9 @@ def test_cv_uncertainty_pooled_cis_ece_and_pooled_validation_temperature(tmp_pat
     assert all(r["temperature"] == pytest.approx(3.0, rel=0.3) for r in alt["per_fold"].values())
     assert all(r["n_pooled"] < 300 for r in alt["per_fold"].values())  # the fold's test images left out
     assert alt["pooled"]["ece"] < p["ece"] and p["ece"] > 0.1
-    # ...and far beyond what sampling alone gives a calibrated model on 240 predictions; the interval holds it
+    # ...and far beyond what sampling alone gives a calibrated model on 240 predictions
     check = p["ece_check"]
-    assert check["p_value"] == 0.0 and check["perfect_p95"] < p["ece"] and "120 patients" in check["resampled"]
-    assert check["ece"]["low"] < p["ece"] < check["ece"]["high"] and check["ece"]["value"] == pytest.approx(p["ece"])
+    assert check["p_value"] == 0.0 and check["perfect_p95"] < p["ece"] and check["ece"] == pytest.approx(p["ece"])
     assert (out / "reliability.png").stat().st_size > 1000 and (out / "risk_coverage.png").stat().st_size > 1000
     text = "\n".join(uncertainty_report_lines(u))
     assert "| pooled | 240 |" in text and "Recalibrated with" in text and "reliability.png" in text

@@ -116,7 +116,8 @@ def _bullets(items: Iterable[tuple[str, Any]]) -> str:
 
 
 #: Keys whose words need more than underscores replaced (the ECE check of ``evaluate``'s metrics.json).
-_WORDS = {"ece": "ECE", "ece_check": "test ECE beside a perfectly calibrated model's (same confidences and images)",
+_WORDS = {"ece": "ECE", "n_bins": "bins",
+          "ece_check": "test ECE beside a perfectly calibrated model's (same confidences and images)",
           "perfect_mean": "perfectly calibrated model: mean ECE",
           "perfect_p95": "perfectly calibrated model: 95th percentile", "p_value": "P(ECE ≥ observed) for it"}
 

@@ -64,7 +64,7 @@ def _summary(probs: np.ndarray, targets: np.ndarray, groups: list[str], classes:
     return {"n": len(targets), "n_patients": len(set(groups)),
             "ci": classification_cis(targets, preds, classes, groups),
             "ece": expected_calibration_error(probs, targets, N_BINS),
-            "ece_check": ece_check(probs, targets, groups, N_BINS),
+            "ece_check": ece_check(probs, targets, N_BINS),
             "aurc": rc["aurc"], "aurc_optimal": rc["aurc_optimal"],
             "coverage": float(keep.mean()),
             "accuracy_kept": float((preds == targets)[keep].mean()) if keep.any() else None}
