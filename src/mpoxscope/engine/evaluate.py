@@ -238,8 +238,9 @@ def _groups_of(data: SampleSet, names: list[str]) -> list[str]:
 
 def uncertainty_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str], groups: list[str] | None,
                         calibration: dict | None = None) -> dict:
-    """95 % bootstrap intervals (by patient when patients are known) and the risk–coverage summary, as the
-    ``"ci"`` and ``"selective"`` entries of metrics.json; probs (N, K), targets (N,)."""
+    """95 % bootstrap intervals (by patient when patients are known), the risk–coverage summary and the ECE beside
+    a perfectly calibrated model's (``uncertainty.ece_check``), as the ``"ci"``, ``"selective"`` and
+    ``"ece_check"`` entries of metrics.json; probs (N, K), targets (N,)."""
     from mpoxscope.engine.uncertainty import classification_cis, ece_check, risk_coverage
 
     ci = classification_cis(targets, probs.argmax(1), classes, groups)
