@@ -107,13 +107,18 @@ class ReliabilityBins:
                 for k, a in asdict(self).items()}
 
 
+def _bin_index(conf: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-width bin edges and each confidence's bin: bin i holds (edges[i], edges[i+1]]; a confidence of
+    exactly 0 (impossible for K >= 2) would go to bin 0."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return edges, np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+
+
 def reliability_bins(probs: Any, targets: Any, n_bins: int = 15) -> ReliabilityBins:
     """Bin the top-class confidence of ``probs`` (N, K) into ``n_bins`` equal-width bins (lo, hi]."""
     p, y = _check(probs, targets, "probabilities")
     conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 (impossible for K >= 2) would go to bin 0.
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    edges, idx = _bin_index(conf, n_bins)
     count = np.bincount(idx, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
@@ -141,7 +146,9 @@ def ece_consistency(probs: Any, targets: Any, n_bins: int = 15, draws: int = 200
     drawn right with probability equal to its top-class confidence (``draws`` times, same bins), and the observed
     ECE is compared with the draws' ECEs. Returns ``{"ece", "perfect_mean", "perfect_p95", "p_value", "draws",
     "n_bins"}``; ``p_value`` is the share of draws with an ECE at least the observed one (small: miscalibrated
-    beyond what sampling explains).
+    beyond what sampling explains). No bootstrap interval beside it: resampling inherits ECE's upward bias (a
+    resample repeats patients and thins the bins), and on the official folds the percentile interval excluded its
+    own point value (0.034 [0.035, 0.088], ``benchmarks/results/calibration.md``).
 
     >>> p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     >>> r = ece_consistency(p, np.array([0, 1, 1, 0]), n_bins=5, draws=500)
@@ -150,8 +157,7 @@ def ece_consistency(probs: Any, targets: Any, n_bins: int = 15, draws: int = 200
     """
     p, y = _check(probs, targets, "probabilities")
     conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # as reliability_bins
+    _, idx = _bin_index(conf, n_bins)
     onehot = np.eye(n_bins)[idx]  # (N, B)
     conf_sum = conf @ onehot  # (B,)
 

@@ -22,13 +22,13 @@ from mpoxscope.data.samples import SampleSet
 from mpoxscope.engine import rundir
 from mpoxscope.engine.calibration import (
     apply_calibration,
+    ece_consistency,
     expected_calibration_error,
     fit_pooled_calibration,
     logits_from_probs,
 )
 from mpoxscope.engine.uncertainty import (
     classification_cis,
-    ece_check,
     ece_words,
     fmt_ci,
     reliability_grid_png,
@@ -64,7 +64,7 @@ def _summary(probs: np.ndarray, targets: np.ndarray, groups: list[str], classes:
     return {"n": len(targets), "n_patients": len(set(groups)),
             "ci": classification_cis(targets, preds, classes, groups),
             "ece": expected_calibration_error(probs, targets, N_BINS),
-            "ece_check": ece_check(probs, targets, N_BINS),
+            "ece_check": ece_consistency(probs, targets, N_BINS),
             "aurc": rc["aurc"], "aurc_optimal": rc["aurc_optimal"],
             "coverage": float(keep.mean()),
             "accuracy_kept": float((preds == targets)[keep].mean()) if keep.any() else None}

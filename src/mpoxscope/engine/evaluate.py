@@ -239,9 +239,10 @@ def _groups_of(data: SampleSet, names: list[str]) -> list[str]:
 def uncertainty_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str], groups: list[str] | None,
                         calibration: dict | None = None) -> dict:
     """95 % bootstrap intervals (by patient when patients are known), the risk–coverage summary and the ECE beside
-    a perfectly calibrated model's (``uncertainty.ece_check``), as the ``"ci"``, ``"selective"`` and
+    a perfectly calibrated model's (``calibration.ece_consistency``), as the ``"ci"``, ``"selective"`` and
     ``"ece_check"`` entries of metrics.json; probs (N, K), targets (N,)."""
-    from mpoxscope.engine.uncertainty import classification_cis, ece_check, risk_coverage
+    from mpoxscope.engine.calibration import ece_consistency
+    from mpoxscope.engine.uncertainty import classification_cis, risk_coverage
 
     ci = classification_cis(targets, probs.argmax(1), classes, groups)
     rc = risk_coverage(probs.max(1), probs.argmax(1) == targets)
@@ -255,7 +256,7 @@ def uncertainty_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[st
             kept = classification_cis(targets[keep], probs.argmax(1)[keep], classes,
                                       None if groups is None else np.asarray(groups)[keep])
             selective["accuracy_kept_ci"] = kept["accuracy"]
-    return {"ci": ci, "selective": selective, "ece_check": ece_check(probs, targets)}
+    return {"ci": ci, "selective": selective, "ece_check": ece_consistency(probs, targets)}
 
 
 def write_uncertainty_plots(out: Path, probs: np.ndarray, targets: np.ndarray, m: dict, title: str) -> None:

@@ -133,22 +133,8 @@ def fmt_ci(ci: dict | None, pct: bool = True, digits: int | None = None) -> str:
     return f"{scale * ci['value']:.{d}f} [{scale * ci['low']:.{d}f}, {scale * ci['high']:.{d}f}]"
 
 
-def ece_check(probs: Any, targets: Any, n_bins: int = 15) -> dict[str, Any]:
-    """What a perfectly calibrated model with these confidences would show on this many predictions
-    (``calibration.ece_consistency``: mean and 95th-percentile ECE, P(ECE ≥ observed)): on 60-400 test images ECE
-    is biased upwards, so the number alone cannot say whether a model is miscalibrated. probs (N, K), targets (N,).
-
-    No bootstrap interval: resampling inherits that bias (a resample repeats patients and thins the bins), and on
-    the default's folds the percentile interval can exclude its own point value (0.034 [0.035, 0.088],
-    ``benchmarks/results/calibration.md``)."""
-    from mpoxscope.engine.calibration import ece_consistency
-
-    c = ece_consistency(probs, targets, n_bins)
-    return {k: c[k] for k in ("ece", "perfect_mean", "perfect_p95", "p_value", "draws", "n_bins")}
-
-
 def ece_words(e: float, check: dict[str, Any] | None) -> str:
-    """ECE ``e`` beside :func:`ece_check`'s perfectly calibrated model, as one phrase."""
+    """ECE ``e`` beside ``calibration.ece_consistency``'s perfectly calibrated model (``check``), as one phrase."""
     if not check:
         return f"{e:.3f}"
     return (f"{e:.3f} (a perfectly calibrated model with these confidences: {check['perfect_mean']:.3f} on average, "
