@@ -513,3 +513,39 @@ def test_augment_option_sets_strengths_for_the_trained_members_and_refuses_bad_v
     assert main(["train", "no-such-data", "--out", "x", "--augment", "scale_min=1.5"]) == 2
     err = capsys.readouterr().err
     assert "scale_min" in err and len(err.strip().splitlines()) == 1
+
+
+def test_drop_path_option_reaches_the_trained_backbone_only_while_training(capsys):
+    """`--drop-path RATE` builds the trained members' backbones with timm's stochastic depth (random while training,
+    the identity in eval, so a checkpoint predicts deterministically), leaves @PRESET members as their preset has
+    them, and bad values fail in one line before any work."""
+    import argparse
+
+    from mpoxscope.cli import main
+    from mpoxscope.engine.cli import add_model_options, configs_from_args
+    from mpoxscope.engine.ensemble import member_configs
+    from mpoxscope.models.factory import create_model
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    m, t = configs_from_args(p.parse_args(["--drop-path", "0.5"]))
+    assert m.drop_path == 0.5
+    (_, lite0, _), (_, probe, _) = member_configs(t.ensemble, m, t)
+    assert lite0.drop_path == 0.5 and probe.drop_path == 0.0
+    torch.manual_seed(0)
+    model = create_model(dataclasses.replace(lite0, image_size=64, pretrained="none"), 3)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    a, b = model(x), model(x)
+    assert not torch.allclose(a, b)  # blocks dropped at random (dropout too; below, the trunk alone)
+    trunk = model.forward_features(x), model.forward_features(x)
+    assert not torch.allclose(*trunk)
+    model.eval()
+    assert torch.equal(model.forward_features(x), model.forward_features(x))
+    plain = create_model(dataclasses.replace(lite0, image_size=64, pretrained="none", drop_path=0.0), 3).eval()
+    plain.load_state_dict(model.state_dict())  # same parameters: a drop-path checkpoint loads anywhere
+    assert torch.allclose(plain(x), model(x), atol=1e-5)
+    for args, words in ((["--drop-path", "1"], "must be in"), (["--drop-path", "0.1", "--preset", "frozen"], "frozen")):
+        assert main(["train", "no-such-data", "--out", "x", *args]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1

@@ -28,6 +28,7 @@ class ModelConfig:
     fusion: str = "concat"  # "concat" | "gate"
     dropout: float = 0.3
     attn_dropout: float = 0.1
+    drop_path: float = 0.0  # stochastic depth of trained backbone blocks (timm drop_path_rate; 0 = off)
 
 
 @dataclass

@@ -51,6 +51,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema-decay", type=float, metavar="D",
                    help="validate, select and keep an exponential moving average of the weights (timm ModelEmaV3 "
                         "with warm-up; e.g. 0.999; default 0: off)")
+    g.add_argument("--drop-path", dest="drop_path", type=float, metavar="RATE",
+                   help="stochastic depth of the backbone blocks being trained (timm drop_path_rate, e.g. 0.1; "
+                        "default 0: off; stored in model.json; ensemble members with @PRESET keep that preset's)")
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (default 0: off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA",
                    help="CutMix with Beta(ALPHA, ALPHA) (default 0: off); with --mixup, one of the two per batch")
@@ -194,6 +197,10 @@ def check_train_options(model_cfg, train_cfg) -> None:
         if getattr(train_cfg, name) < 0:
             raise MpoxscopeError(f"--{name}: must be 0 (off) or a positive Beta alpha, got {getattr(train_cfg, name)}")
     train_cfg.augment.check()
+    if not 0 <= model_cfg.drop_path < 1:
+        raise MpoxscopeError(f"--drop-path: must be in [0, 1) (0: off), got {model_cfg.drop_path}")
+    if model_cfg.drop_path and not train_cfg.ensemble and train_cfg.trainable_stages == 0:
+        raise MpoxscopeError("--drop-path: the backbone is frozen (--freeze or the preset), so it would do nothing")
     if model_cfg.image_size < 32:
         raise MpoxscopeError("--image-size: must be at least 32")
     if model_cfg.d_model % model_cfg.num_heads:

@@ -16,11 +16,14 @@ from mpoxscope.errors import MpoxscopeError
 from mpoxscope.registry import BACKBONE_FAMILIES, register_backbone_family
 
 
-def create_backbone(name: str, image_size: int | None = None) -> nn.Module:
+def create_backbone(name: str, image_size: int | None = None, drop_path: float = 0.0) -> nn.Module:
     """A timm model by name, without classifier or pooling. ``image_size``: a model whose position embedding
     is built for one input size (ViT, DeiT, Swin: ``patch_embed.img_size``) is rebuilt for this one; any
-    other model is created exactly as before (same call, same random initialisation)."""
+    other model is created exactly as before (same call, same random initialisation). ``drop_path``: timm's
+    stochastic depth rate (only while training; passed only when > 0 so that the default call is unchanged)."""
     kwargs = {"pretrained": False, "num_classes": 0, "global_pool": ""}
+    if drop_path > 0:
+        kwargs["drop_path_rate"] = drop_path
     try:
         model = timm.create_model(name, **kwargs)
         fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -29,6 +32,8 @@ def create_backbone(name: str, image_size: int | None = None) -> nn.Module:
         return model
     except RuntimeError as e:  # timm: "Unknown model (...)"
         raise MpoxscopeError(f"unknown backbone {name!r}: {e}") from None
+    except TypeError as e:  # a model family without stochastic depth
+        raise MpoxscopeError(f"--drop-path: backbone {name!r} does not support it ({e})") from None
 
 
 def backbone_stages(model: nn.Module) -> list[nn.Module]:

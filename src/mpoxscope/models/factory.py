@@ -77,7 +77,7 @@ def create_model(config: ModelConfig, num_classes: int, load_weights: bool = Tru
     HEADS.get(config.head)  # an unknown head fails before the backbone is built
     if num_classes < 2:
         raise MpoxscopeError(f"need at least 2 classes, got {num_classes}")
-    backbone = create_backbone(config.backbone, config.image_size)
+    backbone = create_backbone(config.backbone, config.image_size, config.drop_path)
     source = load_pretrained(backbone, config.backbone, config.pretrained) if load_weights else "checkpoint"
     channels, grid = feature_channels(backbone, config.image_size)
     head = build_head(config, channels, num_classes, grid)
