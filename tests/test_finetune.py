@@ -549,3 +549,18 @@ def test_drop_path_option_reaches_the_trained_backbone_only_while_training(capsy
         assert main(["train", "no-such-data", "--out", "x", *args]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--num-heads", "0"], "--num-heads: must be at least 1"), (["--lr", "-1"], "--lr: must be above 0"),
+    (["--lr", "nan"], "--lr"), (["--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--patience", "0"], "--patience: must be at least 1"),
+    (["--image-size", "5000"], "--image-size: must be from 32 to 4096"), (["--warmup-epochs", "-1"], "--warmup")])
+def test_training_numbers_out_of_range_fail_in_one_line_before_any_work(args, words, capsys):
+    """Values that would fail after minutes of caching (a traceback), or train silently wrong (a negative
+    learning rate ascends the loss), are refused up front, naming the option."""
+    from mpoxscope.cli import main
+
+    assert main(["train", "no-such-data", "--out", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1

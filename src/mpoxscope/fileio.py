@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +78,30 @@ OUTPUT_MARKER = ".mpoxscope-output.json"
 #: Files the operating system drops into folders; they never make a folder "someone else's".
 _OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
-#: Per command: name patterns (``fnmatch``) of the entries it writes into its ``--out`` folder. An unmarked
-#: folder holding only such entries is an output of an older mpoxscope (before markers) and is accepted.
+#: Per command: names (``fnmatch`` patterns) of the entries it writes into its ``--out`` folder — exact names
+#: wherever the command writes fixed ones, so that ``--overwrite`` can never match a user's ``weights.pt`` or
+#: ``features/``.
+_SCREENING = ("screening.json", "screening.md", "screening_roc_pr.png")
 OUTPUT_PATTERNS: dict[str, tuple[str, ...]] = {
-    "train": ("model.json", "train_state.json", "metrics.jsonl", "*.safetensors", "resume.pt", "*.pt",
-              "*.npy", "*.npz", "cache", "cache*", "features*", "bad_images*", "skipped*", "*.lock", "validation",
-              "screening*", "members", "feature_cache*"),
-    "evaluate": ("metrics.json", "report.md", "predictions.csv", "confusion_matrix*.png", "reliability*.png",
-                 "calibration*.png"),
-    "cv": ("cv_report.md", "cv_summary.json", "per_fold.png", "confusion_matrix_pooled.png", "fold*", "cache*",
-           "features*", "feature_cache*", "screening*", "uncertainty*"),
+    "train": ("model.json", "train_state.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "resume.pt",
+              "feature_cache.safetensors", "validation_probs.npz", "members", "refit", "model.onnx", *_SCREENING),
+    "evaluate": ("metrics.json", "report.md", "predictions.csv", "confusion_matrix.png", "reliability.png",
+                 "risk_coverage.png"),
+    "cv": ("cv_report.md", "cv_summary.json", "per_fold.png", "confusion_matrix_pooled.png", "reliability.png",
+           "risk_coverage.png", "fold[0-9]*", *_SCREENING),
     "explain": ("index.html", "summary.json", "faithfulness.md", "faithfulness.json"),
     "audit": ("audit.json", "audit.md", "audit.html"),
+    "protocols": ("protocols.json", "protocols.md", "protocols.png", "work", "augmented"),
+    "screen": _SCREENING,
     "demo": ("synthetic_data", "run", "evaluation", "README.md"),
 }
+
+#: An unmarked folder (written before markers existed) counts as mpoxscope's only if it holds one of these JSON
+#: files with these keys; anything else unmarked and not empty is refused, so ``--overwrite`` never touches it.
+_SIGNATURES: dict[str, frozenset[str]] = {"model.json": frozenset({"format_version", "classes", "model"}),
+                                          "cv_summary.json": frozenset({"per_fold", "summary", "protocol"}),
+                                          "metrics.json": frozenset({"n_images", "confusion_matrix", "per_class"}),
+                                          "summary.json": frozenset({"images"})}  # explain
 
 #: Sub-folders a command writes whose names are free (explain: one folder per image): (a file each one holds,
 #: patterns every file in it matches).
@@ -137,12 +147,26 @@ def check_output_dir(path: str | os.PathLike, kind: str) -> Path:
     if is_marked_output(out):
         return out
     # Any command's outputs are fine (``evaluate RUN --out RUN`` of a run made before markers existed).
-    foreign = sorted(e.name for e in out.iterdir() if not any(_is_ours(e, k) for k in (kind, *OUTPUT_PATTERNS)))
+    entries = [e for e in out.iterdir() if e.name not in _OS_JUNK]
+    foreign = sorted(e.name for e in entries if not any(_is_ours(e, k) for k in (kind, *OUTPUT_PATTERNS)))
+    if entries and not foreign and not _has_signature(out):
+        foreign = sorted(e.name for e in entries)  # our names, but nothing says mpoxscope wrote them
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise MpoxscopeError(f"{out}: folder holds files mpoxscope did not write ({foreign[0]}{more}); "
                              f"choose a new or empty folder for --out")
     return out
+
+
+def _has_signature(folder: Path) -> bool:
+    for name, keys in _SIGNATURES.items():
+        path = folder / name
+        try:
+            if path.is_file() and path.stat().st_size < 50_000_000 and keys <= set(read_json(path)):
+                return True
+        except (ValueError, OSError, TypeError):  # not JSON, unreadable, or not an object
+            continue
+    return False
 
 
 def mark_output_dir(path: str | os.PathLike, kind: str) -> Path:
@@ -186,8 +210,10 @@ def clear_output_dir(path: str | os.PathLike, kind: str) -> list[str]:
     return kept
 
 
-def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
-    """Refuse an output FILE up front: a folder, or an existing file of another type (never replaced)."""
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...],
+                      ours: Callable[[Path], bool] | None = None) -> Path:
+    """Refuse an output FILE up front: a folder, a wrong suffix, or an existing file that ``ours`` does not
+    recognise as mpoxscope's (an earlier card or export of the same kind may be replaced; nothing else is)."""
     from mpoxscope.errors import MpoxscopeError
 
     out = Path(path)
@@ -198,4 +224,22 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Pat
                              "it would be replaced — choose another name")
     if out.suffix.lower() not in suffixes:
         raise MpoxscopeError(f"{out}: --out must end in {' or '.join(suffixes)}")
+    if (out.exists() or out.is_symlink()) and not (out.is_file() and ours is not None and _safe(ours, out)):
+        raise MpoxscopeError(f"{out}: --out names an existing file mpoxscope did not write; it would be replaced "
+                             "— choose another name")
     return out
+
+
+def _safe(predicate: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return bool(predicate(path))
+    except Exception:  # an unreadable or malformed file is simply not recognised as ours
+        return False
+
+
+def is_model_card(path: Path) -> bool:
+    """A Markdown file written by ``mpoxscope card`` (its title line and "Generated by mpoxscope" line)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).splitlines()
+    return bool(head) and head[0].startswith("# Model card: ") and any(
+        line.startswith("Generated by mpoxscope on ") for line in head[1:10])

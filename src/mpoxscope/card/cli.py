@@ -24,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_card(args: argparse.Namespace) -> int:
     from mpoxscope.card.card import write_card
-    from mpoxscope.fileio import check_output_file
+    from mpoxscope.fileio import check_output_file, is_model_card
 
-    if args.out:
-        check_output_file(args.out, (".md", ".markdown"))
+    if args.out:  # an earlier card may be replaced, any other Markdown file is refused
+        check_output_file(args.out, (".md", ".markdown"), ours=is_model_card)
     path = write_card(args.run, args.out, metrics_file=args.metrics, audit_file=args.audit)
     print(f"wrote {path}")
     return 0

@@ -201,8 +201,9 @@ def check_train_options(model_cfg, train_cfg) -> None:
         raise MpoxscopeError(f"--drop-path: must be in [0, 1) (0: off), got {model_cfg.drop_path}")
     if model_cfg.drop_path and not train_cfg.ensemble and train_cfg.trainable_stages == 0:
         raise MpoxscopeError("--drop-path: the backbone is frozen (--freeze or the preset), so it would do nothing")
-    if model_cfg.image_size < 32:
-        raise MpoxscopeError("--image-size: must be at least 32")
+    if not 32 <= model_cfg.image_size <= 4096:  # model.json accepts 16-4096; below 32 the grids vanish
+        raise MpoxscopeError(f"--image-size: must be from 32 to 4096, got {model_cfg.image_size}")
+    _check_ranges(model_cfg, train_cfg)
     if model_cfg.d_model % model_cfg.num_heads:
         raise MpoxscopeError(f"--num-heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
     if train_cfg.ensemble:
@@ -212,6 +213,30 @@ def check_train_options(model_cfg, train_cfg) -> None:
     source = model_cfg.pretrained
     if source not in ("auto", "imagenet", "none") and not Path(source).is_file():
         raise MpoxscopeError(f"--pretrained: {source}: file not found")
+
+
+#: (option, config, field, lowest, highest, lowest allowed itself?): numbers that would otherwise fail only after
+#: minutes of caching (a traceback) or train silently wrong (a negative learning rate ascends the loss).
+_RANGES = (("--lr", "train", "lr", 0.0, 10.0, False), ("--backbone-lr", "train", "backbone_lr", 0.0, 10.0, True),
+           ("--weight-decay", "train", "weight_decay", 0.0, 10.0, True),
+           ("--label-smoothing", "train", "label_smoothing", 0.0, 0.999, True),
+           ("--layer-decay", "train", "layer_decay", 0.0, 10.0, False),
+           ("--warmup-epochs", "train", "warmup_epochs", 0, 10_000, True),
+           ("--patience", "train", "patience", 1, 10**6, True),
+           ("--num-heads", "model", "num_heads", 1, 1024, True), ("--d-model", "model", "d_model", 1, 65536, True))
+
+
+def _check_ranges(model_cfg, train_cfg) -> None:
+    import math
+
+    from mpoxscope.errors import MpoxscopeError
+
+    for option, where, name, low, high, closed in _RANGES:
+        value = getattr(model_cfg if where == "model" else train_cfg, name)
+        ok = math.isfinite(value) and (value >= low if closed else value > low) and value <= high
+        if not ok:
+            side = "at least" if closed else "above"
+            raise MpoxscopeError(f"{option}: must be {side} {low} and at most {high}, got {value}")
 
 
 def _prepare_output(out: str, kind: str, overwrite: bool = False) -> Path:
@@ -282,9 +307,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from mpoxscope.fileio import check_output_dir, mark_output_dir
 
     check_output_dir(args.out, "evaluate")
+    mark_output_dir(args.out, "evaluate")  # before any file, so that an interrupted evaluate can be rerun there
     m = evaluate_run(args.run, args.data, args.out, split=args.split, split_file=args.split_file,
                      fold=args.fold, device=args.device, runtime=args.runtime, onnx_file=args.onnx)
-    mark_output_dir(args.out, "evaluate")
     print(summary_line(m, m["protocol"]))
     for f in m.get("failed_files", []):
         print(f"unreadable, excluded: {f}", file=sys.stderr)
@@ -372,7 +397,10 @@ def run_cv(args: argparse.Namespace) -> int:
 
 def run_screen(args: argparse.Namespace) -> int:
     from mpoxscope.engine.screening import pct, screen_cv_output, with_ci
+    from mpoxscope.fileio import check_output_dir, mark_output_dir
 
+    if args.out is not None:  # before the work; the folder must be new, empty or mpoxscope's
+        mark_output_dir(check_output_dir(args.out, "screen"), "screen")
     r = screen_cv_output(args.cv_out, target_class=args.screen_class, sensitivity=args.sensitivity, out=args.out,
                          confidence=args.confidence)
     p, target = r["pooled"], r["target_class"]

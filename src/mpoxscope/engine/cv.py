@@ -32,7 +32,7 @@ from mpoxscope.engine.rundir import FEATURE_CACHE
 from mpoxscope.engine.runner import PreparedData, prepare
 from mpoxscope.engine.train import run_matches, seed_everything, train
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.fileio import read_json, write_bytes, write_json, write_text
+from mpoxscope.fileio import mark_output_dir, read_json, write_bytes, write_json, write_text
 from mpoxscope.models.factory import create_model
 
 SUMMARY_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "roc_auc_ovr_macro")
@@ -153,6 +153,8 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     folds = [f for f in prepared.folds if cv.folds is None or f.name in cv.folds]
     log(f"cross-validation: {len(prepared.data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
+    if distributed.is_main():  # before the first file: a killed cv's folder stays recognisably ours (resume)
+        mark_output_dir(out, "cv")
     todo = [f for f in folds if not (out / f.name / rundir.EVALUATION / rundir.EVAL_METRICS).is_file()]
     bank, images, banks = shared_inputs(prepared.data, todo, model_cfg, train_cfg, out, progress)
     per_fold, leak_free = [], []

@@ -65,13 +65,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from mpoxscope.errors import MpoxscopeError
-    from mpoxscope.export.onnx import export_onnx
+    from mpoxscope.export.onnx import export_onnx, is_mpoxscope_onnx
     from mpoxscope.fileio import check_output_file
 
-    if args.out:
-        check_output_file(args.out, (".onnx",))
+    if args.out:  # an earlier export may be replaced, any other ONNX file is refused
+        check_output_file(args.out, (".onnx",), ours=is_mpoxscope_onnx)
     if args.quantize is None and (args.calibration_images or args.check_images):
         raise MpoxscopeError("--calibration-images/--check-images: need --quantize int8")
+    if args.quantize:  # before the fp32 export and its parity check, not after them
+        from mpoxscope.export.quantize import check_quantize_options
+
+        check_quantize_options(args.out, args.min_agreement, args.fallback_margin)
     if args.float_first < 0:
         raise MpoxscopeError(f"--float-first: must be at least 0, got {args.float_first}")
     if args.calibration_count < 1:

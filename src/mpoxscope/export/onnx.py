@@ -234,6 +234,12 @@ def _export_graph(model: torch.nn.Module, path: Path, image_size: int, opset: in
     raise MpoxscopeError(f"{path}: ONNX export failed ({'; '.join(errors)})")
 
 
+def is_mpoxscope_onnx(path: Path) -> bool:
+    """An ONNX file an mpoxscope export wrote (its metadata carries the run's model.json)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(p.key == META_KEY for p in proto.metadata_props)
+
+
 def _add_metadata(path: Path, meta: dict[str, Any], which: str, sha: str) -> None:
     proto = onnx.load(str(path))
     props = {META_KEY: json.dumps(meta), WEIGHTS_KEY: which, SHA_KEY: sha}

@@ -318,9 +318,7 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     methods = ("minmax", "percentile")
     if method not in methods:
         raise MpoxscopeError(f"--calibration-method: choose {' or '.join(methods)}, not {method!r}")
-    if not 0.0 <= min_agreement <= 1.0:
-        raise MpoxscopeError(f"--min-agreement: must be in [0, 1], got {min_agreement}")
-    margin = _fallback_setting(fallback)
+    margin = check_quantize_options(out, min_agreement, fallback)
     fp32 = OnnxPredictor.from_run(run_dir, onnx_file=fp32_file, which=which) if fp32_file else \
         OnnxPredictor.from_run(run_dir, which=which)
     fp32_path = Path(fp32.onnx_file or run_dir / ONNX_FILE)
@@ -332,7 +330,8 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     batches = [fp32.preprocess(calib[i:i + 16]).numpy() for i in range(0, len(calib), 16)]
     checks, check_source = check_images(run_dir, paths=check)
     expected = reference.predict_images(checks)
-    companion = out.with_name(f"{out.name[:-5] if out.name.endswith('.onnx') else out.name}.fallback.onnx")
+    companion = companion_path(out)
+    companion_existed = companion.exists()
     pixel_meta = meta if pixel_input else None
     try:
         with tempfile.TemporaryDirectory(prefix="mpoxscope-quant-") as tmp:
@@ -366,7 +365,7 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
     except OSError as e:
         raise MpoxscopeError(f"{out}: cannot write the int8 file ({e.strerror or e})") from None
     except MpoxscopeError:
-        if margin != 0.0 and companion.is_file() and not out.is_file():
+        if margin != 0.0 and companion.is_file() and not companion_existed:  # only the file this call wrote
             companion.unlink()
         raise
     sha = run_weights_sha256(run_dir, which)
@@ -380,6 +379,25 @@ def quantize_int8(run_dir: str | os.PathLike, fp32_file: str | os.PathLike | Non
                                 f"{'on' if bias_correction else 'off'}; {method} ranges; static pads folded"
                                 + ("; uint8 pixel input" if pixel_input else ""),
                        fallback_margin=margin or 0.0, fallback_share=share)
+
+
+def companion_path(out: Path) -> Path:
+    """Where the fp32 fallback graph of the int8 file ``out`` goes: ``<out stem>.fallback.onnx`` beside it."""
+    return out.with_name(f"{out.name[:-5] if out.name.endswith('.onnx') else out.name}.fallback.onnx")
+
+
+def check_quantize_options(out: str | Path | None, min_agreement: float, fallback: str | float) -> float | None:
+    """Refuse bad --min-agreement / --fallback-margin values and a fallback file name that holds someone else's
+    file, before any export work; returns the margin (None: auto, 0.0: no fallback)."""
+    from mpoxscope.export.onnx import is_mpoxscope_onnx
+    from mpoxscope.fileio import check_output_file
+
+    if not 0.0 <= min_agreement <= 1.0:
+        raise MpoxscopeError(f"--min-agreement: must be in [0, 1], got {min_agreement}")
+    margin = _fallback_setting(fallback)
+    if out is not None and margin != 0.0:
+        check_output_file(companion_path(Path(out)), (".onnx",), ours=is_mpoxscope_onnx)
+    return margin
 
 
 def _fallback_setting(fallback: str | float) -> float | None:
