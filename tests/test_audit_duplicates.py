@@ -162,3 +162,14 @@ def test_threshold_zero_keeps_only_hash_identical_pairs(edited):
     pairs = find_near_duplicates(bases + copies["crop_5_10"], threshold=0)
     assert all(p.distance == 0 for p in pairs)
     assert len(pairs) < N_BASES  # crops do not survive a zero threshold
+
+
+def test_a_file_too_large_to_read_is_a_record_with_an_error_not_a_memory_spike(tmp_path, monkeypatch):
+    from mpoxscope.audit import hashing
+
+    p = tmp_path / "big.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(p)
+    assert compute_record(p).error is None
+    monkeypatch.setattr(hashing, "MAX_FILE_BYTES", p.stat().st_size - 1)
+    rec = compute_record(p)
+    assert rec.error.startswith("file too large") and rec.sha256 == ""

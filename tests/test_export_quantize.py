@@ -134,6 +134,11 @@ def test_lite_predictor_matches_onnx_predictor_without_torch(quantized):
     full = OnnxPredictor.from_run(run, threads=1)
     np.testing.assert_allclose(lite.predict_images([exact]), full.predict_images([exact]), atol=1e-5)
     np.testing.assert_allclose(lite.predict_images([resized]), full.predict_images([resized]), atol=0.05)
+    k = len(lite.classes)  # vector scaling (a run's calibration may be one): applied as by apply_calibration
+    vector = LiteOnnxPredictor(run / "model.onnx", threads=1)
+    vector.calibration = {"method": "vector", "vector_w": [0.5 + i for i in range(k)], "vector_b": [0.1] * k}
+    z = vector.logits(vector.preprocess([exact])) * (0.5 + np.arange(k)) + 0.1
+    np.testing.assert_allclose(vector.predict_images([exact]), np.exp(z) / np.exp(z).sum(1, keepdims=True), atol=1e-5)
     code = "import sys, mpoxscope.export.lite; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # the torch-free path stays so
     buf = io.BytesIO()

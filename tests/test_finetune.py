@@ -146,7 +146,8 @@ EMA_MIX = dict(ema_decay=0.99, mixup=0.4, cutmix=1.0)
 
 
 @pytest.mark.parametrize("where,extra", [("after_best", {}), ("after_resume_file", {}), ("before_finish", {}),
-                                         ("after_best", EMA_MIX), ("after_resume_file", EMA_MIX)])
+                                         ("after_best", EMA_MIX), ("after_resume_file", EMA_MIX),
+                                         ("after_last_resume_file", {}), ("after_last_resume_file", EMA_MIX)])
 def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, data_and_fold, monkeypatch, where,
                                                                      extra):
     data, fold = data_and_fold
@@ -161,8 +162,10 @@ def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, da
         calls["n"] += 1
         raise _Kill
 
-    def commit_then_kill(run_dir, model, optimizer, scheduler, state, ema=None):  # resume.pt of epoch 2 only
-        if state.epoch == 2:
+    kill_epoch = cfg.epochs if where == "after_last_resume_file" else 2  # the last: nothing left to retrain
+
+    def commit_then_kill(run_dir, model, optimizer, scheduler, state, ema=None):  # resume.pt only, then killed
+        if state.epoch == kill_epoch:
             from mpoxscope.fileio import atomic_path
 
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -181,6 +184,7 @@ def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, da
 
     target = {"after_best": (train_mod, "save_weights", save_then_kill),
               "after_resume_file": (rundir, "commit_epoch", commit_then_kill),
+              "after_last_resume_file": (rundir, "commit_epoch", commit_then_kill),
               "before_finish": (train_mod, "finish_run", kill_before_finish)}[where]
     monkeypatch.setattr(*target)
     with pytest.raises(_Kill):

@@ -441,7 +441,8 @@ def test_cli_settings_validate(tiny_run, capsys):
 
     for flags, words in ((["--max-batch", "0"], "--max-batch"), (["--queue-size", "0"], "--queue-size"),
                          (["--workers", "0"], "--workers"), (["--onnx", "x.onnx"], "--onnx: x.onnx: file not found"),
-                         (["--body-timeout", "0"], "--body-timeout")):
+                         (["--body-timeout", "0"], "--body-timeout"), (["--max-upload-mb", "nan"], "--max-upload-mb"),
+                         (["--max-buffered-mb", "inf"], "--max-buffered-mb: must be a finite number")):
         assert main(["serve", str(tiny_run), "--port", "0", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err

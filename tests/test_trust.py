@@ -229,16 +229,18 @@ def test_explain_output_names_stay_inside_out_and_never_collide(tiny_run, tmp_pa
     dots = _png(tmp_path / "in" / "...png")          # stem ".."
     a = _png(tmp_path / "in" / "a" / "x.png")
     b = _png(tmp_path / "in" / "b" / "X.png", (60, 160, 90))  # same stem up to case
+    page = _png(tmp_path / "in" / "index.html.png")  # stem of the gallery's own page
     out = tmp_path / "deep" / "out"
-    rc = main(["explain", str(tiny_run), str(dots), str(a), str(b), "--out", str(out), "--method", "gradcam",
-               "--no-attention", "--device", "cpu"])
+    rc = main(["explain", str(tiny_run), str(dots), str(a), str(b), str(page), "--out", str(out), "--method",
+               "gradcam", "--no-attention", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     assert not (tmp_path / "deep" / "panel.png").exists() and not (tmp_path / "deep" / "gradcam.npy").exists()
+    assert (out / "index.html").is_file()
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert len(folders) == 3 and len({f.casefold() for f in folders}) == 3
+    assert len(folders) == 4 and len({f.casefold() for f in folders}) == 4 and "index.html-2" in folders
     assert all((out / f / "panel.png").is_file() for f in folders)
     summary = json.loads((out / "summary.json").read_text())
-    assert len({e["panel"] for e in summary["images"]}) == 3
+    assert len({e["panel"] for e in summary["images"]}) == 4
 
 
 def test_explain_all_leaves_out_scorecam_and_says_so(tiny_run, tmp_path, capsys):
@@ -693,3 +695,15 @@ def test_sigterm_stops_a_run_in_one_line_and_keeps_its_epochs(synthetic_root, tm
     committed = torch.load(run / "resume.pt", weights_only=True)  # the epoch's atomic commit
     assert committed["epoch"] == len(json.loads(committed["history"])) >= 1
     assert json.loads((run / "train_state.json").read_text())["status"] == "running"
+
+
+def test_an_empty_folder_is_one_error_row_and_the_other_inputs_still_get_results(tiny_run, tmp_path, capsys):
+    from mpoxscope.cli import main
+
+    photo = _png(tmp_path / "a.png")
+    (tmp_path / "empty").mkdir()
+    rc = main(["predict", str(tiny_run), str(photo), str(tmp_path / "empty"), "--format", "json", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    rows = {r["source"].rstrip("/").rsplit("/", 1)[-1]: r for r in json.loads(out)}
+    assert rc == 1 and rows["a.png"]["label"] and rows["a.png"]["error"] is None
+    assert rows["empty"]["error"] == "no images in folder" and "empty: no images in folder" in err

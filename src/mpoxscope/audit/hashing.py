@@ -200,6 +200,10 @@ def compute_record(path: str | os.PathLike) -> ImageRecord:
     """Read, decode and fingerprint one file; a bad file gives a record with ``error`` set, never an exception."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # read whole below: bound the memory one file can take
+            return ImageRecord(path, size, "", error=f"file too large ({size / 2**20:.0f} MiB; an image file of more "
+                                                     f"than {MAX_FILE_BYTES // 2**20} MiB is not read)")
         data = path.read_bytes()
     except OSError as e:
         return ImageRecord(path, 0, "", error=f"cannot read file ({e.strerror or e})")
@@ -216,6 +220,10 @@ def compute_record(path: str | os.PathLike) -> ImageRecord:
     phash = pack_bits(bits)[:, 0]
     phash.setflags(write=False)  # records are shared through the cache
     return ImageRecord(path, len(data), sha, None, width, height, mode, fmt, _pixel_digest(rgb), phash, thumb)
+
+
+#: Largest file the audit reads into memory (it hashes the bytes, then decodes them under the pixel limit).
+MAX_FILE_BYTES = 256 * 2**20
 
 
 @lru_cache(maxsize=16384)

@@ -324,7 +324,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from mpoxscope.engine.predict import expand_inputs
     from mpoxscope.engine.runner import load_predictor
 
-    paths = expand_inputs(args.inputs)
+    paths = expand_inputs(args.inputs, keep_empty=True)  # an empty folder is one error row, not the end
     predictor = load_predictor(args.run, args.device, args.runtime, onnx_file=args.onnx)
     results = [_refuse_non_finite(r) for r in predictor.predict_paths(paths)]
     if args.format == "json":

@@ -110,6 +110,8 @@ class Predictor:
         ok: list[tuple[int, Image.Image]] = []
         for i, p in enumerate(paths):
             try:
+                if Path(p).is_dir():  # kept by expand_inputs(keep_empty=True)
+                    raise ImageError(str(p), "no images in folder")
                 ok.append((i, load_image(p)))
             except ImageError as e:
                 results[i] = Prediction(str(p), error=e.reason)
@@ -129,20 +131,22 @@ def calibrated_softmax(logits: torch.Tensor, calibration: dict) -> np.ndarray:
     return torch.softmax(apply_calibration(logits, calibration), dim=1).numpy()
 
 
-def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+def expand_inputs(inputs: list[str | os.PathLike], keep_empty: bool = False) -> list[Path]:
     """Files as given, folders expanded to the images inside them (recursively, sorted).
 
     Hidden files and folders (``._x.jpg`` from macOS, ``.thumbnails/``) and anything that is not a regular file
-    are left out of a folder's expansion; a file named explicitly is always kept (and reported if unreadable)."""
+    are left out of a folder's expansion; a file named explicitly is always kept (and reported if unreadable).
+    A folder without images is an error, or with ``keep_empty`` kept as itself, for
+    :meth:`Predictor.predict_paths` to report while the other inputs still get results."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
+            if not found and not keep_empty:
                 raise MpoxscopeError(f"{p}: no images in folder")
-            paths.extend(found)
+            paths.extend(found or [p])
         else:
             paths.append(p)
     return paths

@@ -149,6 +149,11 @@ def load_epoch(run_dir: Path, model: torch.nn.Module, optimizer, scheduler, writ
     if write:  # the history is the truth: drop lines of an epoch that was not committed, and half-written files
         write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in state.history))
         remove_partial_writes(run_dir)
+        # The files derived from the committed epoch, which a kill after resume.pt may have left one epoch behind.
+        weights = ema.module if ema is not None else model
+        save_weights(weights, run_dir / LAST)
+        if state.epoch and state.best_epoch == state.epoch:
+            save_weights(weights, run_dir / BEST)
     return state
 
 

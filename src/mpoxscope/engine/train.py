@@ -398,15 +398,15 @@ def _one_epoch(r: _Setup, state: _Progress, epoch: int, run_dir: Path, data: Sam
                           r.precision, epoch, r.ema)
     val, _, _ = validate(r.evaluated, r.batches, r.stop, data.classes, r.device, r.precision)
     improved = _update_best(state, epoch, val)
-    if improved and r.ctx.is_main:
-        save_weights(r.evaluated, run_dir / rundir.BEST)
     record = {"epoch": epoch, **record, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
               "val_f1_macro": val["f1_macro"], "lr": r.scheduler.get_last_lr()[0],
               "seconds": round(time.perf_counter() - te, 2), "best": improved}
     state.epoch = epoch
     state.history.append(record)
-    if r.ctx.is_main:
+    if r.ctx.is_main:  # resume.pt first: a kill before BEST is written is repaired by load_epoch on resume
         rundir.commit_epoch(run_dir, r.model, r.optimizer, r.scheduler, state, ema=r.ema)
+        if improved:
+            save_weights(r.evaluated, run_dir / rundir.BEST)
     distributed.barrier()
     if log is not None:
         log(f"epoch {epoch:3d}/{cfg.epochs}  train loss {record['train_loss']:.3f} "

@@ -169,7 +169,10 @@ def _explain_all(args: argparse.Namespace, predictor, paths: list[Path], methods
 
     entries: list[GalleryEntry] = []
     done: list[_Done] = []
-    used: set[str] = set()
+    from mpoxscope.fileio import OUTPUT_PATTERNS
+
+    # The gallery's own files are taken: an image called index.html.jpg must not become a folder index.html/.
+    used: set[str] = {name.casefold() for name in OUTPUT_PATTERNS["explain"]}
     pending: list[tuple[Path, object]] = []
 
     def flush() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mpoxscope.engine.calibration import apply_calibration
+
 META_KEY = "mpoxscope.meta"  # as written by mpoxscope.export.onnx (not imported: that module needs torch)
 PIXELS = "pixels"  # the input of a raw-pixel graph: (N, S, S, 3) uint8 RGB, normalised inside the graph
 
@@ -120,7 +122,7 @@ class LiteOnnxPredictor:
         norm = self.meta.get("normalization", {})
         self.mean = tuple(norm.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(norm.get("std", (0.229, 0.224, 0.225)))
-        self.temperature = float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        self.calibration = self.meta.get("calibration") or {}
         self._input = self.session.get_inputs()[0].name
         #: A raw-pixel graph (``export --pixels``) normalises inside; Python then only resizes.
         self.takes_pixels = self.session.get_inputs()[0].type == "tensor(uint8)"
@@ -136,7 +138,8 @@ class LiteOnnxPredictor:
     def predict_images(self, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
         out = []
         for i in range(0, len(images), batch_size):
-            z = self.logits(self.preprocess(images[i:i + batch_size])) / self.temperature
+            # the one calibration function every runtime calls (scipy and numpy; no torch)
+            z = apply_calibration(self.logits(self.preprocess(images[i:i + batch_size])), self.calibration)
             z = np.exp(z - z.max(1, keepdims=True))
             out.append(z / z.sum(1, keepdims=True))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -90,6 +91,10 @@ def _settings(args: argparse.Namespace) -> dict:
 
     if args.workers < 1:
         raise MpoxscopeError(f"--workers: must be at least 1, got {args.workers}")
+    for option, value in (("--max-upload-mb", args.max_upload_mb), ("--max-buffered-mb", args.max_buffered_mb),
+                          ("--batch-wait-ms", args.batch_wait_ms), ("--body-timeout", args.body_timeout)):
+        if not math.isfinite(value) or value < 0:  # int(nan), int(inf) would be tracebacks
+            raise MpoxscopeError(f"{option}: must be a finite number of at least 0, got {value}")
     if args.onnx_file and args.runtime == "torch":
         args.runtime = "onnx"
     if args.onnx_file and not os.path.isfile(args.onnx_file):
