@@ -222,3 +222,12 @@ def test_bias_correction_removes_the_mean_rounding_error():
     assert not np.allclose(new_b, b)
     np.testing.assert_allclose(rounded, exact, atol=1e-5)
     assert bias_correct(model, [x], "x", skip={"c0"}) == 0
+
+
+def test_quantize_only_options_without_quantize_fail_in_one_line(capsys):
+    from mpoxscope.cli import main
+
+    for flags in (["--min-agreement", "0.5"], ["--fallback-margin", "off"]):
+        assert main(["export", "no-such-run", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "need --quantize int8" in err and len(err.splitlines()) == 1, err

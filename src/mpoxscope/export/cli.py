@@ -72,6 +72,8 @@ def run_export(args: argparse.Namespace) -> int:
         check_output_file(args.out, (".onnx",), ours=is_mpoxscope_onnx)
     if args.quantize is None and (args.calibration_images or args.check_images):
         raise MpoxscopeError("--calibration-images/--check-images: need --quantize int8")
+    if args.quantize is None and (args.min_agreement != 0.99 or str(args.fallback_margin) != "auto"):
+        raise MpoxscopeError("--min-agreement/--fallback-margin: need --quantize int8")  # never silently ignored
     if args.quantize:  # before the fp32 export and its parity check, not after them
         from mpoxscope.export.quantize import check_quantize_options
 
