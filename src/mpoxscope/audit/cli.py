@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         elif data.folder_splits is not None:
             table, source = data.folder_splits, f"FOLDS folders in {args.data}"
     report = audit_dataset(data, table, config, source)
+    mark_output_dir(args.out, "audit")  # before its files: an interrupted write can be redone into the folder
     paths = write_audit(report, args.out)
-    mark_output_dir(args.out, "audit")
 
     s = report.summary()
     print(f"audit: {args.data} ({s['images']} images, {s['patients']} patients, {s['classes']} classes, "
