@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 
+#: Defaults of the options only --quantize reads: any other value without --quantize is refused, not ignored.
+_QUANTIZE_DEFAULTS = {"min_agreement": 0.99, "fallback_margin": "auto"}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="export a trained run to ONNX (checked against PyTorch)",
@@ -53,12 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "block, where int8 rounding cost the most agreement)")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="with --quantize: do not fold the mean int8 weight-rounding error into the biases")
-    p.add_argument("--fallback-margin", default="auto", metavar="auto|off|GAP",
+    p.add_argument("--fallback-margin", default=_QUANTIZE_DEFAULTS["fallback_margin"], metavar="auto|off|GAP",
                    help="with --quantize: photos whose int8 top-2 logit gap is below this margin are recomputed "
                         "by the fp32 graph, written beside the int8 file as <out>.fallback.onnx (default auto: "
                         "1.25 x the largest int8 logit error on training images calibration did not use; off: "
                         "plain int8)")
-    p.add_argument("--min-agreement", type=float, default=0.99, metavar="F",
+    p.add_argument("--min-agreement", type=float, default=_QUANTIZE_DEFAULTS["min_agreement"], metavar="F",
                    help="with --quantize: least top-1 agreement with fp32 PyTorch to write the file (default 0.99)")
     p.set_defaults(handler=run_export)
 
@@ -72,7 +76,7 @@ def run_export(args: argparse.Namespace) -> int:
         check_output_file(args.out, (".onnx",), ours=is_mpoxscope_onnx)
     if args.quantize is None and (args.calibration_images or args.check_images):
         raise MpoxscopeError("--calibration-images/--check-images: need --quantize int8")
-    if args.quantize is None and (args.min_agreement != 0.99 or str(args.fallback_margin) != "auto"):
+    if args.quantize is None and any(getattr(args, k) != v for k, v in _QUANTIZE_DEFAULTS.items()):
         raise MpoxscopeError("--min-agreement/--fallback-margin: need --quantize int8")  # never silently ignored
     if args.quantize:  # before the fp32 export and its parity check, not after them
         from mpoxscope.export.quantize import check_quantize_options
