@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 #: Defaults of the options only --quantize reads: any other value without --quantize is refused, not ignored.
 _QUANTIZE_DEFAULTS = {"min_agreement": 0.99, "fallback_margin": "auto"}
 
