@@ -74,6 +74,17 @@ def test_cv_runs_resumes_and_reports_leak_free(tmp_path, synthetic_root):
     # a finished fold of another configuration is never reported under this one: its run refuses to be reused
     with pytest.raises(MpoxscopeError, match="another configuration"):
         cross_validate(data_cfg, SMALL, dataclasses.replace(FAST, lr=1.0), cv, progress=False, log=lambda *_: None)
+    # the same --out with another split (4 folds: fold1 holds other images) never reuses fold1's run or numbers
+    other = DataConfig(root=str(synthetic_root), split_file=None, folds=4)
+    with pytest.raises(MpoxscopeError, match="another configuration"):
+        cross_validate(other, SMALL, FAST, cv, leak_filter=drop_two, progress=False, log=lambda *_: None)
+    # another leak filter (e.g. --near-dup-threshold) leaves out other images: the leak-free score is recomputed
+
+    def drop_three(prepared, fold):
+        return set(fold.test[:3])
+
+    third = cross_validate(data_cfg, SMALL, FAST, cv, leak_filter=drop_three, progress=False, log=lambda *_: None)
+    assert [lf["n_dropped"] for lf in third["leak_free"]["per_fold"]] == [3, 3, 3]
 
 
 def test_cv_ensemble_with_a_frozen_member_shares_its_feature_cache(tmp_path, synthetic_root, monkeypatch):
@@ -146,3 +157,14 @@ def test_feature_cache_reports_progress_outside_a_terminal(synthetic_root, capsy
     bank = build_feature_bank(model, model.trunk_stop(0), data, range(4), 1, 0, AugmentConfig(), torch.device("cpu"))
     err = capsys.readouterr().err
     assert "caching features: done 8/8 img" in err and bank.covers(range(4))
+
+
+def test_only_folds_naming_no_fold_fails_in_one_line_before_any_file(tmp_path, synthetic_root, capsys):
+    from mpoxscope.cli import main
+
+    out = tmp_path / "cv"
+    assert main(["cv", str(synthetic_root), "--out", str(out), "--split-file", "none", "--folds", "3",
+                 "--only-folds", "9", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--only-folds: no fold fold9" in err and "available: fold1, fold2, fold3" in err
+    assert len(err.splitlines()) == 1 and not out.exists()

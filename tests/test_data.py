@@ -96,6 +96,36 @@ def test_split_file_unknown_files_and_bad_columns(tmp_path, synthetic_root):
     unknown.write_text("fold,split,filename\n1,train,nothere.jpg\n")
     with pytest.raises(MpoxscopeError, match="not in the dataset"):
         folds_from_table(data, read_split_file(unknown))
+    name = data.samples[0].path.name
+    numeric = tmp_path / "numeric.csv"  # fold "1" is fold1 (as --fold 1 asks for), not "1" or "1.0"
+    numeric.write_text(f"fold,split,filename\n1,train,{name}\n")
+    assert [f.name for f in folds_from_table(data, read_split_file(numeric), check_groups=False)] == ["fold1"]
+    blank = tmp_path / "blank.csv"
+    blank.write_text(f"fold,split,filename\n1,train,{name}\n,test,{name}\n")
+    with pytest.raises(MpoxscopeError, match="empty cell \\(line 3\\)"):
+        read_split_file(blank)
+    twice = tmp_path / "twice.csv"  # the same image twice would be scored twice
+    twice.write_text(f"fold,split,filename\nfold1,test,{name}\nfold1,test,{name}\n")
+    with pytest.raises(MpoxscopeError, match=f"fold fold1 lists {name} more than once"):
+        folds_from_table(data, read_split_file(twice), check_groups=False)
+
+
+def test_a_split_file_too_large_to_be_one_is_refused_before_pandas_reads_it(tmp_path, monkeypatch):
+    import zipfile
+
+    from mpoxscope.data import splits
+
+    monkeypatch.setattr(splits, "MAX_SPLIT_BYTES", 1000)
+    big = tmp_path / "big.csv"
+    big.write_text("fold,split,filename\n" + "fold1,train,a.jpg\n" * 100)
+    with pytest.raises(MpoxscopeError, match="too large for a split file"):
+        read_split_file(big)
+    bomb = tmp_path / "datalog.xlsx"  # small on disk, large once inflated
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("xl/worksheets/sheet1.xml", "0" * 100_000)
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(MpoxscopeError, match="MiB \\(uncompressed\\) is too large"):
+        read_split_file(bomb)
 
 
 def test_grouped_folds_are_patient_disjoint_stratified_and_seeded(synthetic_root):
@@ -198,3 +228,23 @@ def test_runs_record_the_split_file_that_rebuilds_their_folds(tmp_path, syntheti
     assert recorded_split(grouped.info(grouped.folds[0])) == ("none", 3)
     csv.unlink()  # a moved or deleted split file: back to what 'auto' finds
     assert recorded_split(info) == ("auto", 5) and recorded_split({}) == ("auto", 5)
+
+
+def test_groups_csv_that_matches_nothing_or_is_ambiguous_is_refused(tmp_path, synthetic_root):
+    """A groups CSV that silently grouped nothing would let one patient sit in train and test."""
+    names = [s.filename for s in load_samples(synthetic_root).samples]
+    good = tmp_path / "good.csv"
+    good.write_text("filename,group\n" + "".join(f"{n},P{i // 2}\n" for i, n in enumerate(names)))
+    assert load_samples(synthetic_root, good).samples[0].group == "P0"
+    stems = tmp_path / "stems.csv"
+    stems.write_text("filename,group\n" + "".join(f"{n.rsplit('.', 1)[0]},P{i}\n" for i, n in enumerate(names)))
+    with pytest.raises(MpoxscopeError, match="no file name in it matches an image"):
+        load_samples(synthetic_root, stems)
+    blank = tmp_path / "blank.csv"
+    blank.write_text(f"filename,group\n{names[0]},P1\n{names[1]},\n")
+    with pytest.raises(MpoxscopeError, match="column 'group' has an empty cell \\(line 3\\)"):
+        load_samples(synthetic_root, blank)
+    twice = tmp_path / "twice.csv"
+    twice.write_text(f"filename,group\n{names[0]},P1\n{names[0]},P2\n")
+    with pytest.raises(MpoxscopeError, match="given two groups"):
+        load_samples(synthetic_root, twice)

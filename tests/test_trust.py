@@ -385,6 +385,10 @@ def run_copy(tiny_run, tmp_path):
     ("calibration.temperature", 0, "field 'calibration.temperature' must be a finite number > 0"),
     ("calibration.temperature", -1.0, "field 'calibration.temperature'"),
     ("calibration.temperature", float("nan"), "field 'calibration.temperature'"),
+    ("tta", "d4", "field 'tta' must be an object whose views"),
+    ("tta.views", ["id", "spin"], "field 'tta'"),
+    ("members", "ab", "field 'members' must be a list"),
+    ("kind", 3, "field 'kind'"),
 ])
 def test_model_json_fields_are_validated_at_load(run_copy, capsys, field, value, message):
     from mpoxscope.cli import main
@@ -707,3 +711,25 @@ def test_an_empty_folder_is_one_error_row_and_the_other_inputs_still_get_results
     rows = {r["source"].rstrip("/").rsplit("/", 1)[-1]: r for r in json.loads(out)}
     assert rc == 1 and rows["a.png"]["label"] and rows["a.png"]["error"] is None
     assert rows["empty"]["error"] == "no images in folder" and "empty: no images in folder" in err
+
+
+def test_ensemble_member_folders_stay_inside_out_whatever_a_model_json_says(tiny_run, tmp_path):
+    """`ensemble` names each member's folder after its model.json; a hand-made backbone "../../x" or "/abs"
+    must not become a path outside OUT/members."""
+    import shutil
+
+    from mpoxscope.engine.ensemble import check_assemble_inputs
+
+    runs = []
+    for i, backbone in enumerate(("../../escaped", "/abs/path")):
+        run = tmp_path / f"r{i}"
+        shutil.copytree(tiny_run, run)
+        meta = json.loads((run / "model.json").read_text())
+        meta["model"]["backbone"] = backbone
+        (run / "model.json").write_text(json.dumps(meta))
+        (run / "train_state.json").write_text(json.dumps({"status": "finished", "best_epoch": 1, "epochs_run": 1}))
+        runs.append(run)
+    names = [name for name, _, _ in check_assemble_inputs(runs)]
+    assert all("/" not in n and not n.startswith(".") for n in names) and len(set(names)) == 2
+    members = tmp_path / "out" / "members"
+    assert all((members / n).resolve().parent == members.resolve() for n in names)

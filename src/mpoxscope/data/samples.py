@@ -90,7 +90,16 @@ def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
     group_col = "group" if "group" in df.columns else "patient" if "patient" in df.columns else None
     if "filename" not in df.columns or group_col is None:
         raise MpoxscopeError(f"{path}: groups CSV needs columns 'filename' and 'group' (got {list(df.columns)})")
-    return {Path(str(f)).name: str(g) for f, g in zip(df["filename"], df[group_col])}
+    if df[group_col].isna().any() or df["filename"].isna().any():  # "nan" would become one patient
+        column = group_col if df[group_col].isna().any() else "filename"
+        line = int(df[column].isna().idxmax()) + 2  # 1-based, after the header line
+        raise MpoxscopeError(f"{path}: column {column!r} has an empty cell (line {line})")
+    groups: dict[str, str] = {}
+    for f, g in zip(df["filename"], df[group_col]):
+        name = Path(str(f)).name
+        if groups.setdefault(name, str(g)) != str(g):
+            raise MpoxscopeError(f"{path}: {name} is given two groups ({groups[name]} and {g})")
+    return groups
 
 
 def _read_csv(path: str | os.PathLike) -> pd.DataFrame:
@@ -197,6 +206,9 @@ def load_samples(root: str | os.PathLike, groups_csv: str | os.PathLike | None =
     if not samples:
         raise MpoxscopeError(f"{root}: no images found (expected one sub-folder per class)")
     names = [s.filename for s in samples]
+    if groups is not None and not set(groups) & set(names):  # e.g. stems without extensions: silently ungrouped
+        raise MpoxscopeError(f"{groups_csv}: no file name in it matches an image under {root} (e.g. "
+                             f"{next(iter(groups))!r}; give names with extensions, as {names[0]!r})")
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise MpoxscopeError(f"{root}: file name {dup!r} appears in more than one class folder")

@@ -42,6 +42,7 @@ def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise MpoxscopeError(f"{path}: split file not found")
+    _check_size(path)
     if path.suffix.lower() in (".xlsx", ".xls"):
         try:
             sheets = pd.read_excel(path, sheet_name=None)
@@ -59,14 +60,17 @@ def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
         table = pd.DataFrame(rows, columns=["fold", "split", "filename"])
     else:
         try:
-            table = pd.read_csv(path)
+            table = pd.read_csv(path, dtype={"fold": str})  # "1" stays "1", never 1.0
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise MpoxscopeError(f"{path}: not a readable CSV ({e})") from None
         missing = {"fold", "split", "filename"} - set(table.columns)
         if missing:
             raise MpoxscopeError(f"{path}: split CSV is missing column(s) {', '.join(sorted(missing))}")
+        if table["fold"].isna().any():
+            row = int(table["fold"].isna().idxmax()) + 2  # 1-based, after the header line
+            raise MpoxscopeError(f"{path}: column 'fold' has an empty cell (line {row})")
         table = table.assign(
-            fold=table["fold"].astype(str),
+            fold=table["fold"].str.strip().map(lambda f: f"fold{f}" if f.isdigit() else f),  # --fold 1 finds it
             split=table["split"].astype(str).str.strip().str.lower().map(_SPLIT_ALIASES),
             filename=table["filename"].map(lambda f: Path(str(f)).name),
         )
@@ -75,6 +79,26 @@ def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
     if table.empty:
         raise MpoxscopeError(f"{path}: split file lists no images")
     return table
+
+
+#: Largest split file read (a CSV's bytes, a workbook's uncompressed bytes): MSLD's datalog.xlsx is ~30 KB.
+MAX_SPLIT_BYTES = 64 * 2**20
+
+
+def _check_size(path: Path) -> None:
+    """Refuse a split file too large to be one, before pandas reads it (an .xlsx is a zip: a zip bomb inflates)."""
+    import zipfile
+
+    size = path.stat().st_size
+    if path.suffix.lower() == ".xlsx" and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                size = sum(i.file_size for i in z.infolist())
+        except (zipfile.BadZipFile, OSError) as e:
+            raise MpoxscopeError(f"{path}: not a readable Excel file ({e})") from None
+    if size > MAX_SPLIT_BYTES:
+        raise MpoxscopeError(f"{path}: {size / 2**20:.0f} MiB (uncompressed) is too large for a split file "
+                             f"(limit {MAX_SPLIT_BYTES // 2**20} MiB)")
 
 
 def find_split_file(root: str | os.PathLike) -> Path | None:
@@ -110,6 +134,10 @@ def folds_from_table(
     folds = []
     for name in sorted(table["fold"].unique(), key=_natural_key):
         part = table[table["fold"] == name]
+        repeated = part["filename"][part["filename"].duplicated()]
+        if len(repeated):  # listed twice, an image would be trained or scored twice (or in two parts)
+            raise MpoxscopeError(f"{source}: fold {name} lists {repeated.iloc[0]} more than once"
+                                 + (f" (and {len(repeated) - 1} more repeats)" if len(repeated) > 1 else ""))
         by_split = {s: tuple(sorted(index[f] for f in part.loc[part["split"] == s, "filename"])) for s in SPLITS}
         fold = Fold(str(name), by_split["train"], by_split["validation"], by_split["test"])
         if check_groups:

@@ -107,6 +107,26 @@ def validate_meta(meta: Any, where: str | os.PathLike = META_FILE) -> None:
     cal = meta.get("calibration")
     if cal is not None:
         _check_calibration(where, cal, len(classes))
+    _check_structure(where, meta)
+
+
+def _check_structure(where, meta: dict) -> None:
+    """``kind``, ``members`` and ``tta``: what decides which network is built (a wrong type would otherwise be an
+    AttributeError in every predictor)."""
+    from mpoxscope.models.tta import VIEWS
+
+    if meta.get("kind", "single") not in ("single", "ensemble", None):
+        raise _bad(where, "kind", "'ensemble' or absent", meta.get("kind"))
+    members = meta.get("members")
+    if members is not None and not (isinstance(members, list) and all(
+            isinstance(m, dict) and isinstance(m.get("dir"), str) for m in members)):
+        raise _bad(where, "members", 'a list of {"dir": "members/NAME"} objects', members)
+    tta = meta.get("tta")
+    if tta is not None:
+        views = tta.get("views") if isinstance(tta, dict) else None
+        if not isinstance(tta, dict) or (views is not None and not (
+                isinstance(views, list) and views and all(isinstance(v, str) and v in VIEWS for v in views))):
+            raise _bad(where, "tta", f"an object whose views are a list of {', '.join(VIEWS)}", tta)
 
 
 def _check_model_config(where, model: dict) -> None:

@@ -151,6 +151,10 @@ def cross_validate(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Trai
     out = Path(cv.out)
     prepared = prepare(data_cfg, train_cfg.seed)
     folds = [f for f in prepared.folds if cv.folds is None or f.name in cv.folds]
+    unknown = sorted(set(cv.folds or ()) - {f.name for f in prepared.folds})
+    if unknown:  # before any file or minute of work
+        raise MpoxscopeError(f"--only-folds: no fold {', '.join(unknown)} in {prepared.split_source}; "
+                             f"available: {', '.join(f.name for f in prepared.folds)}")
     log(f"cross-validation: {len(prepared.data)} images, {prepared.split_source}, folds "
         f"{', '.join(f.name for f in folds)}")
     if distributed.is_main():  # before the first file: a killed cv's folder stays recognisably ours (resume)
@@ -187,7 +191,7 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
     """Train one fold (or read its finished evaluation) and evaluate it on validation, then test, once; the
     test metrics with the fold's validation block. None on torchrun ranks other than 0."""
     done = fold_dir / rundir.EVALUATION / rundir.EVAL_METRICS
-    if done.is_file() and run_matches(fold_dir / rundir.CV_RUN, model_cfg, train_cfg):
+    if done.is_file() and run_matches(fold_dir / rundir.CV_RUN, model_cfg, train_cfg, prepared.info(fold)):
         log(f"{fold.name}: already evaluated, skipping")
         m = {**read_json(done), "reused": True}  # its wall time is an earlier command's
     else:
@@ -198,6 +202,8 @@ def _run_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, model_cfg: Mod
         if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
             return None
         te = time.perf_counter()
+        # a leak-free score belongs to the evaluation it subsets: this fold is evaluated anew, so is that
+        (fold_dir / rundir.EVALUATION_LEAK_FREE / rundir.EVAL_METRICS).unlink(missing_ok=True)
         predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=train_cfg.device)
         # Validation predictions (what screening and pooled calibration are fitted on; those the training run
         # already computed when it chose views and calibration), then test, once.
@@ -267,8 +273,10 @@ def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_fil
     """The fold's test score without the test images the audit links to its training/validation images."""
     leaked = leak_filter(prepared, fold)
     lf_done = fold_dir / rundir.EVALUATION_LEAK_FREE / rundir.EVAL_METRICS
-    if lf_done.is_file():
-        lm = read_json(lf_done)
+    dropped = sorted(prepared.data.samples[i].filename for i in leaked)
+    earlier = read_json(lf_done) if lf_done.is_file() else None
+    if earlier is not None and earlier.get("dropped_files") == dropped:  # same images left out (same threshold)
+        lm = earlier
     else:
         predictor = Predictor.from_run(fold_dir / rundir.CV_RUN, device=device)
         keep = [i for i in fold.test if i not in leaked]
@@ -277,7 +285,7 @@ def _leak_free_fold(prepared: PreparedData, fold: Fold, fold_dir: Path, leak_fil
                       predictions=_test_predictions(fold_dir, {prepared.data.samples[i].filename for i in keep},
                                                     predictor.classes))
         lm["n_dropped"] = len(leaked)
-        write_json(lf_done, {**lm, "fold": fold.name})
+        write_json(lf_done, {**lm, "fold": fold.name, "dropped_files": dropped})
     lm["fold"] = fold.name
     return lm
 

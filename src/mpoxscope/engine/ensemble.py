@@ -7,6 +7,7 @@ the averaged model, fitted on the validation part only.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -374,7 +375,9 @@ def check_assemble_inputs(runs: list[str | Path]) -> list[tuple[str, Path, dict]
                 raise MpoxscopeError(f"{run}: data field {key!r} differs from {first[0]}'s: members must be "
                                      f"trained on the same fold of the same data")
         m, t = meta.get("model", {}), meta.get("train", {})
-        base = name = f"{m.get('backbone', 'model')}-seed{t.get('seed', 0)}-{meta['image_size']}px"
+        # a folder name under OUT/members: only name characters (a hand-made model.json's "../x" stays inside)
+        text = f"{m.get('backbone') or 'model'}-seed{t.get('seed', 0)}-{meta['image_size']}px"
+        base = name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip(".") or "member"
         k = 2
         while name in names:
             name, k = f"{base}-{k}", k + 1

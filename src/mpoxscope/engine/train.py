@@ -211,23 +211,46 @@ def stored_settings_match(meta: dict, now: dict, keys: tuple[str, ...] = ("model
     return all(same_settings(meta.get(k), now[k], defaults[k]) for k in keys)
 
 
+#: What must be equal for a run to be resumed or reused on "the same data": the folder, the split and the fold's
+#: part sizes (a key an older run did not record is not compared).
+_DATA_KEYS = ("root", "split_file", "n_folds", "fold", "classes", "n_train", "n_validation", "n_test", "parts")
+
+
+def same_data(stored: dict | None, now: dict | None) -> bool:
+    """Whether a run's recorded ``data`` block describes the data ``now`` asks for (see :data:`_DATA_KEYS`)."""
+    stored, now = json.loads(json.dumps(stored or {})), json.loads(json.dumps(now or {}))
+    return all(stored[k] == now[k] for k in _DATA_KEYS if k in stored and k in now)
+
+
 def _check_same_config(run_dir: Path, meta_now: dict) -> None:
     meta = read_meta(run_dir)
     same = stored_settings_match(meta, meta_now) and meta.get("data", {}).get("fold") == meta_now["data"].get("fold")
-    if not same:
+    if not (same and same_data(meta.get("data"), meta_now.get("data"))):
         raise MpoxscopeError(f"{run_dir}: holds a run with another configuration; choose a new --out "
                              f"or pass --overwrite")
 
 
-def run_matches(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> bool:
-    """Whether ``run_dir`` holds a run of this configuration (an ensemble's ``model.json`` describes its model by
-    its members, so only its training settings, which list them, are compared). A fold of a cv written with
-    other settings (e.g. without ``--refit``) is trained or combined again, not reported under these."""
+def run_matches(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_info: dict | None = None) -> bool:
+    """Whether ``run_dir`` holds a run of this configuration on this data (``data_info``, see :func:`same_data`).
+    An ensemble's ``model.json`` describes its model by its members, so its training settings and each member's
+    own settings are compared. A fold of a cv written with other settings (e.g. without ``--refit``) is trained
+    or combined again, not reported under these."""
     if not (run_dir / rundir.META).is_file():
         return False
     meta = read_meta(run_dir)
-    keys = ("train",) if meta.get("kind") == "ensemble" else ("model", "train")
-    return stored_settings_match(meta, {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}, keys)
+    if data_info is not None and not same_data(meta.get("data"), data_info):
+        return False
+    if meta.get("kind") != "ensemble":
+        return stored_settings_match(meta, {"model": to_dict(model_cfg), "train": to_dict(train_cfg)})
+    from mpoxscope.engine.ensemble import member_configs
+
+    def member_matches(name: str, mc: ModelConfig, tc: TrainConfig) -> bool:
+        folder = run_dir / rundir.MEMBERS / name
+        return (folder / rundir.META).is_file() and stored_settings_match(
+            read_meta(folder), {"model": to_dict(mc), "train": to_dict(tc)})
+
+    return stored_settings_match(meta, {"train": to_dict(train_cfg)}, ("train",)) and all(
+        member_matches(*m) for m in member_configs(train_cfg.ensemble, model_cfg, train_cfg))
 
 
 def same_settings(stored: dict | None, now: dict, defaults: dict) -> bool:
