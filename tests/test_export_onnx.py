@@ -145,6 +145,9 @@ def test_cli_linear_head_static_batch(tmp_path, synthetic_root, capsys):
     images = [load_image(p) for p in _images(synthetic_root)[:3]]
     got = OnnxPredictor.from_run(run, out).predict_images(images)  # batch 3 through a batch-1 graph
     np.testing.assert_allclose(got, Predictor.from_run(run, "cpu").predict_images(images), atol=1e-4)
+    from mpoxscope.export.lite import LiteOnnxPredictor  # the torch-free runtime (serve --runtime onnx-lite) too
+
+    np.testing.assert_allclose(LiteOnnxPredictor(out, threads=1).predict_images(images), got, atol=1e-5)
     with pytest.raises(MpoxscopeError, match="not a trained run"):
         args = parser.parse_args(["export", str(tmp_path / "nothing"), "--out", str(out)])
         args.handler(args)

@@ -101,6 +101,21 @@ def write_pixel_copy(source: str | os.PathLike, target: str | os.PathLike) -> Pa
     return Path(target)
 
 
+def run_batched(session, input_name: str, x: np.ndarray, output: str | None = None) -> np.ndarray:
+    """(N, ...) inputs -> (N, K) float32 outputs of an ONNX Runtime session. A graph exported with a fixed batch
+    (``export --static-batch``) is run in chunks of that size, the last one padded and the padding dropped."""
+    first = session.get_inputs()[0].shape[0]
+    step = first if isinstance(first, int) and first > 0 else max(1, len(x))
+    out = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        n = len(chunk)
+        if n < step:
+            chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(session.run([output] if output else None, {input_name: chunk})[0][:n])
+    return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)
+
+
 class LiteOnnxPredictor:
     """``predict_images(images) -> (N, K) probabilities`` from an exported ONNX file (fp32 or int8) and the
     ``model.json`` embedded in it; the same interface the web service uses."""
@@ -133,7 +148,7 @@ class LiteOnnxPredictor:
         return preprocess_numpy(images, self.image_size, self.mean, self.std)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: batch})[0].astype(np.float32, copy=False)
+        return run_batched(self.session, self._input, batch)
 
     def predict_images(self, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
         out = []

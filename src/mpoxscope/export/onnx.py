@@ -129,8 +129,6 @@ class OnnxPredictor(Predictor):
         if len(shape) != 4 or spatial != [self.image_size, self.image_size]:
             raise MpoxscopeError(f"{onnx_file or 'ONNX model'}: input shape {shape} does not match the run's "
                                  f"image size {self.image_size}; re-export it")
-        # A symbolic first dimension ("batch") takes any batch; an integer means the graph was exported fixed.
-        self._fixed_batch: int | None = shape[0] if isinstance(shape[0], int) else None
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, onnx_file: str | os.PathLike | None = None,
@@ -174,19 +172,13 @@ class OnnxPredictor(Predictor):
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised batch (raw-pixel graph: (N, S, S, 3) uint8) -> (N, K) float32 logits,
         computed by ONNX Runtime."""
+        from mpoxscope.export.lite import run_batched
+
         dtype = np.uint8 if self.takes_pixels else np.float32
         x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=dtype)
-        step = self._fixed_batch or max(1, len(x))
-        out = []
-        for i in range(0, len(x), step):
-            chunk = x[i:i + step]
-            n = len(chunk)
-            if n < step:  # a fixed-batch graph: pad the last chunk, drop the padding afterwards
-                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype)])
-            out.append(self.session.run([self._output], {self._input: chunk})[0][:n])
-        if not out:
+        if not len(x):
             return torch.zeros((0, len(self.classes)), dtype=torch.float32)
-        return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False))
+        return torch.from_numpy(run_batched(self.session, self._input, x, self._output))
 
 
 def _embedded(session: ort.InferenceSession, key: str) -> str | None:
