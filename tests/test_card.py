@@ -88,6 +88,11 @@ def test_build_card_never_crashes_on_sparse_input():
         text = build_card(meta, metrics={"odd": [[1, 2], [3]], "nested": {"a": {"b": [1]}}}, audit=["x", 1])
         assert DISCLAIMER in text and "not recorded" in text
     assert "Trained on synthetic images" in build_card({"data": {"root": "/tmp/synthetic"}})
+    # hand-made --metrics files with blocks of the wrong shape (a traceback before session 19)
+    screening = {"target_class": "Mpox", "threshold": 0.3}
+    for metrics in ({"accuracy": 0.8, "per_class": {"Mpox": {"recall": 0.9}}, "ci": {"recall": [0.1, 0.2]}},
+                    {"screening": {"sensitivity": {"value": 0.9}, "specificity": None}}):
+        assert DISCLAIMER in build_card({"model": {}, "screening": screening}, metrics=metrics)
 
 
 def test_bad_metrics_files_are_one_line_errors(run, tmp_path):

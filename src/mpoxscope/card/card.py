@@ -277,7 +277,8 @@ def _merge_cis(metrics: dict) -> dict:
     if isinstance(per_class, dict):
         out["per_class"] = {c: dict(row) if isinstance(row, dict) else row for c, row in per_class.items()}
         for key in ("recall", "f1"):
-            for c, iv in (ci.get(key) or {}).items():
+            per = ci.get(key)
+            for c, iv in (per.items() if isinstance(per, dict) else ()):
                 row = out["per_class"].get(c)
                 if isinstance(row, dict) and _is_interval(iv) and iv.get("low") is not None and key in row:
                     row[key] = {**iv, "value": row[key]}
@@ -364,7 +365,7 @@ def _screening_section(meta: dict, metrics: dict | None, screening_png: str | No
 
         try:
             lines = metrics_markdown(sm, screening_png)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):  # a hand-made --metrics file
             lines = ["Test screening results: present but not in the expected format."]
         parts.append(f"Held-out test ({sm.get('protocol') or metrics.get('protocol') or NOT_RECORDED}):\n\n"
                      + "\n".join(lines))
