@@ -250,6 +250,11 @@ def test_a_finished_protocol_is_reused_by_its_settings_not_its_words(tmp_path):
     summary.write_text(json.dumps({**legacy, "config": "words of an older version"}))  # written before settings
     assert run("new words", a, former=("words of an older version",)) == 2
     assert run("new words", a) == 3  # neither settings nor known words: run again
+    assert run("new words", a) == 3
+    # the same settings on another split (here: another split source for the official folds): never reused
+    run_protocols(data, official, "split file other.csv", tmp_path / "out", counting, "new words", ("official",),
+                  n_folds=3, log=lambda _: None, settings=a)
+    assert len(calls) == 4
 
 
 def test_a_resumed_protocol_says_its_wall_time_is_this_commands_part(tmp_path):

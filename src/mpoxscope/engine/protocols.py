@@ -421,17 +421,22 @@ def run_protocols(data: SampleSet, official: list[Fold], official_source: str, o
     t_all = time.perf_counter()
     results: dict[str, Any] = {}
     groups = {s.filename: s.group for s in data.samples}
+    # the data a summary was measured on: another folder, split or fold count is never reused (older summaries
+    # without this block are compared on the configuration alone, as before)
+    identity = {"root": str(data.root), "images": len(data), "official": str(official_source), "n_folds": n_folds,
+                "seed": seed}
     for protocol in protocols:
         done = out / "work" / f"{protocol}.summary.json"
         previous = read_json(done) if done.is_file() else {}
-        if _same_config(previous, config_name, settings, former_names) and previous.get("copies", copies) == copies:
+        if _same_config(previous, config_name, settings, former_names) and previous.get("copies", copies) == copies \
+                and previous.get("data", identity) == identity:
             log(f"[{protocol}] already evaluated ({done}), not run again")
             results[protocol] = summary = previous
         else:
             results[protocol] = summary = _run_protocol(protocol, data, official, official_source, out,
                                                         runners.get(protocol, runner), copies, n_folds, seed, groups,
                                                         log)
-            write_json(done, {**summary, "config": config_name, "settings": settings})
+            write_json(done, {**summary, "config": config_name, "settings": settings, "data": identity})
         tag = f"*** {BANNER} *** " if protocol in LEAKY else ""
         log(f"{tag}[{protocol}: {summary['split']}] accuracy {100 * summary['accuracy_mean']:.2f} ± "
             f"{100 * summary['accuracy_std']:.2f} %, macro-F1 {100 * summary['f1_macro_mean']:.2f} ± "
