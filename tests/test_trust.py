@@ -137,7 +137,7 @@ def test_overwrite_never_matches_a_users_files_by_a_broad_pattern(tmp_path):
     with pytest.raises(MpoxscopeError, match="did not write"):
         check_output_dir(lookalike, "evaluate")
     run = mark_output_dir(tmp_path / "run", "train")
-    for name in ("best.safetensors", "resume.pt", "weights.pt", "embeddings.npz"):
+    for name in ("best.safetensors", "resume.pt", "weights.pt", "embeddings.npz", "model.int8.onnx", "MODEL_CARD.md"):
         (run / name).write_text("x")
     (run / "features").mkdir()
     assert clear_output_dir(run, "train") == ["embeddings.npz", "features", "weights.pt"]

@@ -84,7 +84,8 @@ _OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 _SCREENING = ("screening.json", "screening.md", "screening_roc_pr.png")
 OUTPUT_PATTERNS: dict[str, tuple[str, ...]] = {
     "train": ("model.json", "train_state.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "resume.pt",
-              "feature_cache.safetensors", "validation_probs.npz", "members", "refit", "model.onnx", *_SCREENING),
+              "feature_cache.safetensors", "validation_probs.npz", "members", "refit", "model.onnx", "model.int8.onnx",
+              "model.int8.fallback.onnx", "model.pixels.onnx", "MODEL_CARD.md", *_SCREENING),
     "evaluate": ("metrics.json", "report.md", "predictions.csv", "confusion_matrix.png", "reliability.png",
                  "risk_coverage.png"),
     "cv": ("cv_report.md", "cv_summary.json", "per_fold.png", "confusion_matrix_pooled.png", "reliability.png",

@@ -134,9 +134,11 @@ def folds_from_table(
     folds = []
     for name in sorted(table["fold"].unique(), key=_natural_key):
         part = table[table["fold"] == name]
-        repeated = part["filename"][part["filename"].duplicated()]
-        if len(repeated):  # listed twice, an image would be trained or scored twice (or in two parts)
-            raise MpoxscopeError(f"{source}: fold {name} lists {repeated.iloc[0]} more than once"
+        # listed twice in one part, an image would be trained on or scored twice (in two parts of a fold it is a
+        # leak: check_disjoint refuses it for training, the audit reports it)
+        repeated = part["filename"][part.duplicated(["split", "filename"])]
+        if len(repeated):
+            raise MpoxscopeError(f"{source}: fold {name} lists {repeated.iloc[0]} more than once in one part"
                                  + (f" (and {len(repeated) - 1} more repeats)" if len(repeated) > 1 else ""))
         by_split = {s: tuple(sorted(index[f] for f in part.loc[part["split"] == s, "filename"])) for s in SPLITS}
         fold = Fold(str(name), by_split["train"], by_split["validation"], by_split["test"])
