@@ -58,6 +58,16 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def safe_name(text: str, fallback: str, limit: int | None = None) -> str:
+    """``text`` as a plain file or folder name: no separators, no leading dots (``..`` cannot climb out of the
+    folder it is joined to), no characters a file system or a URL would choke on, at most ``limit`` characters;
+    ``fallback`` when nothing is left."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".")
+    return (name[:limit] if limit else name).rstrip(".") or fallback
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 

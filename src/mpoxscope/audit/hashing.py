@@ -196,6 +196,10 @@ def _header(data: bytes) -> tuple[int, int, str, str]:
         return 0, 0, "", ""
 
 
+#: Largest file the audit reads into memory (it hashes the bytes, then decodes them under the pixel limit).
+MAX_FILE_BYTES = 256 * 2**20
+
+
 def compute_record(path: str | os.PathLike) -> ImageRecord:
     """Read, decode and fingerprint one file; a bad file gives a record with ``error`` set, never an exception."""
     path = Path(path)
@@ -220,10 +224,6 @@ def compute_record(path: str | os.PathLike) -> ImageRecord:
     phash = pack_bits(bits)[:, 0]
     phash.setflags(write=False)  # records are shared through the cache
     return ImageRecord(path, len(data), sha, None, width, height, mode, fmt, _pixel_digest(rgb), phash, thumb)
-
-
-#: Largest file the audit reads into memory (it hashes the bytes, then decodes them under the pixel limit).
-MAX_FILE_BYTES = 256 * 2**20
 
 
 @lru_cache(maxsize=16384)

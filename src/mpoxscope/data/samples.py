@@ -90,16 +90,22 @@ def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
     group_col = "group" if "group" in df.columns else "patient" if "patient" in df.columns else None
     if "filename" not in df.columns or group_col is None:
         raise MpoxscopeError(f"{path}: groups CSV needs columns 'filename' and 'group' (got {list(df.columns)})")
-    if df[group_col].isna().any() or df["filename"].isna().any():  # "nan" would become one patient
-        column = group_col if df[group_col].isna().any() else "filename"
-        line = int(df[column].isna().idxmax()) + 2  # 1-based, after the header line
-        raise MpoxscopeError(f"{path}: column {column!r} has an empty cell (line {line})")
+    refuse_empty_cells(path, df, (group_col, "filename"))  # "nan" would become one patient
     groups: dict[str, str] = {}
     for f, g in zip(df["filename"], df[group_col]):
         name = Path(str(f)).name
         if groups.setdefault(name, str(g)) != str(g):
             raise MpoxscopeError(f"{path}: {name} is given two groups ({groups[name]} and {g})")
     return groups
+
+
+def refuse_empty_cells(path: str | os.PathLike, df: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """One line naming the file, the column and the line of its first empty cell, if any (pandas reads an empty
+    cell as NaN, which ``str()`` would turn into a value "nan")."""
+    for column in columns:
+        if df[column].isna().any():
+            line = int(df[column].isna().idxmax()) + 2  # 1-based, after the header line
+            raise MpoxscopeError(f"{path}: column {column!r} has an empty cell (line {line})")
 
 
 def _read_csv(path: str | os.PathLike) -> pd.DataFrame:

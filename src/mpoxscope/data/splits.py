@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from mpoxscope.data.samples import SampleSet
+from mpoxscope.data.samples import SampleSet, refuse_empty_cells
 from mpoxscope.errors import MpoxscopeError
 
 SPLITS = ("train", "validation", "test")
@@ -66,9 +66,7 @@ def read_split_file(path: str | os.PathLike) -> pd.DataFrame:
         missing = {"fold", "split", "filename"} - set(table.columns)
         if missing:
             raise MpoxscopeError(f"{path}: split CSV is missing column(s) {', '.join(sorted(missing))}")
-        if table["fold"].isna().any():
-            row = int(table["fold"].isna().idxmax()) + 2  # 1-based, after the header line
-            raise MpoxscopeError(f"{path}: column 'fold' has an empty cell (line {row})")
+        refuse_empty_cells(path, table, ("fold",))
         table = table.assign(
             fold=table["fold"].str.strip().map(lambda f: f"fold{f}" if f.isdigit() else f),  # --fold 1 finds it
             split=table["split"].astype(str).str.strip().str.lower().map(_SPLIT_ALIASES),

@@ -7,7 +7,6 @@ the averaged model, fitted on the validation part only.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from mpoxscope.engine.imagecache import ImageCache, build_image_cache
 from mpoxscope.engine.predict import calibrated_softmax
 from mpoxscope.engine.train import TrainResult, stored_settings_match, train
 from mpoxscope.errors import MpoxscopeError
-from mpoxscope.fileio import read_json, write_json
+from mpoxscope.fileio import read_json, safe_name, write_json
 
 #: Fields a member always takes from the ensemble's own configuration, whatever its recipe: where and how it
 #: runs, and what the averaged model is asked to do.
@@ -376,8 +375,8 @@ def check_assemble_inputs(runs: list[str | Path]) -> list[tuple[str, Path, dict]
                                      f"trained on the same fold of the same data")
         m, t = meta.get("model", {}), meta.get("train", {})
         # a folder name under OUT/members: only name characters (a hand-made model.json's "../x" stays inside)
-        text = f"{m.get('backbone') or 'model'}-seed{t.get('seed', 0)}-{meta['image_size']}px"
-        base = name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip(".") or "member"
+        base = name = safe_name(f"{m.get('backbone') or 'model'}-seed{t.get('seed', 0)}-{meta['image_size']}px",
+                                "member")
         k = 2
         while name in names:
             name, k = f"{base}-{k}", k + 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +88,9 @@ def _slug(method: str) -> str:
 def _safe_stem(path: Path, limit: int = 80) -> str:
     """``path``'s stem as a plain folder name: no separators, no leading dots (``..`` cannot climb out of
     ``--out``), no characters a file system or a URL would choke on, not too long."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).lstrip(".")[:limit].rstrip(".")
-    return stem or "image"
+    from mpoxscope.fileio import safe_name
+
+    return safe_name(path.stem, "image", limit)
 
 
 def _unique_key(path: Path, used: set[str]) -> str:
