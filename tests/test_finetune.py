@@ -137,6 +137,39 @@ def test_partial_finetune_on_images_keeps_the_trunk_frozen(tmp_path, data_and_fo
     assert not torch.equal(last["backbone.conv_head.weight"], fresh["backbone.conv_head.weight"])
 
 
+def test_freeze_bn_stats_keeps_pretrained_statistics_while_scale_and_shift_learn(tmp_path, data_and_fold, capsys):
+    """--freeze-bn-stats: after end-to-end training every BatchNorm running statistic is the pretrained one while
+    the layers' scale and shift (and the convolutions) moved; without it the statistics move. The option reaches
+    the trained ensemble member only, and is refused on a frozen trunk in one line."""
+    import argparse
+
+    from mpoxscope.cli import main
+    from mpoxscope.engine.cli import add_model_options, configs_from_args
+    from mpoxscope.models import create_model
+
+    data, fold = data_and_fold
+    fresh = create_model(SMALL, len(data.classes)).state_dict()
+    moved = {}
+    for frozen in (True, False):
+        cfg = dataclasses.replace(E2E, epochs=1, tta="none", freeze_bn_stats=frozen)
+        train(data, fold, SMALL, cfg, tmp_path / f"run{frozen}", progress=False)
+        last = load_file(str(tmp_path / f"run{frozen}" / rundir.LAST))
+        stats = [k for k in last if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+        assert stats
+        moved[frozen] = sum(not torch.equal(last[k], fresh[k]) for k in stats)
+        assert not torch.equal(last["backbone.bn1.weight"], fresh["backbone.bn1.weight"])
+        assert read_meta(tmp_path / f"run{frozen}")["train"]["freeze_bn_stats"] is frozen
+    assert moved[True] == 0 and moved[False] > 0
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    m, t = configs_from_args(p.parse_args(["--freeze-bn-stats"]))
+    (_, _, lite0), (_, _, probe) = member_configs(t.ensemble, m, t)
+    assert lite0.freeze_bn_stats and not probe.freeze_bn_stats
+    assert main(["train", "no-such-data", "--out", "x", "--freeze-bn-stats", "--preset", "frozen"]) == 2
+    err = capsys.readouterr().err
+    assert "frozen" in err and len(err.strip().splitlines()) == 1
+
+
 class _Kill(Exception):
     pass
 

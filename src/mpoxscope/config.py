@@ -56,6 +56,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     layer_decay: float = 1.0  # backbone lr multiplier per stage, from the last stage down (1 = none)
     ema_decay: float = 0.0  # exponential moving average of the weights, validated and kept (0 = off)
+    freeze_bn_stats: bool = False  # trained backbone stages keep their pretrained BatchNorm statistics
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup (0 = off)
     cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix (0 = off); with mixup, one of the two per batch
     tta: str = "auto"  # test-time views: "auto" (chosen on validation) | "none" | "flips" | "d4"

@@ -54,6 +54,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-path", dest="drop_path", type=float, metavar="RATE",
                    help="stochastic depth of the backbone blocks being trained (timm drop_path_rate, e.g. 0.1; "
                         "default 0: off; stored in model.json; ensemble members with @PRESET keep that preset's)")
+    g.add_argument("--freeze-bn-stats", dest="freeze_bn_stats", action="store_true", default=None,
+                   help="keep the BatchNorm running statistics of the backbone stages being trained at their "
+                        "pretrained values (those layers run in inference mode; their scale and shift still learn); "
+                        "stored in model.json; ensemble members with @PRESET keep that preset's")
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (default 0: off)")
     g.add_argument("--cutmix", type=float, metavar="ALPHA",
                    help="CutMix with Beta(ALPHA, ALPHA) (default 0: off); with --mixup, one of the two per batch")
@@ -201,6 +205,9 @@ def check_train_options(model_cfg, train_cfg) -> None:
         raise MpoxscopeError(f"--drop-path: must be in [0, 1) (0: off), got {model_cfg.drop_path}")
     if model_cfg.drop_path and not train_cfg.ensemble and train_cfg.trainable_stages == 0:
         raise MpoxscopeError("--drop-path: the backbone is frozen (--freeze or the preset), so it would do nothing")
+    if train_cfg.freeze_bn_stats and not train_cfg.ensemble and train_cfg.trainable_stages == 0:
+        raise MpoxscopeError("--freeze-bn-stats: the backbone is frozen (--freeze or the preset), so it would do "
+                             "nothing")
     if not 32 <= model_cfg.image_size <= 4096:  # model.json accepts 16-4096; below 32 the grids vanish
         raise MpoxscopeError(f"--image-size: must be from 32 to 4096, got {model_cfg.image_size}")
     _check_ranges(model_cfg, train_cfg)

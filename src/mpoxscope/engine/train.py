@@ -152,6 +152,18 @@ def _train_step(model: SkinLesionNet, start: int, stop: int, device: torch.devic
     return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def freeze_batchnorm_statistics(stages) -> int:
+    """Put the BatchNorm layers of ``stages`` in inference mode for this epoch: they normalise with, and no longer
+    update, their pretrained running statistics; their scale and shift still learn. Why: batch statistics of a
+    few dozen augmented skin photos are noisy and drift towards the training augmentation, while the test
+    images are clean (the Keras EfficientNet fine-tuning guide keeps BatchNorm frozen for this reason).
+    Returns how many layers it froze."""
+    layers = [m for stage in stages for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
 def _train_epoch(model: SkinLesionNet, step: nn.Module, batches, stop: int, optimizer, scheduler,
                  criterion: nn.Module, cfg: TrainConfig, device: torch.device, precision: str,
                  epoch: int = 0, ema=None) -> dict:
@@ -160,6 +172,8 @@ def _train_epoch(model: SkinLesionNet, step: nn.Module, batches, stop: int, opti
     model.train()
     for stage in model.stages[:stop]:
         stage.eval()  # frozen stages keep their BatchNorm statistics
+    if cfg.freeze_bn_stats:
+        freeze_batchnorm_statistics(model.stages[stop:])
     mixer = BatchMixer.from_config(cfg)
     rng = BatchMixer.generator(cfg.seed, epoch, distributed.context().rank) if mixer else None
     total, correct, loss_sum = 0, 0, 0.0
