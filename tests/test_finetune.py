@@ -235,6 +235,52 @@ def test_kill_at_any_point_then_resume_ends_as_an_uninterrupted_run(tmp_path, da
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def test_auto_precision_needs_native_bf16_kernels(monkeypatch):
+    """`--precision auto` picks bf16 on an x86 CPU only with AVX-512 BF16 or AMX: on plain AVX-512, where oneDNN
+    emulates bf16 (its own check says yes), a training step is slower than in fp32."""
+    from mpoxscope.engine import device as dev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert dev.resolve_precision(cpu, "auto") == expected
+        assert dev.resolve_precision(cpu, "fp32") == "fp32" and dev.resolve_precision(cpu, "bf16") == "bf16"
+        for recorded in ("fp32", "bf16"):  # a run resumed or refit keeps the precision it trained in
+            assert dev.resolve_precision(cpu, "auto", recorded) == recorded
+        assert dev.resolve_precision(cpu, "auto", "fp16") == expected
+
+
+def test_run_resumed_on_a_machine_with_another_auto_precision_keeps_its_own(tmp_path, data_and_fold, monkeypatch):
+    """Started where `auto` means bf16, killed after epoch 2, resumed where it means fp32: the resumed epochs still
+    run in bf16, so the run ends as the uninterrupted bf16 run, and model.json says bf16."""
+    from mpoxscope.engine import device as dev
+
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, tta="none", precision="auto")
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    train(data, fold, SMALL, cfg, tmp_path / "ref", progress=False)
+    real_commit = rundir.commit_epoch
+
+    def commit_then_kill(run_dir, model, optimizer, scheduler, state, ema=None):
+        real_commit(run_dir, model, optimizer, scheduler, state, ema=ema)
+        if state.epoch == 2:
+            raise _Kill
+
+    monkeypatch.setattr(rundir, "commit_epoch", commit_then_kill)
+    with pytest.raises(_Kill):
+        train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(rundir, "commit_epoch", real_commit)
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: False)  # "another machine"
+    train(data, fold, SMALL, cfg, tmp_path / "run", progress=False)
+    assert read_meta(tmp_path / "run")["trainable_stages_resolved"]["precision"] == "bf16"
+    ref, got = load_file(str(tmp_path / "ref" / rundir.LAST)), load_file(str(tmp_path / "run" / rundir.LAST))
+    assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    train(data, fold, SMALL, cfg, tmp_path / "fresh", progress=False)  # a new run here: fp32
+    assert read_meta(tmp_path / "fresh")["trainable_stages_resolved"]["precision"] == "fp32"
+
+
 def test_resume_file_that_is_not_ours_is_refused_in_one_line(tmp_path, data_and_fold):
     data, fold = data_and_fold
     cfg = dataclasses.replace(E2E, epochs=1, tta="none")

@@ -177,3 +177,18 @@ def test_reports_name_the_members_a_refit_retrains_when_a_member_says_refit_no()
     kept = "tf_efficientnet_lite0 + tf_efficientnet_lite2@probe/260 refit on training + validation"
     assert kept in describe_training(m, three) and kept in _refit_words(m, three)
     assert "every" not in _refit_words(m, three) and "every model" in _refit_words(m, t)
+
+
+def test_a_refit_trains_in_the_precision_its_epochs_were_chosen_in(tmp_path, data_and_fold, monkeypatch):
+    """A run trained where `--precision auto` meant bf16, refit where it means fp32: the retraining runs in bf16
+    too (the chosen epoch count belongs to that precision), and says so."""
+    from mpoxscope.engine import device as dev
+    from mpoxscope.engine.refit import refit_trained
+
+    data, fold = data_and_fold
+    cfg = dataclasses.replace(E2E, epochs=2, precision="auto")
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    train(data, fold, SMALL, cfg, tmp_path / "run", **QUIET)
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: False)
+    refit_trained(tmp_path / "run", data, fold, SMALL, cfg, log=lambda *_: None)
+    assert read_meta(tmp_path / "run" / "refit")["trainable_stages_resolved"]["precision"] == "bf16"

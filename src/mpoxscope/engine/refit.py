@@ -65,7 +65,9 @@ def refit_trained(run_dir: str | Path, data: SampleSet, fold: Fold, model_cfg: M
     both = Fold(fold.name, tuple(sorted({*fold.train, *fold.validation})), (), fold.test)
     seed_everything(train_cfg.seed)
     device = resolve_device(train_cfg.device)
-    precision = resolve_precision(device, train_cfg.precision)
+    # the precision the chosen epochs were trained in, also where this machine's own choice differs
+    precision = resolve_precision(device, train_cfg.precision,
+                                  (meta.get("trainable_stages_resolved") or {}).get("precision"))
     sub = run_dir / REFIT_DIR
     r = _Setup.build(sub, data, both, model_cfg, train_cfg, {**meta.get("data", {}), "parts": "train+validation"},
                      bank, images, device, precision, progress, distributed.Context())

@@ -236,6 +236,16 @@ def same_data(stored: dict | None, now: dict | None) -> bool:
     return all(stored[k] == now[k] for k in _DATA_KEYS if k in stored and k in now)
 
 
+def _started_precision(run_dir: Path) -> str | None:
+    """The precision an interrupted run in ``run_dir`` trained its epochs in (None: nothing to resume)."""
+    if not (run_dir / rundir.RESUME).is_file() or not (run_dir / rundir.META).is_file():
+        return None
+    try:
+        return (read_meta(run_dir).get("trainable_stages_resolved") or {}).get("precision")
+    except MpoxscopeError:  # an unreadable model.json is refused, in one line, by the resume itself
+        return None
+
+
 def _check_same_config(run_dir: Path, meta_now: dict) -> None:
     meta = read_meta(run_dir)
     same = stored_settings_match(meta, meta_now) and meta.get("data", {}).get("fold") == meta_now["data"].get("fold")
@@ -318,7 +328,7 @@ def train(data: SampleSet, fold: Fold, model_cfg: ModelConfig, train_cfg: TrainC
     device = resolve_device(train_cfg.device)
     if device.type == "cuda" and ctx.active:
         device = torch.device("cuda", ctx.local_rank)
-    precision = resolve_precision(device, train_cfg.precision)
+    precision = resolve_precision(device, train_cfg.precision, _started_precision(run_dir) if resume else None)
     fold, skipped = drop_unreadable(data, fold, train_cfg.skip_bad_images)
     for f in skipped:
         log(f"skipped unreadable image: {f}")
