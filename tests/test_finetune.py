@@ -361,6 +361,33 @@ def test_tta_ensemble_gives_the_same_probabilities_in_predict_serve_and_onnx(ens
     assert np.abs(torch_probs - np.array(served)).max() < 1e-4
 
 
+def test_an_ensemble_export_is_stale_once_a_member_temperature_changes(ensemble_run, data_and_fold, tmp_path):
+    """A member's temperature is inside the ensemble's ONNX graph: a new one (same weights) makes the export
+    stale — an explicit file is refused in one line, the default file is exported again."""
+    import shutil
+
+    from mpoxscope.export.onnx import OnnxPredictor, export_onnx
+
+    data, fold = data_and_fold
+    run = shutil.copytree(ensemble_run, tmp_path / "ens")
+    for extra in ("model.onnx", "model.int8.onnx"):
+        (run / extra).unlink(missing_ok=True)
+    export_onnx(run, tmp_path / "old.onnx")
+    before = rundir.weights_sha256(run)
+    member = run / read_meta(run)["members"][0]["dir"]
+    meta = read_meta(member)
+    meta["calibration"] = {**(meta.get("calibration") or {}), "temperature": 2.5}
+    (member / rundir.META).write_text(json.dumps(meta))
+    assert rundir.weights_sha256(run) != before
+    with pytest.raises(MpoxscopeError, match="re-export"):
+        OnnxPredictor.from_run(run, onnx_file=tmp_path / "old.onnx")
+    paths = [data.samples[i].path for i in fold.test[:2]]
+    fresh = OnnxPredictor.from_run(run).predict_paths(paths)
+    torch_probs = Predictor.from_run(run, device="cpu").predict_paths(paths)
+    for a, b in zip(fresh, torch_probs):
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-4
+
+
 def test_ensemble_net_resizes_the_batch_for_a_member_with_its_own_size():
     seen = []
 

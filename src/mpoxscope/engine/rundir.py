@@ -175,9 +175,17 @@ def require_weights(run_dir: Path, which: str = "best") -> Path:
     return path
 
 
+def _temperature(run_dir: Path) -> float:
+    try:
+        return float((read_json(run_dir / META).get("calibration") or {}).get("temperature", 1.0))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise MpoxscopeError(f"{run_dir / META}: cannot read its temperature ({e})") from None
+
+
 def weights_sha256(run_dir: str | Path, which: str = "best") -> str:
     """Digest of everything that fixes a run's predictions: its weights file, or every member's for an
-    ensemble, plus the test-time views. An exported file records it, so a stale export is detected."""
+    ensemble (with each member's temperature, which the ensemble's graph holds), plus the test-time views. An
+    exported file records it, so a stale export is detected."""
     import hashlib
 
     run_dir = Path(run_dir)
@@ -188,7 +196,9 @@ def weights_sha256(run_dir: str | Path, which: str = "best") -> str:
     h = hashlib.sha256(json.dumps((meta.get("tta") or {}).get("views") or ["id"]).encode())
     if meta.get("kind") == "ensemble":
         for entry in meta.get("members") or []:
-            h.update(weights_sha256(run_dir / str(entry.get("dir", "")), which).encode())
+            member = run_dir / str(entry.get("dir", ""))
+            h.update(weights_sha256(member, which).encode())
+            h.update(json.dumps(_temperature(member)).encode())
         return h.hexdigest()
     with open(require_weights(run_dir, which), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
