@@ -733,3 +733,32 @@ def test_ensemble_member_folders_stay_inside_out_whatever_a_model_json_says(tiny
     assert all("/" not in n and not n.startswith(".") for n in names) and len(set(names)) == 2
     members = tmp_path / "out" / "members"
     assert all((members / n).resolve().parent == members.resolve() for n in names)
+
+
+def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """The new file's bytes are fsynced before the rename that publishes them, and the folder after it, so a
+    power cut cannot leave a renamed but empty checkpoint; a failed write leaves the old file and no temporary."""
+    import os
+
+    from mpoxscope import fileio
+
+    events = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+    names = {}
+
+    def spy_open(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        names[fd] = os.path.basename(str(path))
+        return fd
+
+    monkeypatch.setattr(fileio.os, "open", spy_open)
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (events.append(("fsync", names.get(fd))), real_fsync(fd)))
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
+    target = tmp_path / "state.json"
+    fileio.write_json(target, {"epoch": 1})
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(".state.json.") and events[2][1] == tmp_path.name
+    with pytest.raises(RuntimeError), fileio.atomic_path(target):
+        raise RuntimeError("killed mid-write")
+    assert fileio.read_json(target) == {"epoch": 1} and not list(tmp_path.glob(".*.tmp"))
