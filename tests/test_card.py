@@ -127,3 +127,31 @@ def test_card_puts_bootstrap_cis_beside_numbers_and_links_plots(run, tmp_path):
     assert f"{mpox['value']:.4f} (95% CI {mpox['low']:.4f}–{mpox['high']:.4f})" in text
     assert "resamples of 45 patients" in text
     assert "![test reliability diagram](evaluation/reliability.png)" in text and "risk_coverage" not in text
+
+
+def test_card_leaves_out_a_test_evaluation_of_earlier_weights(run, synthetic_root, tmp_path, capsys):
+    """`train --overwrite` replaces a run's weights but keeps the `evaluation/` folder it did not write: the
+    evaluation records the digest of the weights it scored, so the card reports it only while they are the run's
+    own, names it as left out afterwards, and refuses it in one line when passed with --metrics."""
+    from safetensors.torch import load_file, save_file
+
+    from mpoxscope.cli import main
+    from mpoxscope.engine import rundir
+
+    assert main(["evaluate", str(run), str(synthetic_root), "--out", str(run / "evaluation"), "--split-file", "none",
+                 "--fold", "2", "--device", "cpu"]) == 0
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert metrics["model_sha256"] == rundir.weights_sha256(run)
+    assert "evaluation/metrics.json" in write_card(run).read_text().split("## Evaluation")[1][:300]
+    weights = load_file(str(rundir.weights_file(run)))  # "retrained": other weights in the same folder
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1.0
+    save_file(weights, str(rundir.weights_file(run)))
+    text = write_card(run).read_text()
+    assert "Held-out test metrics: not recorded" in text and "was left out" in text
+    assert f"{metrics['accuracy']:.4f}" not in text.split("## Evaluation")[1].split("##")[0]
+    capsys.readouterr()
+    stale = run / "evaluation" / "metrics.json"
+    code = main(["card", str(run), "--out", str(tmp_path / "c.md"), "--metrics", str(stale)])
+    err = capsys.readouterr().err
+    assert code == 2 and "other weights" in err and len(err.strip().splitlines()) == 1
