@@ -460,6 +460,9 @@ def test_explain_with_stand_in_module(client, monkeypatch):
         assert_error(client.post(f"/api/predict?explain={bad}", files=upload(encode(photo(), "PNG"))), 400,
                      "gradcam, attention")
     assert len(calls) == 1
+    # An over-long method name is one line in a 400 too (FastAPI's own check would answer a 422 with a list).
+    assert_error(client.post(f"/api/predict?explain={'x' * 500}", files=upload(encode(photo(), "PNG"))), 400,
+                 "explain", "40 characters")
 
 
 def test_explain_module_missing(client, monkeypatch):
