@@ -486,7 +486,8 @@ def find_test_metrics(run_dir: str | os.PathLike) -> Path | None:
     ``evaluate RUN --out RUN/eval``), else the newest ``RUN/*/metrics.json`` whose protocol names the test
     split. A validation evaluation is never taken for the test metrics, nor one of other weights (an earlier
     training in the same folder: see :func:`_of_other_weights`)."""
-    return next((p for p in _test_evaluations(Path(run_dir)) if not _of_other_weights(p, run_dir)), None)
+    sha = _run_sha256(Path(run_dir))
+    return next((p for p in _test_evaluations(Path(run_dir)) if not _of_other_weights(p, sha)), None)
 
 
 def _test_evaluations(run_dir: Path) -> list[Path]:
@@ -496,27 +497,35 @@ def _test_evaluations(run_dir: Path) -> list[Path]:
     return [p for p in (*preferred, *others) if p.is_file() and _is_test_evaluation(p)]
 
 
-def _of_other_weights(metrics_path: Path, run_dir: str | os.PathLike) -> bool:
+def _run_sha256(run_dir: Path) -> str | None:
+    try:
+        return rundir.weights_sha256(run_dir)
+    except MpoxscopeError:  # no weights: nothing to compare with
+        return None
+
+
+def _of_other_weights(metrics_path: Path, run_sha256: str | None) -> bool:
     """Whether an evaluation records a model digest (``evaluate`` does since session 20) other than the run's
     now — ``train --overwrite`` replaces the weights but keeps an ``evaluation/`` folder it did not write."""
     try:
         recorded = read_json(metrics_path).get("model_sha256")
-        return recorded is not None and recorded != rundir.weights_sha256(run_dir)
-    except (ValueError, UnicodeDecodeError, OSError, AttributeError, MpoxscopeError):
+    except (ValueError, UnicodeDecodeError, OSError, AttributeError):
         return False
+    return None not in (recorded, run_sha256) and recorded != run_sha256
 
 
 def _choose_metrics(run_dir: Path, metrics_file: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
     """(the metrics file the card reports, a test evaluation left out because it is of other weights). An
     explicit ``metrics_file`` of other weights is refused: a card must not claim another model's numbers."""
+    sha = _run_sha256(run_dir)
     path = Path(metrics_file) if metrics_file else find_test_metrics(run_dir) or run_dir / DEFAULT_METRICS
-    if _of_other_weights(path, run_dir):
+    if _of_other_weights(path, sha):
         if metrics_file:
             raise MpoxscopeError(f"{path}: metrics of other weights than {run_dir}'s (an earlier model); "
                                  f"evaluate this run again with 'mpoxscope evaluate {run_dir}'")
         return None, path
     if not metrics_file and not path.is_file():
-        return path, next((p for p in _test_evaluations(run_dir) if _of_other_weights(p, run_dir)), None)
+        return path, next((p for p in _test_evaluations(run_dir) if _of_other_weights(p, sha)), None)
     return path, None
 
 

@@ -156,7 +156,7 @@ def freeze_batchnorm_statistics(stages) -> int:
     """Put the BatchNorm layers of ``stages`` in inference mode for this epoch: they normalise with, and no longer
     update, their pretrained running statistics; their scale and shift still learn. Why: batch statistics of a
     few dozen augmented skin photos are noisy and drift towards the training augmentation, while the test
-    images are clean (the Keras EfficientNet fine-tuning guide keeps BatchNorm frozen for this reason).
+    images are clean (Keras's guide to fine-tuning EfficientNet keeps BatchNorm layers frozen for small data).
     Returns how many layers it froze."""
     layers = [m for stage in stages for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for layer in layers:
