@@ -241,6 +241,10 @@ def test_empty_upload(client):
 def test_wrong_field_name(client):
     r = client.post("/api/predict", files=upload(encode(photo(), "JPEG"), field="image"))
     assert_error(r, 400, "'file'", "'image'")
+    # thousands of junk fields and no photo: the message names a few, not every one (it stays one short line)
+    r = client.post("/api/predict", files=[(f"junk{i}", ("x.txt", b"x", "text/plain")) for i in range(3000)])
+    assert_error(r, 400, "'junk0'", "and 2995 more")
+    assert len(r.json()["detail"]) < 300
 
 
 def test_no_body(client):

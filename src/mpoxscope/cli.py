@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 from mpoxscope import __version__
 from mpoxscope.errors import MpoxscopeError
+from mpoxscope.fileio import printable
 
 #: Modules with a ``register(subparsers)`` function adding their commands.
 PLUGINS = (
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_unwinds(batch):
             return int(handler(args) or 0)
     except MpoxscopeError as e:
-        print(f"mpoxscope {args.command}: error: {e}", file=sys.stderr)
+        print(f"mpoxscope {args.command}: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         how, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)

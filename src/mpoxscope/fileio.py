@@ -87,6 +87,25 @@ def safe_name(text: str, fallback: str, limit: int | None = None) -> str:
     return (name[:limit] if limit else name).rstrip(".") or fallback
 
 
+def printable(text: str | os.PathLike) -> str:
+    """``text`` (a path, or a message naming one) as one printable line of valid UTF-8: bytes of a file name that
+    are not UTF-8 become ``\\xNN`` and control characters ``\\n``, ``\\x1b``..., so a hostile file name can
+    neither crash a strict UTF-8 stream (a terminal, a CSV, a matplotlib title) nor forge a second line."""
+    text = os.fsdecode(text) if isinstance(text, bytes) else os.fspath(text)
+    try:  # undecodable bytes of a file name arrive as surrogates: back to those bytes, shown as \xNN
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def csv_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one that starts like a formula (``= + - @``, tab, CR) gets a
+    leading apostrophe (OWASP's advice against CSV injection: a file named ``=HYPERLINK(...).jpg``)."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 

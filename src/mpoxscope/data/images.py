@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,13 @@ def _pixel_limit(cap: int = 64_000_000, bytes_per_pixel: int = 5, share: int = 1
 
 #: Refuse images above this many pixels (decompression bombs); see :func:`_pixel_limit`.
 MAX_PIXELS = _pixel_limit()
+
+# Pillow warns (two lines, with its source path) about images over ~89 MP before our one-line refusal of anything
+# over MAX_PIXELS (<= 64 MP), and about damaged TIFF/EXIF blocks it decodes anyway: the refusal or the result is
+# what a user needs, so these warnings are silenced once, process-wide (a per-call catch_warnings is not
+# thread-safe, and the server decodes in threads).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 #: Decoded images are shrunk at once so their longer side is at most this (several times any model's input size,
 #: 224-448 px): a 64 MP photo then costs 12 MB as RGB, not 192 MB. High enough that what a model sees does not
@@ -152,8 +160,8 @@ def _open(source: str | os.PathLike | bytes, name: str, max_side: int | None = D
         raise ImageError(name, "is a directory, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(name, f"not a supported image format (accepted: {', '.join(ALLOWED_FORMATS)})") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(name, f"image too large ({e})") from None
+    except Image.DecompressionBombError:  # over Pillow's own error limit (~179 MP), far over ours
+        raise ImageError(name, f"image too large (more than {MAX_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(name, f"cannot decode image ({e})") from None
 

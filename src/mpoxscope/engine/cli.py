@@ -330,6 +330,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from mpoxscope.engine.predict import expand_inputs
     from mpoxscope.engine.runner import load_predictor
+    from mpoxscope.fileio import csv_cell, printable
 
     paths = expand_inputs(args.inputs, keep_empty=True)  # an empty folder is one error row, not the end
     predictor = load_predictor(args.run, args.device, args.runtime, onnx_file=args.onnx)
@@ -342,11 +343,12 @@ def run_predict(args: argparse.Namespace) -> int:
         for r in results:
             probs = [f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in predictor.classes]
             d = r.decision
-            w.writerow([r.source, r.label or "", f"{r.confidence:.4f}" if r.confidence is not None else "",
-                        *probs, d.kind if d else "", d.text if d else "", r.error or ""])
+            w.writerow([csv_cell(printable(r.source)), r.label or "",
+                        f"{r.confidence:.4f}" if r.confidence is not None else "",
+                        *probs, d.kind if d else "", d.text if d else "", csv_cell(printable(r.error or ""))])
     failed = [r for r in results if r.error]
     for r in failed:
-        print(f"mpoxscope predict: error: {r.source}: {r.error}", file=sys.stderr)
+        print(f"mpoxscope predict: error: {printable(f'{r.source}: {r.error}')}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,9 +111,7 @@ class Predictor:
         ok: list[tuple[int, Image.Image]] = []
         for i, p in enumerate(paths):
             try:
-                if Path(p).is_dir():  # kept by expand_inputs(keep_empty=True)
-                    raise ImageError(str(p), "no images in folder")
-                ok.append((i, load_image(p)))
+                ok.append((i, load_input(p)))
             except ImageError as e:
                 results[i] = Prediction(str(p), error=e.reason)
             if len(ok) == batch_size or (i == len(paths) - 1 and ok):
@@ -131,6 +130,23 @@ def calibrated_softmax(logits: torch.Tensor, calibration: dict) -> np.ndarray:
     return torch.softmax(apply_calibration(logits, calibration), dim=1).numpy()
 
 
+def _is_dir(path: Path) -> bool:
+    """``Path.is_dir`` that is False, not an exception, for a name the OS refuses (too long, a NUL byte, a folder
+    that cannot be entered): such an input is then reported as one unreadable file."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def load_input(path: str | os.PathLike) -> Image.Image:
+    """One input of :func:`expand_inputs`: its image, or :class:`ImageError` — also for a folder kept with
+    ``keep_empty`` ("no images in folder"), so every command reports it as one failed input."""
+    if _is_dir(Path(path)):
+        raise ImageError(str(path), "no images in folder")
+    return load_image(path)
+
+
 def expand_inputs(inputs: list[str | os.PathLike], keep_empty: bool = False) -> list[Path]:
     """Files as given, folders expanded to the images inside them (recursively, sorted).
 
@@ -141,7 +157,7 @@ def expand_inputs(inputs: list[str | os.PathLike], keep_empty: bool = False) -> 
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if _is_dir(p):
             found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found and not keep_empty:

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     percentiles = _percentiles(args.road_percentiles) if args.faithfulness else ()
     out = check_output_dir(args.out, "explain")
     chosen = parse_methods(args.method)
-    paths = expand_inputs(args.inputs)
+    paths = expand_inputs(args.inputs, keep_empty=True)  # an empty folder is one failed entry, not the end
     predictor = Predictor.from_run(args.run, args.device, which=args.which)
     methods = panel_methods(chosen, predictor.explain_model, with_attention=not args.no_attention)
     if args.target_class is not None:
@@ -162,10 +162,11 @@ def _note_slow_left_out(method_text: str, chosen: list[str]) -> None:
 
 def _explain_all(args: argparse.Namespace, predictor, paths: list[Path], methods: list[str], out: Path):
     """Explain every readable image, a batch at a time, writing its outputs; (gallery entries, done, failed)."""
-    from mpoxscope.data.images import load_image
+    from mpoxscope.engine.predict import load_input
     from mpoxscope.errors import ImageError
     from mpoxscope.explain.gallery import GalleryEntry
     from mpoxscope.explain.pipeline import explain_images
+    from mpoxscope.fileio import printable
 
     entries: list[GalleryEntry] = []
     done: list[_Done] = []
@@ -182,17 +183,17 @@ def _explain_all(args: argparse.Namespace, predictor, paths: list[Path], methods
             key = _unique_key(path, used)
             entries.append(_write_outputs(ex, path, key, out, predictor, args.per_head))
             done.append(_Done(path, key, predictor.classes.index(ex.target), ex.seconds))
-            print(f"{path}: {ex.label} {ex.confidence:.3f} -> {out / key / 'panel.png'}")
+            print(f"{printable(path)}: {ex.label} {ex.confidence:.3f} -> {out / key / 'panel.png'}")
         pending.clear()
 
     failed = 0
     for path in paths:
         try:
-            pending.append((path, load_image(path)))
+            pending.append((path, load_input(path)))
         except ImageError as e:
             failed += 1
-            entries.append(GalleryEntry(str(path), error=e.reason))
-            print(f"mpoxscope explain: error: {path}: {e.reason}", file=sys.stderr)
+            entries.append(GalleryEntry(printable(path), error=printable(e.reason)))
+            print(f"mpoxscope explain: error: {printable(f'{path}: {e.reason}')}", file=sys.stderr)
         if len(pending) >= args.batch_size:
             flush()
     if pending:
@@ -221,16 +222,18 @@ def _write_outputs(ex, path: Path, key: str, out: Path, predictor, heads: bool):
     from mpoxscope.explain.attention import upsample_grid
     from mpoxscope.explain.gallery import GalleryEntry
     from mpoxscope.explain.render import save_overlay_png, save_panel_png
+    from mpoxscope.fileio import printable
 
     folder = out / key
+    shown = printable(path.name)  # titles and the gallery: a name that is not UTF-8 must not crash either
     folder.mkdir(parents=True, exist_ok=True)
-    entry = GalleryEntry(str(path), ex.label, ex.confidence, ex.target,
+    entry = GalleryEntry(printable(path), ex.label, ex.confidence, ex.target,
                          dict(zip(predictor.classes, map(float, ex.probabilities), strict=True)),
                          panel=f"{key}/panel.png")
     folder_names = {c.lower(): c for c in predictor.classes}
     entry.folder_label = folder_names.get(path.parent.name.lower())
     for name, cam in ex.maps.items():
-        title = f"{path.name}: {METHODS.get(name).title or f'{name} for {ex.target}'}"
+        title = f"{shown}: {METHODS.get(name).title or f'{name} for {ex.target}'}"
         save_overlay_png(ex.image, cam, folder / f"{_slug(name)}.png", title)
         np.save(folder / f"{_slug(name)}.npy", cam.astype(np.float32))
         entry.files[name] = f"{key}/{_slug(name)}.png"
@@ -242,9 +245,9 @@ def _write_outputs(ex, path: Path, key: str, out: Path, predictor, heads: bool):
         if heads:
             size = (predictor.image_size, predictor.image_size)
             for h, cam in enumerate(upsample_grid(torch.from_numpy(grid), size)):
-                save_overlay_png(ex.image, cam, folder / f"{slug}_head{h}.png", f"{path.name}: head {h}")
+                save_overlay_png(ex.image, cam, folder / f"{slug}_head{h}.png", f"{shown}: head {h}")
                 entry.files[f"{slug}_head{h}"] = f"{key}/{slug}_head{h}.png"
-    title = f"{path.name}: predicted {ex.label} ({ex.confidence:.1%})"
+    title = f"{shown}: predicted {ex.label} ({ex.confidence:.1%})"
     if ex.target != ex.label:
         title += f"; maps explain {ex.target}"
     save_panel_png(ex.image, ex.maps, folder / "panel.png", title)

@@ -59,7 +59,8 @@ class _PartCollector:
         self.field = field
         self.max_bytes = max_bytes
         self.found: Upload | None = None
-        self.other_fields: list[str] = []
+        self.other_fields: list[str] = []  # the first few, for the message (a body may hold 100,000 parts)
+        self.n_other_fields = 0
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
@@ -99,7 +100,9 @@ class _PartCollector:
         if self._name == self.field and self.found is None:
             self._buffer = bytearray()
         else:
-            self.other_fields.append(self._name)
+            self.n_other_fields += 1
+            if len(self.other_fields) < 5:
+                self.other_fields.append(self._name[:40])
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._buffer is None:  # a part we do not want: drop its bytes as they stream past
@@ -152,7 +155,8 @@ async def read_upload(stream: AsyncIterator[bytes], content_type: str | None, co
     except FormParserError as e:
         raise UploadError(400, f"invalid multipart body ({e})") from None
     if collector.found is None:
-        others = ", ".join(repr(n) for n in collector.other_fields) or "none"
+        more = collector.n_other_fields - len(collector.other_fields)
+        others = (", ".join(repr(n) for n in collector.other_fields) or "none") + (f" and {more} more" if more else "")
         raise UploadError(400, f"no field named {field!r} in the form (fields sent: {others}); "
                                f"send the photo as {field}=@photo.jpg")
     if not collector.found.data:
