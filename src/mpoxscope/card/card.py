@@ -486,7 +486,7 @@ def find_test_metrics(run_dir: str | os.PathLike) -> Path | None:
     ``evaluate RUN --out RUN/eval``), else the newest ``RUN/*/metrics.json`` whose protocol names the test
     split. A validation evaluation is never taken for the test metrics, nor one of other weights (an earlier
     training in the same folder: see :func:`_of_other_weights`)."""
-    sha = _run_sha256(Path(run_dir))
+    sha = rundir.weights_sha256_or_none(run_dir)
     return next((p for p in _test_evaluations(Path(run_dir)) if not _of_other_weights(p, sha)), None)
 
 
@@ -495,13 +495,6 @@ def _test_evaluations(run_dir: Path) -> list[Path]:
     others = sorted((p for p in run_dir.glob("*/metrics.json") if p not in preferred),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     return [p for p in (*preferred, *others) if p.is_file() and _is_test_evaluation(p)]
-
-
-def _run_sha256(run_dir: Path) -> str | None:
-    try:
-        return rundir.weights_sha256(run_dir)
-    except MpoxscopeError:  # no weights: nothing to compare with
-        return None
 
 
 def _of_other_weights(metrics_path: Path, run_sha256: str | None) -> bool:
@@ -517,7 +510,7 @@ def _of_other_weights(metrics_path: Path, run_sha256: str | None) -> bool:
 def _choose_metrics(run_dir: Path, metrics_file: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
     """(the metrics file the card reports, a test evaluation left out because it is of other weights). An
     explicit ``metrics_file`` of other weights is refused: a card must not claim another model's numbers."""
-    sha = _run_sha256(run_dir)
+    sha = rundir.weights_sha256_or_none(run_dir)
     path = Path(metrics_file) if metrics_file else find_test_metrics(run_dir) or run_dir / DEFAULT_METRICS
     if _of_other_weights(path, sha):
         if metrics_file:

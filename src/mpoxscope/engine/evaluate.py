@@ -177,17 +177,6 @@ def _ci(m: dict, key: str, cls: str | None = None) -> str:
     return "" if ci.get("low") is None else f" [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
 
 
-def _model_sha256(predictor: Predictor) -> str | None:
-    """The evaluated run's :func:`rundir.weights_sha256` (None for a predictor without a run folder)."""
-    run_dir = getattr(predictor, "run_dir", None)
-    if run_dir is None:
-        return None
-    try:
-        return rundir.weights_sha256(run_dir, getattr(predictor, "which", "best"))
-    except MpoxscopeError:
-        return None
-
-
 def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path, protocol: str,
              predictions: tuple[np.ndarray, np.ndarray, list[str], list[str]] | None = None) -> dict:
     """Predict ``indices`` of ``data``, write metrics.json, report.md, confusion_matrix.png and predictions.csv
@@ -200,7 +189,9 @@ def evaluate(predictor: Predictor, data: SampleSet, indices, out_dir: str | Path
         raise MpoxscopeError(f"no readable images to evaluate ({protocol})")
     m = classification_metrics(targets, probs, predictor.classes)
     m["protocol"] = protocol + model_protocol(predictor.meta)
-    m["model_sha256"] = _model_sha256(predictor)  # what the card checks: these metrics belong to these weights
+    # what the card checks: these metrics belong to these weights
+    m["model_sha256"] = rundir.weights_sha256_or_none(getattr(predictor, "run_dir", None),
+                                                      getattr(predictor, "which", "best"))
     m["failed_files"] = failed
     m["calibration"] = _calibration_metrics(predictor, probs, targets)
     m.update(uncertainty_metrics(probs, targets, predictor.classes, _groups_of(data, names), m["calibration"]))

@@ -182,6 +182,17 @@ def _temperature(run_dir: Path) -> float:
         raise MpoxscopeError(f"{run_dir / META}: cannot read its temperature ({e})") from None
 
 
+def weights_sha256_or_none(run_dir: str | Path | None, which: str = "best") -> str | None:
+    """:func:`weights_sha256`, or None where there is nothing to digest (no run folder, no weights): what records
+    and checks of "these metrics belong to these weights" use."""
+    if run_dir is None:
+        return None
+    try:
+        return weights_sha256(run_dir, which)
+    except MpoxscopeError:
+        return None
+
+
 def weights_sha256(run_dir: str | Path, which: str = "best") -> str:
     """Digest of everything that fixes a run's predictions: its weights file, or every member's for an
     ensemble (with each member's temperature, which the ensemble's graph holds), plus the test-time views. An
