@@ -24,18 +24,19 @@ def test_official_split_is_patient_disjoint(msld):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_msld_fold1_frozen_fast_path(msld, tmp_path):
-    model_cfg = ModelConfig(image_size=192)
-    train_cfg = TrainConfig(epochs=15, cache_views=2, patience=15)
+    model_cfg = ModelConfig(image_size=160)
+    train_cfg = TrainConfig(epochs=15, cache_views=1, patience=15, tta="flips")
     result = train_fold(DataConfig(root=str(msld), fold="fold1"), model_cfg, train_cfg, tmp_path / "run",
                         progress=False)
     m = evaluate_run(result.run_dir, msld, tmp_path / "eval", split="test")
     assert "MSLD v2.0" in m["protocol"] and "fold1, test" in m["protocol"]
     assert m["n_images"] == 74
-    # Chance is 1/6 and always answering the majority class (Mpox) scores 27/74 = 0.36 here; the default
-    # configuration measured 0.66-0.73 on this fold. Require well above chance with margin for BLAS noise.
+    # Chance is 1/6 and always answering the majority class (Mpox) scores 27/74 = 0.36 here; the frozen
+    # preset measured 0.66-0.73 on this fold, and this cut-down one (160 px, one cached view, flip views: 64 s
+    # instead of 112 s on a 2-core CPU without native bf16) 0.72. Require well above chance with margin for BLAS noise.
     assert m["accuracy"] >= 0.55, m
     assert m["f1_macro"] >= 0.45, m
-    assert dataclasses.asdict(train_cfg)["cache_views"] == 2
+    assert dataclasses.asdict(train_cfg)["cache_views"] == 1
 
 
 @pytest.mark.realdata

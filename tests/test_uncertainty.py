@@ -111,3 +111,28 @@ def test_classification_cis_agree_with_sklearn_on_the_point_estimates():
     assert ci["f1_weighted"]["value"] == pytest.approx(f1_score(y, pred, average="weighted"))
     assert ci["recall"]["c"]["value"] == pytest.approx(recall_score(y, pred, labels=[2], average="macro"))
     assert ci["f1"]["d"]["value"] == pytest.approx(f1_score(y, pred, labels=[3], average="macro"))
+
+
+def test_classification_cis_count_the_resamples_bootstrap_ci_indexes():
+    """classification_cis counts each resample's confusion matrix instead of indexing the arrays (milliseconds
+    instead of a second for 2000 resamples); the intervals are those of bootstrap_ci on the same seed, with
+    sklearn computing the statistics, for images and for patients."""
+    from sklearn.metrics import f1_score, recall_score
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 120)
+    pred = np.where(rng.random(120) < 0.7, y, rng.integers(0, 4, 120))
+    patients = np.repeat(np.arange(50), rng.integers(1, 5, 50))[:120]
+
+    def stats(a, b):
+        present = np.unique(a)
+        return [np.mean(a == b), f1_score(a, b, labels=present, average="macro", zero_division=0),
+                recall_score(a, b, labels=[1], average="macro", zero_division=0) if (a == 1).any() else np.nan]
+
+    for groups in (None, patients):
+        ci = classification_cis(y, pred, list("abcd"), groups=groups, n=300, seed=11)
+        ref = bootstrap_ci(stats, y, pred, groups=groups, n=300, seed=11)
+        got = [ci["accuracy"], ci["f1_macro"], ci["recall"]["b"]]
+        for i, c in enumerate(got):
+            assert (c["low"], c["high"]) == pytest.approx((ref["low"][i], ref["high"][i]), abs=1e-12)
+        assert ci["method"].endswith(f"{ref['resampled']}, seed 11")

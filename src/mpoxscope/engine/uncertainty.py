@@ -25,20 +25,33 @@ N_BOOT = 2000
 LEVEL = 0.95
 
 
-def _resample_plan(n: int, groups: Sequence | None) -> Callable[[np.random.Generator], np.ndarray]:
-    """A function drawing one bootstrap resample (indices into the ``n`` items)."""
+def _units(n: int, groups: Sequence | None) -> np.ndarray:
+    """The resampling unit of each of the ``n`` items (N,): the item itself, or its group (0..G-1, in sorted
+    group order)."""
     if groups is None:
-        return lambda rng: rng.integers(0, n, n)
+        return np.arange(n)
     g = np.asarray(groups)
     if len(g) != n:
         raise MpoxscopeError(f"bootstrap: {len(g)} group labels for {n} items")
-    _, inverse = np.unique(g, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
-    n_groups = len(members)
+    return np.unique(g, return_inverse=True)[1].reshape(-1)
+
+
+def _draw_units(rng: np.random.Generator, n_units: int) -> np.ndarray:
+    """One resample: ``n_units`` unit indices drawn with replacement (the one place draws happen, so the
+    loop of :func:`bootstrap_ci` and the counting path of :func:`classification_cis` resample alike)."""
+    return rng.integers(0, n_units, n_units)
+
+
+def _resample_plan(n: int, groups: Sequence | None) -> Callable[[np.random.Generator], np.ndarray]:
+    """A function drawing one bootstrap resample (indices into the ``n`` items)."""
+    unit = _units(n, groups)
+    if groups is None:
+        return lambda rng: _draw_units(rng, n)
+    order = np.argsort(unit, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(unit))[:-1])
 
     def draw(rng: np.random.Generator) -> np.ndarray:
-        return np.concatenate([members[j] for j in rng.integers(0, n_groups, n_groups)])
+        return np.concatenate([members[j] for j in _draw_units(rng, len(members))])
 
     return draw
 
@@ -69,6 +82,12 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, groups: Sequence | None =
     for b in range(n):
         idx = draw(rng)
         stats[b] = fn(*(a[idx] for a in arrs))
+    return _percentile_interval(value, stats, alpha, size, groups)
+
+
+def _percentile_interval(value: np.ndarray, stats: np.ndarray, alpha: float, size: int,
+                         groups: Sequence | None) -> dict[str, Any]:
+    """:func:`bootstrap_ci`'s answer from the statistic ``value`` and its resampled values ``stats`` (B, ...)."""
     with warnings.catch_warnings():  # an all-NaN column (a class absent from every resample) stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         low = np.nanpercentile(stats, 100 * alpha / 2, axis=0)
@@ -76,23 +95,45 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, groups: Sequence | None =
     n_groups = len(set(np.asarray(groups).tolist())) if groups is not None else size
     out = {"value": value, "low": low, "high": high}
     out = {k: (float(v) if v.ndim == 0 else v) for k, v in out.items()}
-    return {**out, "level": 1 - alpha, "n_boot": n,
+    return {**out, "level": 1 - alpha, "n_boot": len(stats),
             "resampled": f"{n_groups} patients" if groups is not None else f"{size} images"}
 
 
-def _scores(targets: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
-    """[accuracy, macro-F1 (classes present in ``targets``), weighted F1, recall of class 0..k-1, F1 of class
-    0..k-1]; a class absent from ``targets`` has recall and F1 NaN (undefined, not 0)."""
-    cm = np.bincount(targets * k + preds, minlength=k * k).reshape(k, k).astype(float)
-    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+def _scores(cm: np.ndarray) -> np.ndarray:
+    """Confusion matrices (B, K, K) (rows true, columns predicted) -> (B, 3 + 2K): [accuracy, macro-F1 (classes
+    present), weighted F1, recall of class 0..K-1, F1 of class 0..K-1]; a class absent from a matrix's rows has
+    recall and F1 NaN there (undefined, not 0)."""
+    cm = np.asarray(cm, dtype=float)
+    tp, support, predicted = np.diagonal(cm, axis1=1, axis2=2), cm.sum(2), cm.sum(1)
+    total = support.sum(1)
     present = support > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(present, tp / support, np.nan)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(tp > 0, 2 * precision * recall / (precision + recall), 0.0)
     f1 = np.where(present, f1, np.nan)
-    return np.r_[tp.sum() / len(targets), f1[present].mean(), np.sum(f1[present] * support[present]) / len(targets),
-                 recall, f1]
+    f1_present = np.where(present, f1, 0.0)
+    return np.column_stack([tp.sum(1) / total, f1_present.sum(1) / present.sum(1),
+                            (f1_present * support).sum(1) / total, recall, f1])
+
+
+def _resampled_confusions(cells: np.ndarray, k: int, groups: Sequence | None, n: int, seed: int) -> np.ndarray:
+    """The confusion matrix (n, K, K) of each of ``n`` bootstrap resamples of the items whose cells
+    (true * K + predicted, (N,)) are given: the very resamples :func:`bootstrap_ci` draws with this seed,
+    counted instead of indexed (a resample's matrix = its unit counts times the per-unit matrices), so 2000
+    resamples take milliseconds, in memory bounded by the chunk."""
+    unit = _units(len(cells), groups)
+    n_units = int(unit.max()) + 1
+    table = np.zeros((n_units, k * k), dtype=np.int64)
+    np.add.at(table, (unit, cells), 1)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, k * k), dtype=np.int64)
+    chunk = max(1, 2**22 // n_units)  # ~32 MB of counts at a time
+    for start in range(0, n, chunk):
+        counts = np.stack([np.bincount(_draw_units(rng, n_units), minlength=n_units)
+                           for _ in range(start, min(n, start + chunk))])
+        out[start:start + len(counts)] = counts @ table
+    return out.reshape(n, k, k)
 
 
 def classification_cis(targets: Any, preds: Any, classes: list[str], groups: Sequence | None = None,
@@ -108,7 +149,14 @@ def classification_cis(targets: Any, preds: Any, classes: list[str], groups: Seq
     y, p, k = np.asarray(targets, dtype=int), np.asarray(preds, dtype=int), len(classes)
     if groups is not None and len(set(np.asarray(groups).tolist())) == len(y):
         groups = None  # one image per group: the plain image bootstrap, and say so
-    res = bootstrap_ci(lambda a, b: _scores(a, b, k), y, p, groups=groups, n=n, seed=seed, alpha=alpha)
+    if len(y) == 0 or len(y) != len(p):
+        raise MpoxscopeError("bootstrap: no data" if len(y) == 0 else "bootstrap: arrays differ in length")
+    if not 0 < alpha < 1:
+        raise MpoxscopeError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
+    cells = y * k + p
+    value = _scores(np.bincount(cells, minlength=k * k).reshape(1, k, k))[0]
+    res = _percentile_interval(value, _scores(_resampled_confusions(cells, k, groups, n, seed)), alpha, len(y),
+                               groups)
 
     def interval(i: int) -> dict[str, Any]:
         val, lo, hi = (float(res[key][i]) for key in ("value", "low", "high"))
