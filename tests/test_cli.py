@@ -21,6 +21,20 @@ def test_engine_commands_present():
 
 
 @pytest.mark.parametrize("command", _commands())
+def test_the_readme_documents_every_command_and_option(command):
+    """Every command has a README heading or example (``mpoxscope CMD``) and every long option of it is named there
+    (24 options had slipped through before this test)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert f"mpoxscope {command}" in readme
+    missing = [o for a in sub.choices[command]._actions for o in a.option_strings
+               if o.startswith("--") and o != "--help" and o not in readme]
+    assert not missing, f"README.md does not mention {command} {missing}"
+
+
+@pytest.mark.parametrize("command", _commands())
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
