@@ -124,13 +124,14 @@ def _resampled_confusions(cells: np.ndarray, k: int, groups: Sequence | None, n:
     resamples take milliseconds, in memory bounded by the chunk."""
     unit = _units(len(cells), groups)
     n_units = int(unit.max()) + 1
-    table = np.zeros((n_units, k * k), dtype=np.int64)
-    np.add.at(table, (unit, cells), 1)
+    # float64 so the product runs on BLAS; integer counts stay exact (far below 2**53)
+    table = np.zeros((n_units, k * k))
+    np.add.at(table, (unit, cells), 1.0)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, k * k), dtype=np.int64)
+    out = np.empty((n, k * k))
     chunk = max(1, 2**22 // n_units)  # ~32 MB of counts at a time
     for start in range(0, n, chunk):
-        counts = np.stack([np.bincount(_draw_units(rng, n_units), minlength=n_units)
+        counts = np.stack([np.bincount(_draw_units(rng, n_units), minlength=n_units).astype(float)
                            for _ in range(start, min(n, start + chunk))])
         out[start:start + len(counts)] = counts @ table
     return out.reshape(n, k, k)
