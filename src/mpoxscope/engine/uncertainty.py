@@ -67,14 +67,8 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, groups: Sequence | None =
     percentiles. Returns ``{"value", "low", "high", "level", "n_boot", "resampled"}`` (arrays when ``fn``
     returns arrays).
     """
-    arrs = [np.asarray(a) for a in arrays]
-    if not arrs or len(arrs[0]) == 0:
-        raise MpoxscopeError("bootstrap: no data")
+    arrs = _checked(arrays, alpha)
     size = len(arrs[0])
-    if any(len(a) != size for a in arrs):
-        raise MpoxscopeError("bootstrap: arrays differ in length")
-    if not 0 < alpha < 1:
-        raise MpoxscopeError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
     draw = _resample_plan(size, groups)
     rng = np.random.default_rng(seed)
     value = np.asarray(fn(*arrs), dtype=float)
@@ -83,6 +77,18 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, groups: Sequence | None =
         idx = draw(rng)
         stats[b] = fn(*(a[idx] for a in arrs))
     return _percentile_interval(value, stats, alpha, size, groups)
+
+
+def _checked(arrays: Sequence, alpha: float) -> list[np.ndarray]:
+    """The arrays as numpy arrays, refused in one line when empty, unequally long or ``alpha`` is outside (0, 1)."""
+    arrs = [np.asarray(a) for a in arrays]
+    if not arrs or len(arrs[0]) == 0:
+        raise MpoxscopeError("bootstrap: no data")
+    if any(len(a) != len(arrs[0]) for a in arrs):
+        raise MpoxscopeError("bootstrap: arrays differ in length")
+    if not 0 < alpha < 1:
+        raise MpoxscopeError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
+    return arrs
 
 
 def _percentile_interval(value: np.ndarray, stats: np.ndarray, alpha: float, size: int,
@@ -147,13 +153,10 @@ def classification_cis(targets: Any, preds: Any, classes: list[str], groups: Seq
     high, level}, "f1_macro": ..., "f1_weighted": ..., "recall": {class: ...}, "f1": {class: ...},
     "method": ...}``.
     """
-    y, p, k = np.asarray(targets, dtype=int), np.asarray(preds, dtype=int), len(classes)
+    y, p = (a.astype(int) for a in _checked([targets, preds], alpha))
+    k = len(classes)
     if groups is not None and len(set(np.asarray(groups).tolist())) == len(y):
         groups = None  # one image per group: the plain image bootstrap, and say so
-    if len(y) == 0 or len(y) != len(p):
-        raise MpoxscopeError("bootstrap: no data" if len(y) == 0 else "bootstrap: arrays differ in length")
-    if not 0 < alpha < 1:
-        raise MpoxscopeError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
     cells = y * k + p
     value = _scores(np.bincount(cells, minlength=k * k).reshape(1, k, k))[0]
     res = _percentile_interval(value, _scores(_resampled_confusions(cells, k, groups, n, seed)), alpha, len(y),
