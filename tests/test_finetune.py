@@ -496,6 +496,16 @@ def test_assembling_an_ensembles_members_gives_back_the_same_model(ensemble_run,
     assert main(["ensemble", *members, "--out", str(out), *data_args]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # a device that does not exist: refused before --out is made (it used to leave an uncalibrated run there that
+    # predict then served)
+    assert main(["ensemble", *members, "--out", str(tmp_path / "y"), *data_args, "--device", "bogus"]) == 2
+    assert "unknown device" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    # --overwrite replaces an ensemble run, never a single model's (it used to delete its weights)
+    single = tmp_path / "single"
+    shutil.copytree(members[0], single)
+    before = (single / "model.json").read_bytes()
+    assert main(["ensemble", *members, "--out", str(single), *data_args, "--overwrite"]) == 2
+    assert "single-model run" in capsys.readouterr().err and (single / "model.json").read_bytes() == before
 
 
 def test_feature_cache_is_reused_only_while_its_inputs_are_unchanged(tmp_path, data_and_fold, monkeypatch):

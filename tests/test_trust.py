@@ -860,3 +860,98 @@ def test_a_bomb_header_is_refused_in_our_one_line_without_pillows_warning(tmp_pa
                 f"try:\n    load_image({str(path)!r})\nexcept Exception:\n    pass")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
+
+
+# --- session 21: arguments checked before work, and other commands' files left alone -----------------------------
+def _refused(argv: list[str], capsys, *words: str) -> str:
+    """``mpoxscope ARGV`` exits 2 with one stderr line holding every word (no traceback)."""
+    from mpoxscope.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    return err
+
+
+def test_cv_and_protocols_refuse_bad_options_before_making_out(synthetic_root, tmp_path, capsys):
+    """Each used to fail only after decoding images, training a fold or running another protocol (or with a
+    traceback), with --out already made."""
+    from mpoxscope.config import DataConfig
+    from mpoxscope.engine.runner import prepare
+
+    data, out = str(synthetic_root), tmp_path / "out"
+    tiny = ["--preset", "tiny", "--split-file", "none", "--folds", "3"]
+    _refused(["cv", data, "--out", str(out), *tiny, "--backbone", "nosuchnet"], capsys, "--backbone", "nosuchnet")
+    _refused(["cv", data, "--out", str(out), *tiny, "--device", "bogus"], capsys, "unknown device")
+    _refused(["cv", data, "--out", str(out), *tiny, "--exclude-leaks", "--near-dup-threshold", "100"], capsys,
+             "--near-dup-threshold", "64")
+    _refused(["cv", data, "--out", str(out), *tiny, "--near-dup-threshold", "8"], capsys, "--exclude-leaks")
+    for bad in (["--epochs", "0"], ["--batch-size", "0"], ["--lr", "nan"]):
+        _refused(["protocols", data, "--out", str(out), *tiny, "--protocols", "official", *bad], capsys,
+                 bad[0])
+    _refused(["protocols", data, "--out", str(out), "--quick", "--image-size", "0"], capsys, "--image-size")
+    _refused(["protocols", data, "--out", str(out), "--quick", "--copies", "100000000"], capsys, "--copies")
+    split = tmp_path / "split.csv"  # an official split, so that --folds counts only the image-level folds
+    prepared = prepare(DataConfig(root=data, split_file=None, folds=3))
+    split.write_text("fold,split,filename\n" + "".join(
+        f"{f.name},{part},{prepared.data.samples[i].filename}\n" for f in prepared.folds
+        for part in ("train", "validation", "test") for i in f.indices(part)))
+    _refused(["protocols", data, "--out", str(out), "--quick", "--split-file", str(split), "--folds", "1",
+              "--protocols", "official,image-level"], capsys, "--folds", "too few")
+    fake = tmp_path / "fakecv"
+    fake.mkdir()
+    (fake / "cv_summary.json").write_text("[1, 2]")
+    _refused(["protocols", data, "--out", str(out), *tiny, "--official-from", str(fake), "--protocols", "official"],
+             capsys, "not a cv summary")
+    _refused(["cv", data, "--out", str(out), *tiny, "--groups-csv", str(tmp_path)], capsys, "not a regular file")
+    assert not out.exists()
+
+
+def test_evaluate_checks_its_inputs_and_never_replaces_a_cv_s_plots(tiny_run, tmp_path, capsys):
+    """evaluate made --out (with its marker) before reading the run; and into a cv's folder it replaced the cv's
+    pooled reliability and risk-coverage plots."""
+    out = tmp_path / "eval"
+    _refused(["evaluate", str(tmp_path / "nope"), "--out", str(out)], capsys, "not a trained run")
+    _refused(["evaluate", str(tiny_run), str(tmp_path / "nodata"), "--out", str(out)], capsys, "DATA not found")
+    _refused(["evaluate", str(tiny_run), "--device", "bogus", "--out", str(out)], capsys, "unknown device")
+    assert not out.exists()
+    cv_out = mark_output_dir(tmp_path / "cv", "cv")
+    (cv_out / "reliability.png").write_bytes(b"cv's own")
+    _refused(["evaluate", str(tiny_run), "--out", str(cv_out)], capsys, "`cv` output", "reliability.png")
+    assert (cv_out / "reliability.png").read_bytes() == b"cv's own"
+    check_output_dir(mark_output_dir(tmp_path / "run", "train"), "evaluate")  # evaluate RUN --out RUN still works
+
+
+def test_card_never_replaces_a_model_card_it_did_not_write(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from mpoxscope.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "MODEL_CARD.md").write_text("# My own notes\n")
+    _refused(["card", str(run)], capsys, "MODEL_CARD.md", "did not write")
+    assert (run / "MODEL_CARD.md").read_text() == "# My own notes\n"
+    (run / "MODEL_CARD.md").unlink()
+    assert main(["card", str(run)]) == 0 and main(["card", str(run)]) == 0  # its own card is replaced
+
+
+def test_model_json_records_of_the_wrong_type_are_one_line(tiny_run, tmp_path):
+    """ensemble and evaluate read data/train back: a wrong type was an AttributeError/KeyError traceback."""
+    import shutil
+
+    from mpoxscope.engine.checkpoint import read_meta
+
+    for field, value in (("data", [1, 2]), ("train", "x"), ("train", {"seed": "abc"}),
+                         ("data", {"n_folds": "five"}), ("data", {"root": 3})):
+        run = tmp_path / f"run_{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_run, run)
+        meta = json.loads((run / "model.json").read_text())
+        meta[field] = value
+        (run / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(MpoxscopeError, match=f"field '{field}"):
+            read_meta(run)
+    meta = json.loads((tiny_run / "model.json").read_text())
+    meta.pop("image_size", None)
+    (run / "model.json").write_text(json.dumps(meta))
+    assert read_meta(run)["image_size"] == meta["model"]["image_size"]

@@ -194,6 +194,7 @@ def check_output_dir(path: str | os.PathLike, kind: str) -> Path:
     if not out.is_dir():
         raise MpoxscopeError(f"{out}: --out names an existing file, not a folder; choose a new folder name")
     if is_marked_output(out):
+        _refuse_clash(out, kind)
         return out
     # Any command's outputs are fine (``evaluate RUN --out RUN`` of a run made before markers existed).
     entries = [e for e in out.iterdir() if e.name not in _OS_JUNK]
@@ -205,6 +206,24 @@ def check_output_dir(path: str | os.PathLike, kind: str) -> Path:
         raise MpoxscopeError(f"{out}: folder holds files mpoxscope did not write ({foreign[0]}{more}); "
                              f"choose a new or empty folder for --out")
     return out
+
+
+def _refuse_clash(out: Path, kind: str) -> None:
+    """Refuse a folder another command wrote when ``kind`` would replace that command's own files there (e.g.
+    ``evaluate --out CV`` would replace the cv's pooled ``reliability.png``; ``ensemble --out CV`` its screening
+    files); commands whose names do not overlap may share a folder (``evaluate RUN --out RUN``)."""
+    from mpoxscope.errors import MpoxscopeError
+
+    try:
+        others = [c for c in read_json(out / OUTPUT_MARKER).get("commands", []) if c != kind]
+    except (ValueError, OSError, AttributeError):
+        return  # a damaged marker only ever says "mpoxscope wrote here"
+    mine = set(OUTPUT_PATTERNS.get(kind, ()))
+    for other in others:
+        shared = sorted(mine & set(OUTPUT_PATTERNS.get(other, ())))
+        if shared:
+            raise MpoxscopeError(f"{out}: holds a `{other}` output whose files `{kind}` would replace "
+                                 f"({', '.join(shared[:3])}); choose another --out")
 
 
 def _has_signature(folder: Path) -> bool:
@@ -274,8 +293,8 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...],
     if out.suffix.lower() not in suffixes:
         raise MpoxscopeError(f"{out}: --out must end in {' or '.join(suffixes)}")
     if (out.exists() or out.is_symlink()) and not (out.is_file() and ours is not None and _safe(ours, out)):
-        raise MpoxscopeError(f"{out}: --out names an existing file mpoxscope did not write; it would be replaced "
-                             "— choose another name")
+        raise MpoxscopeError(f"{out}: an existing file mpoxscope did not write; it would be replaced — choose "
+                             "another name with --out")
     return out
 
 

@@ -23,11 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_card(args: argparse.Namespace) -> int:
-    from mpoxscope.card.card import write_card
+    from pathlib import Path
+
+    from mpoxscope.card.card import CARD_FILE, write_card
     from mpoxscope.fileio import check_output_file, is_model_card
 
-    if args.out:  # an earlier card may be replaced, any other Markdown file is refused
-        check_output_file(args.out, (".md", ".markdown"), ours=is_model_card)
+    # an earlier card may be replaced, any other Markdown file is refused — at RUN/MODEL_CARD.md too
+    out = args.out or (Path(args.run) / CARD_FILE if Path(args.run).is_dir() else None)
+    if out is not None:
+        check_output_file(out, (".md", ".markdown"), ours=is_model_card)
     path = write_card(args.run, args.out, metrics_file=args.metrics, audit_file=args.audit)
     print(f"wrote {path}")
     return 0

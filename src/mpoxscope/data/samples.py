@@ -108,11 +108,21 @@ def refuse_empty_cells(path: str | os.PathLike, df: pd.DataFrame, columns: tuple
             raise MpoxscopeError(f"{path}: column {column!r} has an empty cell (line {line})")
 
 
+#: Largest groups CSV read (a folder of a million images fits in a few tens of MiB); bounds pandas' memory.
+MAX_CSV_BYTES = 64 * 2**20
+
+
 def _read_csv(path: str | os.PathLike) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():  # a folder, a device such as /dev/zero, a FIFO: refused before pandas reads anything
+        raise MpoxscopeError(f"{path}: file not found" if not p.exists() else f"{path}: not a regular file")
+    if p.stat().st_size > MAX_CSV_BYTES:
+        raise MpoxscopeError(f"{path}: {p.stat().st_size / 2**20:.0f} MiB is too large for a groups CSV "
+                             f"(limit {MAX_CSV_BYTES // 2**20} MiB)")
     try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise MpoxscopeError(f"{path}: file not found") from None
+        return pd.read_csv(p)
+    except OSError as e:
+        raise MpoxscopeError(f"{path}: cannot read ({e.strerror or e})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise MpoxscopeError(f"{path}: not a readable CSV ({e})") from None
 

@@ -52,6 +52,7 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise MpoxscopeError(f"{path}: not valid JSON ({e})") from None
     validate_meta(meta, path)
+    meta.setdefault("image_size", meta["model"]["image_size"])  # validated: one of the two holds it
     return meta
 
 
@@ -108,6 +109,22 @@ def validate_meta(meta: Any, where: str | os.PathLike = META_FILE) -> None:
     if cal is not None:
         _check_calibration(where, cal, len(classes))
     _check_structure(where, meta)
+    _check_record(where, meta)
+
+
+def _check_record(where, meta: dict) -> None:
+    """``data`` and ``train``: what evaluate, cv and ensemble read back to rebuild a run's folds and seed."""
+    for key in ("data", "train"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise _bad(where, key, "an object", meta[key])
+    data, train = meta.get("data") or {}, meta.get("train") or {}
+    if "seed" in train and not _is_int(train["seed"]):
+        raise _bad(where, "train.seed", "an integer", train["seed"])
+    if data.get("n_folds") is not None and not (_is_int(data["n_folds"]) and data["n_folds"] >= 2):
+        raise _bad(where, "data.n_folds", "an integer of at least 2", data["n_folds"])
+    for key in ("root", "fold", "split_file"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise _bad(where, f"data.{key}", "a string", data[key])
 
 
 def _check_structure(where, meta: dict) -> None:

@@ -213,13 +213,36 @@ def check_train_options(model_cfg, train_cfg) -> None:
     _check_ranges(model_cfg, train_cfg)
     if model_cfg.d_model % model_cfg.num_heads:
         raise MpoxscopeError(f"--num-heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
+    backbones = [model_cfg.backbone]
     if train_cfg.ensemble:
         from mpoxscope.engine.ensemble import member_configs
 
-        member_configs(train_cfg.ensemble, model_cfg, train_cfg)  # a bad member spec fails now, not after caching
+        # a bad member spec fails now, not after caching
+        backbones = [mc.backbone for _, mc, _ in member_configs(train_cfg.ensemble, model_cfg, train_cfg)]
+    for name in backbones:
+        check_backbone_name(name)
+    check_device(train_cfg.device)
     source = model_cfg.pretrained
     if source not in ("auto", "imagenet", "none") and not Path(source).is_file():
         raise MpoxscopeError(f"--pretrained: {source}: file not found")
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse a backbone timm does not know, in one line, before images are decoded (hub names pass: they are
+    resolved only when the model is built)."""
+    import timm
+
+    from mpoxscope.errors import MpoxscopeError
+
+    if ":" not in name and not timm.is_model(name):
+        raise MpoxscopeError(f"--backbone: unknown backbone {name!r} (timm.list_models() names the known ones)")
+
+
+def check_device(name: str) -> None:
+    """Refuse a device that does not exist here before any output folder or file is made."""
+    from mpoxscope.engine.device import resolve_device
+
+    resolve_device(name)
 
 
 #: (option, config, field, lowest, highest, lowest allowed itself?): numbers that would otherwise fail only after
@@ -293,11 +316,15 @@ def run_ensemble(args: argparse.Namespace) -> int:
     from mpoxscope.errors import MpoxscopeError
     from mpoxscope.fileio import check_output_dir
 
-    # Runs, data and fold are checked before --out is touched (--overwrite deletes only after that).
+    # Device, runs, data and fold are checked before --out is touched (--overwrite deletes only after that).
+    check_device(args.device)
     plan = plan_assembly(args.runs, args.data, args.split_file, args.folds, args.groups_csv)
     out = check_output_dir(args.out, "train")
     if (out / "model.json").exists() and not args.overwrite:
         raise MpoxscopeError(f"{out}: already holds a run; choose a new --out or pass --overwrite")
+    if (out / "model.json").exists() and _run_kind(out) != "ensemble":
+        raise MpoxscopeError(f"{out}: holds a single-model run; --overwrite replaces only an ensemble run "
+                             "(choose a new --out)")
     if any(out.resolve() == Path(r).resolve() or out.resolve() in Path(r).resolve().parents for r in args.runs):
         raise MpoxscopeError(f"{out}: --out must not be one of the runs or hold them")
     _prepare_output(args.out, "train", overwrite=args.overwrite)
@@ -308,12 +335,25 @@ def run_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_kind(run_dir: Path) -> str | None:
+    """``model.json`` → ``kind`` of the run in ``run_dir`` (None when unreadable or absent)."""
+    from mpoxscope.errors import MpoxscopeError
+    from mpoxscope.fileio import read_json
+
+    try:
+        meta = read_json(run_dir / "model.json")
+    except (ValueError, OSError, MpoxscopeError):
+        return None
+    return meta.get("kind") if isinstance(meta, dict) else None
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from mpoxscope.engine.metrics import summary_line
     from mpoxscope.engine.runner import evaluate_run
     from mpoxscope.fileio import check_output_dir, mark_output_dir
 
     check_output_dir(args.out, "evaluate")
+    _check_evaluate_inputs(args)
     mark_output_dir(args.out, "evaluate")  # before any file, so that an interrupted evaluate can be rerun there
     m = evaluate_run(args.run, args.data, args.out, split=args.split, split_file=args.split_file,
                      fold=args.fold, device=args.device, runtime=args.runtime, onnx_file=args.onnx)
@@ -322,6 +362,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"unreadable, excluded: {f}", file=sys.stderr)
     print(f"wrote {args.out}/metrics.json, report.md, confusion_matrix.png, predictions.csv")
     return 0
+
+
+def _check_evaluate_inputs(args: argparse.Namespace) -> None:
+    """What can be refused before ``--out`` is made: the device, the run's model.json, and the paths named."""
+    from mpoxscope.engine.checkpoint import read_meta
+    from mpoxscope.errors import MpoxscopeError
+
+    check_device(args.device)
+    read_meta(args.run)  # a missing or malformed run fails here, in one line
+    for option, path in (("DATA", args.data), ("--onnx", args.onnx), ("--split-file", args.split_file)):
+        if path and path not in ("auto", "none") and not Path(path).exists():
+            raise MpoxscopeError(f"{path}: {option} not found")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -369,6 +421,7 @@ def run_cv(args: argparse.Namespace) -> int:
 
     model_cfg, train_cfg = configs_from_args(args)
     check_train_options(model_cfg, train_cfg)
+    _check_near_dup_threshold(args.near_dup_threshold, args.exclude_leaks)
     check_output_dir(args.out, "cv")
     data_cfg = DataConfig(root=args.data, split_file=args.split_file, folds=args.folds, groups_csv=args.groups_csv)
     cv = CVConfig(out=args.out, exclude_leaks=args.exclude_leaks,
@@ -402,6 +455,17 @@ def run_cv(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/cv_report.md, cv_summary.json, per_fold.png, confusion_matrix_pooled.png"
           + (", screening.md, screening.json, screening_roc_pr.png" if "sensitivity" in sc else ""))
     return 0
+
+
+def _check_near_dup_threshold(bits: int | None, exclude_leaks: bool) -> None:
+    from mpoxscope.errors import MpoxscopeError
+
+    if bits is None:
+        return
+    if not exclude_leaks:
+        raise MpoxscopeError("--near-dup-threshold sets the leak filter of --exclude-leaks; pass that too")
+    if not 0 <= bits <= 64:
+        raise MpoxscopeError(f"--near-dup-threshold: must be between 0 and 64 bits (got {bits})")
 
 
 def run_screen(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ from mpoxscope.errors import MpoxscopeError
 PROTOCOLS = ("official", "image-level", "augment-then-split")
 LEAKY = frozenset({"image-level", "augment-then-split"})
 BANNER = "FOR DEMONSTRATION: LEAKY"
+#: Most augmented copies per image: 100 copies of MSLD v2.0 are 75,500 JPEG files (several GB); more is a typo.
+MAX_COPIES = 100
 _DESCRIPTION = {
     "official": "patient-level folds: no patient in two of train/validation/test (honest)",
     "image-level": "stratified random split of images, patients ignored: photos of a test patient are in "
@@ -289,24 +291,28 @@ def cv_runner(cv_dir: str | Path) -> Runner:
     """The official protocol read from a finished ``mpoxscope cv`` of the same configuration: each fold's saved
     test predictions (``CV/<fold>/evaluation/predictions.csv``) instead of training it again, so the table's
     official row is exactly cv's."""
+    def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
+        return official_predictions(cv_dir, data, folds)
+
+    return run
+
+
+def official_predictions(cv_dir: str | Path, data: SampleSet, folds: list[Fold]) -> list[FoldResult]:
+    """Each fold's saved test predictions in the cv output ``cv_dir``, refused in one line when a fold's file is
+    missing or holds other images than the fold's test part (also called before any protocol runs)."""
     from mpoxscope.engine import rundir
     from mpoxscope.engine.screening import read_predictions_csv
 
-    cv_dir = Path(cv_dir)
-
-    def run(data: SampleSet, folds: list[Fold], work: Path, label: str) -> list[FoldResult]:
-        results = []
-        for fold in folds:
-            path = cv_dir / fold.name / rundir.EVALUATION / rundir.PREDICTIONS
-            pred, _ = read_predictions_csv(path, data.classes)
-            expected = sorted(data.samples[i].filename for i in fold.test)
-            if sorted(pred.names) != expected:
-                raise MpoxscopeError(f"{path}: its {len(pred.names)} test images are not {fold.name}'s "
-                                     f"{len(expected)}; was that cv run on these folds?")
-            results.append(FoldResult(fold.name, pred.names, pred.targets, pred.probs, {"from": str(path)}))
-        return results
-
-    return run
+    results = []
+    for fold in folds:
+        path = Path(cv_dir) / fold.name / rundir.EVALUATION / rundir.PREDICTIONS
+        pred, _ = read_predictions_csv(path, data.classes)
+        expected = sorted(data.samples[i].filename for i in fold.test)
+        if sorted(pred.names) != expected:
+            raise MpoxscopeError(f"{path}: its {len(pred.names)} test images are not {fold.name}'s "
+                                 f"{len(expected)}; was that cv run on these folds?")
+        results.append(FoldResult(fold.name, pred.names, pred.targets, pred.probs, {"from": str(path)}))
+    return results
 
 
 #: Training settings that change where and how fast a model trains, not which model: ignored when runs are compared.
@@ -348,6 +354,10 @@ def check_cv_config(cv_dir: str | Path, model_cfg, train_cfg) -> None:
         summary = read_json(path)
     except (OSError, ValueError) as e:
         raise MpoxscopeError(f"--official-from: {path}: cannot read a finished cv summary ({e})") from None
+    if not (isinstance(summary, dict) and isinstance(summary.get("model", {}), dict)
+            and isinstance(summary.get("train", {}), dict)):
+        raise MpoxscopeError(f"--official-from: {path}: not a cv summary (a JSON object with 'model' and 'train' "
+                             "objects)")
     settings = protocol_settings(model_cfg, train_cfg)
     want = {**settings["model"], **settings["train"]}
     have = {**summary.get("model", {}),
@@ -648,7 +658,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (augmented copies, features, runs, reports)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS),
                    help=f"comma-separated subset of {', '.join(PROTOCOLS)} (default all)")
-    p.add_argument("--copies", type=int, default=5, help="augmented copies per image for augment-then-split")
+    p.add_argument("--copies", type=int, default=5, help="augmented copies per image for augment-then-split (1-100)")
     p.add_argument("--official-from", metavar="CV_DIR",
                    help="take the official protocol's test predictions from a finished 'mpoxscope cv' of the same "
                         "configuration instead of training it again")
@@ -666,7 +676,7 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
     import sys
 
     from mpoxscope.config import DataConfig
-    from mpoxscope.engine.cli import configs_from_args
+    from mpoxscope.engine.cli import check_backbone_name, check_device, check_train_options, configs_from_args
     from mpoxscope.engine.ensemble import describe_training
     from mpoxscope.engine.runner import prepare
     from mpoxscope.fileio import check_output_dir, mark_output_dir
@@ -676,10 +686,17 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
     if unknown or not protocols:
         raise MpoxscopeError(f"--protocols: unknown {', '.join(unknown) or '(empty)'}; choose from "
                              f"{', '.join(PROTOCOLS)}")
-    if args.copies < 1:
-        raise MpoxscopeError(f"--copies must be at least 1, got {args.copies}")
+    if not 1 <= args.copies <= MAX_COPIES:
+        raise MpoxscopeError(f"--copies: must be from 1 to {MAX_COPIES}, got {args.copies}")
     _refuse_inside_repository(Path(args.out))
     model_cfg, train_cfg = configs_from_args(args)
+    if args.quick:  # the quick runner reads only the backbone and its input size
+        check_backbone_name(model_cfg.backbone)
+        if not 32 <= model_cfg.image_size <= 4096:
+            raise MpoxscopeError(f"--image-size: must be from 32 to 4096, got {model_cfg.image_size}")
+        check_device(train_cfg.device)
+    else:
+        check_train_options(model_cfg, train_cfg)
     official_from = getattr(args, "official_from", None)
     if official_from and args.quick:
         raise MpoxscopeError("--official-from reads a cv of the model configuration; it cannot stand for --quick")
@@ -688,8 +705,14 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "protocols")
     prepared = prepare(DataConfig(root=args.data, split_file=args.split_file, folds=args.folds,
                                   groups_csv=args.groups_csv), train_cfg.seed)
-    if "augment-then-split" in protocols:  # fail now, not after the protocols that run before it
+    # fail now, not after the protocols that run before it
+    if "augment-then-split" in protocols:
         check_unique_stems(prepared.data)
+    if any(p != "official" for p in protocols) and (args.folds < 2 or len(prepared.data) < 2 * args.folds):
+        raise MpoxscopeError(f"--folds: {len(prepared.data)} images are too few for {args.folds} image-level folds "
+                             "(at least 2 folds of 2 images each)")
+    if official_from and "official" in protocols:
+        official_predictions(official_from, prepared.data, prepared.folds)
     mark_output_dir(args.out, "protocols")
     log = (lambda *_: None) if args.quiet else print
     if args.quick:
