@@ -121,3 +121,10 @@ def test_evaluate_rebuilds_the_folds_the_run_recorded(tiny_run, synthetic_root, 
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     folds, _ = resolve_folds(load_samples(synthetic_root), None, n_folds=3)
     assert "grouped stratified 3-fold" in m["protocol"] and m["n_images"] == len(folds[1].test)
+    assert "IN-SAMPLE" not in m["protocol"]
+    # another fold's test part holds this run's training images: the score says so instead of passing as "test"
+    assert main(["evaluate", str(run), "--fold", "fold1", "--out", str(tmp_path / "ev1"), "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "ev1" / "metrics.json").read_text())
+    own = folds[1]
+    n_seen = len(set(folds[0].test) & set((*own.train, *own.validation)))
+    assert n_seen > 0 and f"IN-SAMPLE: {n_seen} of these {len(folds[0].test)} images" in m["protocol"]

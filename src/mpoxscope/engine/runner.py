@@ -83,7 +83,33 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None, out_dir: str
     protocol = f"{dataset_name(prepared.data)}, {prepared.split_source}, {f.name}, {split}"
     if split != "test" and meta.get("refit"):  # the refit trained on the validation part too
         protocol += " (IN-SAMPLE: the model was refit on training + validation)"
+    if split == "test":
+        protocol += _seen_note(meta, cfg, prepared, f)
     return evaluate(predictor, prepared.data, f.indices(split), out_dir, protocol)
+
+
+def _seen_note(meta: dict, asked: DataConfig, prepared: PreparedData, fold: Fold) -> str:
+    """Words for the protocol when the test images asked for are not the run's own test part: another fold or
+    split file can hold images the run trained or validated on (its "test" score would be in-sample)."""
+    from mpoxscope.errors import MpoxscopeError
+
+    recorded = meta.get("data", {})
+    own_file, own_k = recorded_split(recorded)
+    own_fold = recorded.get("fold", "fold1")
+    if (asked.split_file, asked.folds, fold.name) == (own_file, own_k, own_fold):
+        return ""  # the run's own fold, rebuilt as it recorded it
+    try:
+        own = prepare(DataConfig(root=asked.root, split_file=own_file, fold=own_fold, folds=own_k),
+                      int(meta.get("train", {}).get("seed", 0)))
+        mine = select_fold(own.folds, own_fold)
+    except MpoxscopeError:
+        return " (NOT CHECKED: the run's own fold could not be rebuilt to compare with its training images)"
+    seen = {str(own.data.samples[i].path) for i in (*mine.train, *mine.validation)}
+    n = sum(str(prepared.data.samples[i].path) in seen for i in fold.test)
+    if not n:
+        return ""
+    return (f" (IN-SAMPLE: {n} of these {len(fold.test)} images were in the run's training or validation part, "
+            f"{own_fold} of its own split)")
 
 
 def load_predictor(run_dir: str | Path, device: str = "auto", runtime: str = "torch",
