@@ -920,6 +920,8 @@ def test_evaluate_checks_its_inputs_and_never_replaces_a_cv_s_plots(tiny_run, tm
     _refused(["evaluate", str(tiny_run), "--out", str(cv_out)], capsys, "`cv` output", "reliability.png")
     assert (cv_out / "reliability.png").read_bytes() == b"cv's own"
     check_output_dir(mark_output_dir(tmp_path / "run", "train"), "evaluate")  # evaluate RUN --out RUN still works
+    check_output_dir(cv_out, "screen")  # screen rewrites a cv's screening files by the cv's own function
+    _refused(["train", str(tmp_path), "--out", str(cv_out)], capsys, "`cv` output", "screening")
 
 
 def test_card_never_replaces_a_model_card_it_did_not_write(tiny_run, tmp_path, capsys):

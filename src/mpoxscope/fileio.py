@@ -220,6 +220,8 @@ def _refuse_clash(out: Path, kind: str) -> None:
         return  # a damaged marker only ever says "mpoxscope wrote here"
     mine = set(OUTPUT_PATTERNS.get(kind, ()))
     for other in others:
+        if {kind, other} == {"cv", "screen"}:  # `screen` rewrites a cv's screening files by the cv's own function
+            continue
         shared = sorted(mine & set(OUTPUT_PATTERNS.get(other, ())))
         if shared:
             raise MpoxscopeError(f"{out}: holds a `{other}` output whose files `{kind}` would replace "
