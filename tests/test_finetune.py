@@ -489,7 +489,8 @@ def test_assembling_an_ensembles_members_gives_back_the_same_model(ensemble_run,
     m["data"]["fold"] = "fold2"
     (other / "model.json").write_text(json.dumps(m))
     for argv, message in (([members[0]], "at least two"), ([members[0], str(other)], "same fold"),
-                          ([str(ensemble_run), members[0]], "is an ensemble")):
+                          ([str(ensemble_run), members[0]], "is an ensemble"),
+                          ([members[0], members[0] + "/"], "given twice")):
         assert main(["ensemble", *argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1

@@ -356,6 +356,10 @@ def check_assemble_inputs(runs: list[str | Path]) -> list[tuple[str, Path, dict]
 
     if len(runs) < 2:
         raise MpoxscopeError("ensemble: give at least two finished runs")
+    resolved = [Path(r).resolve() for r in runs]
+    twice = next((r for i, r in enumerate(runs) if resolved[i] in resolved[:i]), None)
+    if twice is not None:  # the same weights twice would only weigh that run double
+        raise MpoxscopeError(f"{twice}: given twice; each member must be another run")
     out, names, first = [], set(), None
     for run in map(Path, runs):
         meta = read_meta(run)
