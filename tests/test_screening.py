@@ -340,6 +340,9 @@ def test_screen_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["screen", str(out), "--sensitivity", "1.2"])
     assert "must be in (0, 1]" in capsys.readouterr().err
+    # a class the cv does not have: refused before --out is made (it used to be made and marked first)
+    assert main(["screen", str(out), "--screen-class", "Nope", "--out", str(tmp_path / "s2")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "s2").exists()
     shutil.rmtree(out / "fold2" / "validation")
     assert main(["screen", str(out)]) == 2
     err = capsys.readouterr().err

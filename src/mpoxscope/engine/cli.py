@@ -470,10 +470,10 @@ def _check_near_dup_threshold(bits: int | None, exclude_leaks: bool) -> None:
 
 def run_screen(args: argparse.Namespace) -> int:
     from mpoxscope.engine.screening import pct, screen_cv_output, with_ci
-    from mpoxscope.fileio import check_output_dir, mark_output_dir
+    from mpoxscope.fileio import check_output_dir
 
-    if args.out is not None:  # before the work; the folder must be new, empty or mpoxscope's
-        mark_output_dir(check_output_dir(args.out, "screen"), "screen")
+    if args.out is not None:  # before the work; the folder must be new, empty or mpoxscope's (marked before writing)
+        check_output_dir(args.out, "screen")
     r = screen_cv_output(args.cv_out, target_class=args.screen_class, sensitivity=args.sensitivity, out=args.out,
                          confidence=args.confidence)
     p, target = r["pooled"], r["target_class"]

@@ -684,6 +684,10 @@ def screen_cv_output(cv_out: str | Path, target_class: str = DEFAULT_TARGET_CLAS
                             per_fold, (protocol or "cross-validation outputs in " + cv_out.name) +
                             f"; test parts pooled over {len(per_fold)} folds; threshold per fold: {how}")
     y, scores = _pooled_test(test, idx)
+    if out is not None:  # a folder of its own: marked now, after every input was read and checked
+        from mpoxscope.fileio import mark_output_dir
+
+        mark_output_dir(out, "screen")
     _write_cv_screening(Path(out) if out is not None else cv_out, result, scores, y == idx)
     return result
 
