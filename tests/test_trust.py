@@ -936,6 +936,11 @@ def test_card_never_replaces_a_model_card_it_did_not_write(tiny_run, tmp_path, c
     assert (run / "MODEL_CARD.md").read_text() == "# My own notes\n"
     (run / "MODEL_CARD.md").unlink()
     assert main(["card", str(run)]) == 0 and main(["card", str(run)]) == 0  # its own card is replaced
+    bad = tmp_path / "metrics.json"
+    bad.write_text(json.dumps({"accuracy": "abc", "n_images": 3}))
+    _refused(["card", str(run), "--metrics", str(bad)], capsys, "'accuracy'", "from 0 to 1")
+    (tmp_path / "audit.json").write_text("[1, 2]")
+    _refused(["card", str(run), "--audit", str(tmp_path / "audit.json")], capsys, "audit.json", "JSON object")
 
 
 def test_model_json_records_of_the_wrong_type_are_one_line(tiny_run, tmp_path):

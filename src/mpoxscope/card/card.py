@@ -522,6 +522,17 @@ def _choose_metrics(run_dir: Path, metrics_file: str | os.PathLike | None) -> tu
     return path, None
 
 
+def _check_metrics(path: Path, metrics: Any) -> None:
+    """Refuse a metrics file the card would print nonsense from ("Accuracy: abc"), in one line."""
+    if not isinstance(metrics, dict):
+        raise MpoxscopeError(f"{path}: expected a JSON object of metrics")
+    for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted"):
+        v = metrics.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and 0 <= v <= 1):
+            raise MpoxscopeError(f"{path}: field {key!r} must be a number from 0 to 1 (got {str(v)[:40]!r})")
+
+
 def write_card(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                metrics_file: str | os.PathLike | None = None,
                audit_file: str | os.PathLike | None = None) -> Path:
@@ -538,9 +549,10 @@ def write_card(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     metrics = None
     if metrics_path is not None and (metrics_file or metrics_path.is_file()):
         metrics = _read_json_file(metrics_path, "metrics")
-        if not isinstance(metrics, dict):
-            raise MpoxscopeError(f"{metrics_path}: expected a JSON object of metrics")
+        _check_metrics(metrics_path, metrics)
     audit = _read_json_file(Path(audit_file), "audit") if audit_file else None
+    if audit is not None and not isinstance(audit, dict):
+        raise MpoxscopeError(f"{audit_file}: expected the JSON object `mpoxscope audit` writes (audit.json)")
     out_path = Path(out) if out else run_dir / CARD_FILE
     # The evaluation's reliability diagram and risk-coverage curve, linked relative to the card.
     figures = [(alt, os.path.relpath(metrics_path.parent / name, out_path.parent))
