@@ -227,7 +227,8 @@ def test_bias_correction_removes_the_mean_rounding_error():
 def test_quantize_only_options_without_quantize_fail_in_one_line(capsys):
     from mpoxscope.cli import main
 
-    for flags in (["--min-agreement", "0.5"], ["--fallback-margin", "off"]):
+    for flags in (["--min-agreement", "0.5"], ["--fallback-margin", "off"], ["--float-first", "5"],
+                  ["--calibration-method", "percentile"], ["--calibration-count", "10"], ["--no-bias-correction"]):
         assert main(["export", "no-such-run", *flags]) == 2
         err = capsys.readouterr().err.strip()
-        assert "need --quantize int8" in err and len(err.splitlines()) == 1, err
+        assert f"{flags[0]}: needs --quantize int8" in err and len(err.splitlines()) == 1, err

@@ -962,3 +962,55 @@ def test_model_json_records_of_the_wrong_type_are_one_line(tiny_run, tmp_path):
     meta.pop("image_size", None)
     (run / "model.json").write_text(json.dumps(meta))
     assert read_meta(run)["image_size"] == meta["model"]["image_size"]
+
+
+def test_train_reads_its_pretrained_file_before_overwrite_deletes_anything(synthetic_root, tmp_path, capsys):
+    """`train --overwrite --pretrained BAD` deleted the earlier run's weights, then failed on the file."""
+    import torch
+    from conftest import make_run
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    bad = tmp_path / "w.pth"
+    bad.write_text("not weights")
+    argv = ["train", str(synthetic_root), "--out", str(run), "--preset", "tiny", "--split-file", "none", "--folds",
+            "3", "--overwrite", "--quiet"]
+    _refused([*argv, "--pretrained", str(bad)], capsys, "w.pth", "cannot read weights")
+    _refused([*argv, "--pretrained", str(tmp_path)], capsys, "a folder, not a weights file")
+    other = tmp_path / "other.safetensors"  # readable, but another backbone's tensors
+    save_file({"conv1.weight": torch.zeros(4, 3, 3, 3)}, str(other))
+    _refused([*argv, "--pretrained", str(other)], capsys, "other.safetensors")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_export_refuses_foreign_files_at_its_default_paths_and_bad_numbers_up_front(tiny_run, tmp_path, capsys):
+    """RUN/model.onnx and RUN/model.pixels.onnx were replaced without the check --out gets; --opset 0 fell back
+    silently, --tolerance nan failed after the export, quantize-only options were ignored without --quantize."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "model.pixels.onnx").write_text("precious")
+    _refused(["export", str(run), "--pixel-input"], capsys, "model.pixels.onnx", "did not write")
+    assert (run / "model.pixels.onnx").read_text() == "precious" and not (run / "model.onnx").exists()
+    (run / "model.onnx").write_text("mine")
+    _refused(["export", str(run)], capsys, "model.onnx", "did not write")
+    out = str(tmp_path / "x.onnx")
+    for bad, word in ((["--opset", "0"], "--opset"), (["--tolerance", "nan"], "--tolerance"),
+                      (["--float-first", "5"], "needs --quantize"), (["--calibration-method", "percentile"],
+                                                                        "needs --quantize")):
+        _refused(["export", str(run), "--out", out, *bad], capsys, word)
+    assert (run / "model.onnx").read_text() == "mine" and not (tmp_path / "x.onnx").exists()
+
+
+def test_explain_checks_its_layer_and_faithfulness_options_before_making_out(tiny_run, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (200, 120, 90)).save(img)
+    out = tmp_path / "ex"
+    base = ["explain", str(tiny_run), str(img), "--out", str(out)]
+    _refused([*base, "--target-layer", "bogus.layer"], capsys, "--target-layer")
+    _refused([*base, "--rho-threshold", "-5"], capsys, "--rho-threshold", "needs --faithfulness")
+    _refused([*base, "--faithfulness", "--rho-threshold", "nan"], capsys, "--rho-threshold")
+    _refused([*base, "--faithfulness", "--faithfulness-images", "-3"], capsys, "--faithfulness-images")
+    assert not out.exists()

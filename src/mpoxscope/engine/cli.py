@@ -213,18 +213,34 @@ def check_train_options(model_cfg, train_cfg) -> None:
     _check_ranges(model_cfg, train_cfg)
     if model_cfg.d_model % model_cfg.num_heads:
         raise MpoxscopeError(f"--num-heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
-    backbones = [model_cfg.backbone]
+    models = [model_cfg]
     if train_cfg.ensemble:
         from mpoxscope.engine.ensemble import member_configs
 
         # a bad member spec fails now, not after caching
-        backbones = [mc.backbone for _, mc, _ in member_configs(train_cfg.ensemble, model_cfg, train_cfg)]
-    for name in backbones:
-        check_backbone_name(name)
+        models = [mc for _, mc, _ in member_configs(train_cfg.ensemble, model_cfg, train_cfg)]
+    for mc in models:
+        check_backbone_name(mc.backbone)
     check_device(train_cfg.device)
+    for mc in models:
+        check_pretrained_file(mc)
+
+
+def check_pretrained_file(model_cfg) -> None:
+    """A ``--pretrained FILE`` is read and fitted to its backbone now, before ``--overwrite`` deletes an earlier
+    run or ``--out`` is made (a text file, an empty file or weights of another backbone used to fail only then)."""
+    from mpoxscope.errors import MpoxscopeError
+
     source = model_cfg.pretrained
-    if source not in ("auto", "imagenet", "none") and not Path(source).is_file():
-        raise MpoxscopeError(f"--pretrained: {source}: file not found")
+    if source in ("auto", "imagenet", "none"):
+        return
+    if not Path(source).is_file():
+        raise MpoxscopeError(f"--pretrained: {source}: " + ("a folder, not a weights file" if Path(source).is_dir()
+                                                            else "file not found"))
+    from mpoxscope.models.backbones import create_backbone
+    from mpoxscope.models.pretrained import load_pretrained
+
+    load_pretrained(create_backbone(model_cfg.backbone, model_cfg.image_size), model_cfg.backbone, source)
 
 
 def check_backbone_name(name: str) -> None:

@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     methods = panel_methods(chosen, predictor.explain_model, with_attention=not args.no_attention)
     if args.target_class is not None:
         resolve_class(args.target_class, predictor.classes)  # fail before any work
+    if args.target_layer:
+        from mpoxscope.explain.methods import resolve_target_layer
+
+        resolve_target_layer(predictor.explain_model, args.target_layer)  # before --out is made
     _note_slow_left_out(args.method, chosen)
     mark_output_dir(out, "explain")
     entries, done, failed = _explain_all(args, predictor, paths, methods, out)
@@ -143,6 +147,16 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise MpoxscopeError("--batch-size: must be at least 1")
+    import math
+
+    defaults = {"faithfulness_images": 20, "road_percentiles": "20,40,60,80", "randomize": "head", "rho_threshold": 0.5}
+    changed = [k for k, v in defaults.items() if getattr(args, k) != v]
+    if changed and not args.faithfulness:  # never silently ignored
+        raise MpoxscopeError(f"--{changed[0].replace('_', '-')}: needs --faithfulness")
+    if args.faithfulness_images < 0:
+        raise MpoxscopeError(f"--faithfulness-images: must be 0 (all) or more, got {args.faithfulness_images}")
+    if not math.isfinite(args.rho_threshold) or not -1 <= args.rho_threshold <= 1:
+        raise MpoxscopeError(f"--rho-threshold: a Spearman correlation, from -1 to 1; got {args.rho_threshold}")
     if args.threads is not None:
         import torch
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 #: Defaults of the options only --quantize reads: any other value without --quantize is refused, not ignored.
-_QUANTIZE_DEFAULTS = {"min_agreement": 0.99, "fallback_margin": "auto"}
+_QUANTIZE_DEFAULTS = {"min_agreement": 0.99, "fallback_margin": "auto", "float_first": 3,
+                      "calibration_method": "minmax", "calibration_count": 96, "no_bias_correction": False}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "PyTorch on its validation images; the fp32 RUN/model.onnx is written as well")
     p.add_argument("--calibration-images", nargs="+", metavar="IMG_OR_DIR",
                    help="with --quantize: images or folders to calibrate on instead of the run's training images")
-    p.add_argument("--calibration-count", type=int, default=96, metavar="N",
+    p.add_argument("--calibration-count", type=int, default=_QUANTIZE_DEFAULTS["calibration_count"], metavar="N",
                    help="with --quantize: training images used for calibration (default 96)")
     p.add_argument("--check-images", nargs="+", metavar="IMG_OR_DIR",
                    help="with --quantize: images to measure agreement on instead of the run's validation split")
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the graph: the client only decodes and resizes (fastest end to end; predict/serve/"
                         "evaluate --onnx and LiteOnnxPredictor read it). Alone: fp32, --out default "
                         "RUN/model.pixels.onnx; with --quantize: the int8 file")
-    p.add_argument("--float-first", type=int, default=3, metavar="N",
+    p.add_argument("--float-first", type=int, default=_QUANTIZE_DEFAULTS["float_first"], metavar="N",
                    help="with --quantize: keep the first N convolutions float (default 3: the stem and first "
                         "block, where int8 rounding cost the most agreement)")
     p.add_argument("--no-bias-correction", action="store_true",
@@ -71,16 +72,19 @@ def run_export(args: argparse.Namespace) -> int:
     from mpoxscope.export.onnx import export_onnx, is_mpoxscope_onnx
     from mpoxscope.fileio import check_output_file
 
-    if args.out:  # an earlier export may be replaced, any other ONNX file is refused
-        check_output_file(args.out, (".onnx",), ours=is_mpoxscope_onnx)
+    # an earlier export may be replaced, any other file is refused — at the default paths in RUN too
+    for target in _targets(args):
+        check_output_file(target, (".onnx",), ours=is_mpoxscope_onnx)
     if args.quantize is None and (args.calibration_images or args.check_images):
         raise MpoxscopeError("--calibration-images/--check-images: need --quantize int8")
-    if args.quantize is None and any(getattr(args, k) != v for k, v in _QUANTIZE_DEFAULTS.items()):
-        raise MpoxscopeError("--min-agreement/--fallback-margin: need --quantize int8")  # never silently ignored
+    changed = [k for k, v in _QUANTIZE_DEFAULTS.items() if getattr(args, k) != v]
+    if args.quantize is None and changed:  # never silently ignored
+        raise MpoxscopeError(f"--{changed[0].replace('_', '-')}: needs --quantize int8")
+    _check_export_numbers(args)
     if args.quantize:  # before the fp32 export and its parity check, not after them
         from mpoxscope.export.quantize import check_quantize_options
 
-        check_quantize_options(args.out, args.min_agreement, args.fallback_margin)
+        check_quantize_options(_targets(args)[-1], args.min_agreement, args.fallback_margin)
     if args.float_first < 0:
         raise MpoxscopeError(f"--float-first: must be at least 0, got {args.float_first}")
     if args.calibration_count < 1:
@@ -110,3 +114,34 @@ def run_export(args: argparse.Namespace) -> int:
                               fallback=args.fallback_margin)
         print(quant.summary())
     return 0
+
+
+def _targets(args: argparse.Namespace) -> list:
+    """Every file this export will write: the fp32 RUN/model.onnx (or --out), and with --pixel-input or
+    --quantize the file they name (default RUN/model.pixels.onnx / RUN/model.int8.onnx)."""
+    from pathlib import Path
+
+    from mpoxscope.engine import rundir
+
+    run = Path(args.run)
+    if not (args.quantize or args.pixel_input):
+        return [Path(args.out) if args.out else run / rundir.ONNX]
+    targets = [run / rundir.ONNX]
+    if args.quantize:  # its fallback companion is checked by check_quantize_options
+        return [*targets, Path(args.out) if args.out else run / rundir.INT8]
+    return [*targets, Path(args.out) if args.out else run / "model.pixels.onnx"]
+
+
+def _check_export_numbers(args: argparse.Namespace) -> None:
+    """--opset, --tolerance: refused before the export (they failed, or were ignored, only after it)."""
+    import math
+
+    import onnx
+
+    from mpoxscope.errors import MpoxscopeError
+
+    highest = onnx.defs.onnx_opset_version()
+    if not 7 <= args.opset <= highest:
+        raise MpoxscopeError(f"--opset: must be from 7 to {highest} (this onnx's newest), got {args.opset}")
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise MpoxscopeError(f"--tolerance: must be a finite number of at least 0, got {args.tolerance}")

@@ -32,7 +32,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or a pickle with objects weights_only refuses
-        raise MpoxscopeError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError):  # torch's message would advise weights_only=False: never here
+            raise MpoxscopeError(f"{path}: cannot read weights: it holds Python objects besides tensors, which are "
+                                 "never unpickled (save a plain state dict, or convert it to .safetensors)") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise MpoxscopeError(f"{path}: cannot read weights ({type(e).__name__}: {first})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
