@@ -208,8 +208,7 @@ def check_train_options(model_cfg, train_cfg) -> None:
     if train_cfg.freeze_bn_stats and not train_cfg.ensemble and train_cfg.trainable_stages == 0:
         raise MpoxscopeError("--freeze-bn-stats: the backbone is frozen (--freeze or the preset), so it would do "
                              "nothing")
-    if not 32 <= model_cfg.image_size <= 4096:  # model.json accepts 16-4096; below 32 the grids vanish
-        raise MpoxscopeError(f"--image-size: must be from 32 to 4096, got {model_cfg.image_size}")
+    check_image_size(model_cfg.image_size)
     _check_ranges(model_cfg, train_cfg)
     if model_cfg.d_model % model_cfg.num_heads:
         raise MpoxscopeError(f"--num-heads: must divide --d-model ({model_cfg.d_model}), got {model_cfg.num_heads}")
@@ -241,6 +240,14 @@ def check_pretrained_file(model_cfg) -> None:
     from mpoxscope.models.pretrained import load_pretrained
 
     load_pretrained(create_backbone(model_cfg.backbone, model_cfg.image_size), model_cfg.backbone, source)
+
+
+def check_image_size(size: int) -> None:
+    """model.json accepts 16-4096 px; below 32 the feature grids vanish."""
+    from mpoxscope.errors import MpoxscopeError
+
+    if not 32 <= size <= 4096:
+        raise MpoxscopeError(f"--image-size: must be from 32 to 4096, got {size}")
 
 
 def check_backbone_name(name: str) -> None:

@@ -676,7 +676,13 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
     import sys
 
     from mpoxscope.config import DataConfig
-    from mpoxscope.engine.cli import check_backbone_name, check_device, check_train_options, configs_from_args
+    from mpoxscope.engine.cli import (
+        check_backbone_name,
+        check_device,
+        check_image_size,
+        check_train_options,
+        configs_from_args,
+    )
     from mpoxscope.engine.ensemble import describe_training
     from mpoxscope.engine.runner import prepare
     from mpoxscope.fileio import check_output_dir, mark_output_dir
@@ -692,8 +698,7 @@ def run_protocols_cli(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = configs_from_args(args)
     if args.quick:  # the quick runner reads only the backbone and its input size
         check_backbone_name(model_cfg.backbone)
-        if not 32 <= model_cfg.image_size <= 4096:
-            raise MpoxscopeError(f"--image-size: must be from 32 to 4096, got {model_cfg.image_size}")
+        check_image_size(model_cfg.image_size)
         check_device(train_cfg.device)
     else:
         check_train_options(model_cfg, train_cfg)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpoxscope.registry import METHODS, ListedHelp
+
+#: Defaults of the options only --faithfulness reads: any other value without it is refused, not ignored.
+_FAITHFULNESS_DEFAULTS = {"faithfulness_images": 20, "road_percentiles": "20,40,60,80", "randomize": "head",
+                          "rho_threshold": 0.5}
 
 EPILOG = """examples:
   mpoxscope explain runs/fold1 photo.jpg --out explain/ --method gradcam,scorecam
@@ -49,13 +54,13 @@ def register(subparsers) -> None:
     f = p.add_argument_group("faithfulness")
     f.add_argument("--faithfulness", action="store_true",
                    help="score each chosen method (ROAD + randomisation sanity check, with timing)")
-    f.add_argument("--faithfulness-images", type=int, default=20,
+    f.add_argument("--faithfulness-images", type=int, default=_FAITHFULNESS_DEFAULTS["faithfulness_images"],
                    help="score on the first N explained images (0 = all; default 20)")
-    f.add_argument("--road-percentiles", default="20,40,60,80",
+    f.add_argument("--road-percentiles", default=_FAITHFULNESS_DEFAULTS["road_percentiles"],
                    help="ROAD removal percentiles (default 20,40,60,80)")
-    f.add_argument("--randomize", default="head", choices=("head", "head+stage"),
+    f.add_argument("--randomize", default=_FAITHFULNESS_DEFAULTS["randomize"], choices=("head", "head+stage"),
                    help="what the sanity check re-initialises (default head)")
-    f.add_argument("--rho-threshold", type=float, default=0.5,
+    f.add_argument("--rho-threshold", type=float, default=_FAITHFULNESS_DEFAULTS["rho_threshold"],
                    help="sanity check passes when mean Spearman rho is below this (default 0.5)")
     p.set_defaults(handler=run)
 
@@ -147,10 +152,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise MpoxscopeError("--batch-size: must be at least 1")
-    import math
-
-    defaults = {"faithfulness_images": 20, "road_percentiles": "20,40,60,80", "randomize": "head", "rho_threshold": 0.5}
-    changed = [k for k, v in defaults.items() if getattr(args, k) != v]
+    changed = [k for k, v in _FAITHFULNESS_DEFAULTS.items() if getattr(args, k) != v]
     if changed and not args.faithfulness:  # never silently ignored
         raise MpoxscopeError(f"--{changed[0].replace('_', '-')}: needs --faithfulness")
     if args.faithfulness_images < 0:
